@@ -1,0 +1,263 @@
+"""Checkpoints: the official files we know, fetching them, and strict loading.
+
+A checkpoint argument is either a path or the name of a known official checkpoint. Known
+names resolve to a file in the cache directory (``$TORCH_HOME/hub/checkpoints``), downloaded
+with a progress bar and a hash check when the network allows. Loading never unpickles
+Python objects (``weights_only=True``) and fails on any missing, unexpected or mis-shaped key.
+
+Checkpoints written by this project are dicts with ``format == CHECKPOINT_FORMAT`` that carry
+the registered model name and its encoder config, so they can be rebuilt by name alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from student_models.registry import assemble_sam, canonical_name, get_spec, list_models
+
+CHECKPOINT_FORMAT = "sam-compress/checkpoint-v1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be found, read or matched to the model."""
+
+
+@dataclass(frozen=True)
+class KnownCheckpoint:
+    model: str
+    filename: str
+    url: str
+    sha256_prefix: str | None  # None where the publisher gives no hash
+    loadable: bool = True
+    note: str = ""
+
+
+KNOWN_CHECKPOINTS: dict[str, KnownCheckpoint] = {
+    # SAM's file names end in the first hex digits of the file's sha256 (torch.hub style).
+    "sam_vit_h_4b8939": KnownCheckpoint(
+        "vit_h", "sam_vit_h_4b8939.pth", "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth", "4b8939"
+    ),
+    "sam_vit_l_0b3195": KnownCheckpoint(
+        "vit_l", "sam_vit_l_0b3195.pth", "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth", "0b3195"
+    ),
+    "sam_vit_b_01ec64": KnownCheckpoint(
+        "vit_b", "sam_vit_b_01ec64.pth", "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth", "01ec64"
+    ),
+    "mobile_sam": KnownCheckpoint(
+        "tinyvit_5m",
+        "mobile_sam.pt",
+        "https://github.com/ChaoningZhang/MobileSAM/raw/master/weights/mobile_sam.pt",
+        None,
+    ),
+    "tinysam_42.3": KnownCheckpoint(
+        "tinyvit_5m",
+        "tinysam_42.3.pth",
+        "https://github.com/xinghaochen/TinySAM/releases/download/3.0/tinysam_42.3.pth",
+        None,
+    ),
+    "tinysam_w8a8": KnownCheckpoint(
+        "tinyvit_5m",
+        "tinysam_w8a8.pth",
+        "https://github.com/xinghaochen/TinySAM/releases/download/2.0/tinysam_w8a8.pth",
+        None,
+        loadable=False,
+        note=(
+            "it is a pickled Python module, which this toolkit never unpickles. Load the float "
+            "tinysam_42.3.pth instead and quantize it with `python -m quantize`"
+        ),
+    ),
+}
+
+
+def cache_dir() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _known_by_name_or_filename(checkpoint: str) -> KnownCheckpoint | None:
+    for key, known in KNOWN_CHECKPOINTS.items():
+        if checkpoint in (key, known.filename):
+            return known
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_hash(path: Path, known: KnownCheckpoint) -> None:
+    """Check a file against its published sha256 prefix (no-op where none is published)."""
+    if known.sha256_prefix is None:
+        return
+    actual = _sha256(path)
+    if not actual.startswith(known.sha256_prefix):
+        raise CheckpointError(
+            f"{path}: sha256 {actual[:12]}... does not start with {known.sha256_prefix}, the published hash of "
+            f"{known.filename}. The file is corrupt or truncated: delete it and download it again from {known.url}"
+        )
+
+
+def resolve_checkpoint(checkpoint: str | os.PathLike) -> Path:
+    """A local path for a checkpoint given as a path or a known name, fetching it if needed."""
+    path = Path(checkpoint).expanduser()
+    known = _known_by_name_or_filename(str(checkpoint))
+    if known is not None and not known.loadable:
+        raise CheckpointError(f"{known.filename} is not supported: {known.note}.")
+    if path.is_file():
+        if known is not None:
+            verify_hash(path, known)
+        return path
+    if known is None:
+        names = ", ".join(KNOWN_CHECKPOINTS)
+        raise CheckpointError(
+            f"checkpoint {str(checkpoint)!r} is neither an existing file nor a known checkpoint name "
+            f"({names}). Pass the path of the file you downloaded."
+        )
+    cached = cache_dir() / known.filename
+    if not cached.is_file():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(known.url, str(cached), hash_prefix=None, progress=True)
+        except Exception as exc:  # no network, HTTP error, disk full: one message for all
+            raise CheckpointError(
+                f"could not download {known.filename} from {known.url} ({type(exc).__name__}: {exc}). "
+                f"Download it on a machine with internet access and either put it at {cached} "
+                f"or pass its path, e.g. --checkpoint /path/to/{known.filename}"
+            ) from exc
+    verify_hash(cached, known)
+    return cached
+
+
+def _unwrap_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Return (state_dict, header) from a raw state dict or a wrapped one."""
+    if isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT:
+        return dict(obj["state_dict"]), {k: v for k, v in obj.items() if k != "state_dict"}
+    for key in ("state_dict", "model"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} holds no state dict of tensors (found {type(obj).__name__}).")
+    return dict(obj), {}
+
+
+def read_checkpoint(checkpoint: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read (state_dict, header) without unpickling code; header is {} for foreign files."""
+    path = resolve_checkpoint(checkpoint)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path} contains pickled Python objects, not only tensors, and is refused for safety "
+            f"(a pickled module, such as TinySAM's tinysam_w8a8.pth, could run any code). "
+            f"Use a state-dict checkpoint. Details: {str(exc).splitlines()[0]}"
+        ) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+        raise CheckpointError(
+            f"cannot read {path}: it is not a PyTorch checkpoint or it is truncated "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Download it again."
+        ) from exc
+    return _unwrap_state_dict(obj, path)
+
+
+def _reference_shapes(name: str) -> dict[str, torch.Size]:
+    spec = get_spec(name)
+    with torch.device("meta"):
+        model = assemble_sam(spec.build_encoder(**spec.encoder_kwargs))
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def guess_model(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """The registered model whose keys and shapes match `state_dict` exactly, if any."""
+    shapes = {k: v.shape for k, v in state_dict.items()}
+    for name in list_models():
+        if _reference_shapes(name) == shapes:
+            return name
+    return None
+
+
+def _describe(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"{shown} (+{len(keys) - limit} more)" if len(keys) > limit else shown
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """load_state_dict that names every missing, unexpected and mis-shaped key in one error."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    ]
+    if missing or unexpected or mismatched:
+        lines = [f"{source} does not fit this model:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {_describe(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {_describe(unexpected)}")
+        if mismatched:
+            lines.append(f"  shape mismatches, checkpoint vs model ({len(mismatched)}): {_describe(mismatched)}")
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def load_model_weights(sam: nn.Module, name: str, checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """Load `checkpoint` into a model built as `name`; returns the checkpoint's header."""
+    name = canonical_name(name)
+    known = _known_by_name_or_filename(str(checkpoint))
+    if known is not None and known.model != name:
+        raise CheckpointError(f"{known.filename} is a {known.model} checkpoint; build {known.model!r}, not {name!r}.")
+    state_dict, header = read_checkpoint(checkpoint)
+    saved_name = header.get("model_name")
+    if saved_name is not None and saved_name != name:
+        raise CheckpointError(f"{checkpoint} holds a {saved_name!r} model; build it with --model {saved_name}, not {name!r}.")
+    try:
+        load_state_dict_strict(sam, state_dict, str(checkpoint))
+    except CheckpointError as exc:
+        guess = guess_model(state_dict)
+        hint = f"\nIt matches the registered model {guess!r}: build that one instead." if guess else ""
+        raise CheckpointError(f"{exc}{hint}") from None
+    return header
+
+
+def save_checkpoint(
+    sam: nn.Module, name: str, path: str | os.PathLike, meta: Mapping[str, Any] | None = None
+) -> Path:
+    """Write a self-describing checkpoint atomically (temporary file, then rename)."""
+    spec = get_spec(name)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "model_name": spec.name,
+        "model_config": dict(spec.encoder_kwargs),
+        "state_dict": {k: v.detach().cpu() for k, v in sam.state_dict().items()},
+        "meta": dict(meta or {}),
+    }
+    atomic_torch_save(payload, path)
+    return path
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save that never leaves a half-written file at `path`, even if killed mid-write."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,188 @@
+"""Registry of SAM models by name: teachers, students and tiny test variants.
+
+Every entry is a thin builder over `assemble_sam`, which takes an image encoder and adds SAM's
+prompt encoder and mask decoder (the same shapes for every model), so students can reuse a
+teacher's decoder as is. Models are `segment_anything.modeling.Sam` instances and work with
+`SamPredictor` and `SamAutomaticMaskGenerator` unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from torch import nn
+
+from student_models.cnn_student import TimmBackboneEncoder
+from student_models.tiny_vit import TinyViT
+
+IMAGE_SIZE = 1024
+EMBED_DIM = 256
+EMBED_SIDE = 64  # IMAGE_SIZE / 16: every encoder yields Bx256x64x64
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered model: how to build its image encoder and what it is."""
+
+    name: str
+    build_encoder: Callable[..., nn.Module]
+    encoder_kwargs: dict[str, Any] = field(default_factory=dict)
+    role: str = "student"  # "teacher", "student" or "test"
+    description: str = ""
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_model(spec: ModelSpec, aliases: tuple[str, ...] = ()) -> ModelSpec:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"model {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    for alias in aliases:
+        _ALIASES[alias] = spec.name
+    return spec
+
+
+def list_models(role: str | None = None) -> list[str]:
+    """Registered model names (aliases excluded), optionally only one role."""
+    return [name for name, spec in _REGISTRY.items() if role is None or spec.role == role]
+
+
+def get_spec(name: str) -> ModelSpec:
+    canonical = _ALIASES.get(name, name)
+    if canonical not in _REGISTRY:
+        known = ", ".join(sorted([*_REGISTRY, *_ALIASES]))
+        raise KeyError(f"unknown model {name!r}; registered models: {known}")
+    return _REGISTRY[canonical]
+
+
+def canonical_name(name: str) -> str:
+    return get_spec(name).name
+
+
+def assemble_sam(image_encoder: nn.Module) -> Sam:
+    """SAM around any encoder that maps Bx3x1024x1024 to Bx256x64x64."""
+    return Sam(
+        image_encoder=image_encoder,
+        prompt_encoder=PromptEncoder(
+            embed_dim=EMBED_DIM,
+            image_embedding_size=(EMBED_SIDE, EMBED_SIDE),
+            input_image_size=(IMAGE_SIZE, IMAGE_SIZE),
+            mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=EMBED_DIM, mlp_dim=2048, num_heads=8),
+            transformer_dim=EMBED_DIM,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+
+
+def build_sam(name: str, checkpoint: str | os.PathLike | None = None) -> Sam:
+    """Build a registered model in eval mode, with random weights or from a checkpoint.
+
+    Args:
+        name: a name from `list_models()` (or an alias such as ``vit_t``).
+        checkpoint: a file path, or the name of a known official checkpoint (see
+            `student_models.checkpoints.KNOWN_CHECKPOINTS`), fetched into the cache when the
+            network allows. Loading is strict: every key and shape must match.
+    """
+    from student_models.checkpoints import load_model_weights
+
+    spec = get_spec(name)
+    sam = assemble_sam(spec.build_encoder(**spec.encoder_kwargs))
+    if checkpoint is not None:
+        load_model_weights(sam, spec.name, checkpoint)
+    return sam.eval()
+
+
+def _sam_vit(embed_dim: int, depth: int, num_heads: int, global_attn_indexes: tuple[int, ...]) -> ImageEncoderViT:
+    return ImageEncoderViT(
+        depth=depth,
+        embed_dim=embed_dim,
+        img_size=IMAGE_SIZE,
+        mlp_ratio=4,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        num_heads=num_heads,
+        patch_size=16,
+        qkv_bias=True,
+        use_rel_pos=True,
+        global_attn_indexes=global_attn_indexes,
+        window_size=14,
+        out_chans=EMBED_DIM,
+    )
+
+
+register_model(
+    ModelSpec(
+        "vit_h",
+        _sam_vit,
+        dict(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
+        role="teacher",
+        description="SAM ViT-H (632M encoder parameters), the default teacher",
+    )
+)
+register_model(
+    ModelSpec(
+        "vit_l",
+        _sam_vit,
+        dict(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)),
+        role="teacher",
+        description="SAM ViT-L (307M encoder parameters)",
+    )
+)
+register_model(
+    ModelSpec(
+        "vit_b",
+        _sam_vit,
+        dict(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),
+        role="teacher",
+        description="SAM ViT-B (89.7M encoder parameters)",
+    )
+)
+register_model(
+    ModelSpec(
+        "tinyvit_5m",
+        TinyViT,
+        dict(embed_dims=(64, 128, 160, 320), depths=(2, 2, 6, 2), num_heads=(2, 4, 5, 10), window_sizes=(7, 7, 14, 7)),
+        description="TinyViT-5M, the MobileSAM/TinySAM student (loads mobile_sam.pt and tinysam_42.3.pth)",
+    ),
+    aliases=("vit_t",),
+)
+register_model(
+    ModelSpec(
+        "repvit_m0_9",
+        TimmBackboneEncoder,
+        dict(backbone="repvit_m0_9"),
+        description="timm RepViT-M0.9 cut at stride 16 + SAM neck (EdgeSAM-style CNN student)",
+    )
+)
+register_model(
+    ModelSpec(
+        "sam_vit_test",
+        _sam_vit,
+        dict(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,)),
+        role="test",
+        description="tiny SAM ViT teacher for CPU tests and the offline demo",
+    )
+)
+register_model(
+    ModelSpec(
+        "tinyvit_test",
+        TinyViT,
+        dict(embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 4), window_sizes=(7, 7, 14, 7), num_classes=10),
+        role="test",
+        description="tiny TinyViT student for CPU tests and the offline demo",
+    )
+)
