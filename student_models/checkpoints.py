@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,9 +82,10 @@ def cache_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def _known_by_name_or_filename(checkpoint: str) -> KnownCheckpoint | None:
+def _known_by_name_or_filename(checkpoint: str | os.PathLike) -> KnownCheckpoint | None:
+    """The known checkpoint named by `checkpoint` (its key, or its official file name in any folder)."""
     for key, known in KNOWN_CHECKPOINTS.items():
-        if checkpoint in (key, known.filename):
+        if str(checkpoint) == key or Path(checkpoint).name == known.filename:
             return known
     return None
 
@@ -113,7 +113,7 @@ def verify_hash(path: Path, known: KnownCheckpoint) -> None:
 def resolve_checkpoint(checkpoint: str | os.PathLike) -> Path:
     """A local path for a checkpoint given as a path or a known name, fetching it if needed."""
     path = Path(checkpoint).expanduser()
-    known = _known_by_name_or_filename(str(checkpoint))
+    known = _known_by_name_or_filename(checkpoint)
     if known is not None and not known.loadable:
         raise CheckpointError(f"{known.filename} is not supported: {known.note}.")
     if path.is_file():
@@ -165,7 +165,7 @@ def read_checkpoint(checkpoint: str | os.PathLike) -> tuple[dict[str, torch.Tens
             f"(a pickled module, such as TinySAM's tinysam_w8a8.pth, could run any code). "
             f"Use a state-dict checkpoint. Details: {str(exc).splitlines()[0]}"
         ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+    except Exception as exc:  # truncated zip, garbage bytes, I/O error: torch raises many kinds
         raise CheckpointError(
             f"cannot read {path}: it is not a PyTorch checkpoint or it is truncated "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Download it again."
@@ -219,7 +219,7 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tens
 def load_model_weights(sam: nn.Module, name: str, checkpoint: str | os.PathLike) -> dict[str, Any]:
     """Load `checkpoint` into a model built as `name`; returns the checkpoint's header."""
     name = canonical_name(name)
-    known = _known_by_name_or_filename(str(checkpoint))
+    known = _known_by_name_or_filename(checkpoint)
     if known is not None and known.model != name:
         raise CheckpointError(f"{known.filename} is a {known.model} checkpoint; build {known.model!r}, not {name!r}.")
     state_dict, header = read_checkpoint(checkpoint)
