@@ -44,13 +44,22 @@ class KnownCheckpoint:
 KNOWN_CHECKPOINTS: dict[str, KnownCheckpoint] = {
     # SAM's file names end in the first hex digits of the file's sha256 (torch.hub style).
     "sam_vit_h_4b8939": KnownCheckpoint(
-        "vit_h", "sam_vit_h_4b8939.pth", "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth", "4b8939"
+        "vit_h",
+        "sam_vit_h_4b8939.pth",
+        "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
+        "4b8939",
     ),
     "sam_vit_l_0b3195": KnownCheckpoint(
-        "vit_l", "sam_vit_l_0b3195.pth", "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth", "0b3195"
+        "vit_l",
+        "sam_vit_l_0b3195.pth",
+        "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
+        "0b3195",
     ),
     "sam_vit_b_01ec64": KnownCheckpoint(
-        "vit_b", "sam_vit_b_01ec64.pth", "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth", "01ec64"
+        "vit_b",
+        "sam_vit_b_01ec64.pth",
+        "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
+        "01ec64",
     ),
     "mobile_sam": KnownCheckpoint(
         "tinyvit_5m",
@@ -225,7 +234,9 @@ def load_model_weights(sam: nn.Module, name: str, checkpoint: str | os.PathLike)
     state_dict, header = read_checkpoint(checkpoint)
     saved_name = header.get("model_name")
     if saved_name is not None and saved_name != name:
-        raise CheckpointError(f"{checkpoint} holds a {saved_name!r} model; build it with --model {saved_name}, not {name!r}.")
+        raise CheckpointError(
+            f"{checkpoint} holds a {saved_name!r} model; build it with --model {saved_name}, not {name!r}."
+        )
     try:
         load_state_dict_strict(sam, state_dict, str(checkpoint))
     except CheckpointError as exc:
@@ -235,9 +246,7 @@ def load_model_weights(sam: nn.Module, name: str, checkpoint: str | os.PathLike)
     return header
 
 
-def save_checkpoint(
-    sam: nn.Module, name: str, path: str | os.PathLike, meta: Mapping[str, Any] | None = None
-) -> Path:
+def save_checkpoint(sam: nn.Module, name: str, path: str | os.PathLike, meta: Mapping[str, Any] | None = None) -> Path:
     """Write a self-describing checkpoint atomically (temporary file, then rename)."""
     spec = get_spec(name)
     path = Path(path)
@@ -261,3 +270,19 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def load_sam(checkpoint: str | os.PathLike) -> nn.Module:
+    """Build and load a model from a checkpoint alone: by the name it carries, else by its keys."""
+    from student_models.registry import build_sam
+
+    state_dict, header = read_checkpoint(checkpoint)
+    name = header.get("model_name") or guess_model(state_dict)
+    if name is None:
+        raise CheckpointError(
+            f"{checkpoint} names no model and matches no registered one ({', '.join(list_models())}); "
+            f"build it by name with build_sam(name, checkpoint=...) to see which keys differ."
+        )
+    sam = build_sam(name)
+    load_state_dict_strict(sam, state_dict, str(checkpoint))
+    return sam.eval()

@@ -181,7 +181,13 @@ register_model(
     ModelSpec(
         "tinyvit_test",
         TinyViT,
-        dict(embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 4), window_sizes=(7, 7, 14, 7), num_classes=10),
+        dict(
+            embed_dims=(16, 32, 48, 64),
+            depths=(1, 1, 1, 1),
+            num_heads=(1, 2, 3, 4),
+            window_sizes=(7, 7, 14, 7),
+            num_classes=10,
+        ),
         role="test",
         description="tiny TinyViT student for CPU tests and the offline demo",
     )

@@ -10,7 +10,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 
-def synthetic_sample(seed: int, size: tuple[int, int] = (256, 320), max_shapes: int = 4) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_sample(
+    seed: int, size: tuple[int, int] = (256, 320), max_shapes: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
     """One image (HxWx3 uint8) and its instance masks (NxHxW bool, N >= 1), both from `seed`.
 
     Later shapes occlude earlier ones; a shape left with under 1% of the image is dropped.
@@ -19,7 +21,9 @@ def synthetic_sample(seed: int, size: tuple[int, int] = (256, 320), max_shapes: 
     height, width = size
     yy, xx = np.mgrid[0:height, 0:width]
     base = rng.uniform(40, 200, size=3)
-    gradient = (yy / height)[..., None] * rng.uniform(-40, 40, size=3) + (xx / width)[..., None] * rng.uniform(-40, 40, size=3)
+    gradient = (yy / height)[..., None] * rng.uniform(-40, 40, size=3) + (xx / width)[..., None] * rng.uniform(
+        -40, 40, size=3
+    )
     image = base + gradient + rng.normal(0, 6, size=(height, width, 3))
     masks: list[np.ndarray] = []
     for _ in range(int(rng.integers(1, max_shapes + 1))):

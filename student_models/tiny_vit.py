@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 
+
 class ConvBN(nn.Sequential):
     """Conv2d without bias followed by BatchNorm2d; children named ``c`` and ``bn``."""
 
@@ -37,9 +38,7 @@ class ConvBN(nn.Sequential):
         bn_weight_init: float = 1.0,
     ) -> None:
         super().__init__()
-        self.add_module(
-            "c", nn.Conv2d(in_chans, out_chans, kernel_size, stride, padding, groups=groups, bias=False)
-        )
+        self.add_module("c", nn.Conv2d(in_chans, out_chans, kernel_size, stride, padding, groups=groups, bias=False))
         self.add_module("bn", nn.BatchNorm2d(out_chans))
         nn.init.constant_(self.bn.weight, bn_weight_init)
         nn.init.zeros_(self.bn.bias)

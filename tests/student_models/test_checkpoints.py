@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import student_models.checkpoints as checkpoints
-from student_models import CheckpointError, build_sam, read_checkpoint, save_checkpoint
+from student_models import CheckpointError, build_sam, load_sam, read_checkpoint, save_checkpoint
 from tests.helpers import tiny_model
 
 
@@ -37,7 +37,9 @@ def test_missing_file_names_it(tmp_path):
 def test_corrupt_file_says_download_again(tmp_path):
     path = tmp_path / "broken.pth"
     path.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(CheckpointError, match=r"cannot read .*broken\.pth: it is not a PyTorch checkpoint.*Download it again"):
+    with pytest.raises(
+        CheckpointError, match=r"cannot read .*broken\.pth: it is not a PyTorch checkpoint.*Download it again"
+    ):
         build_sam("tinyvit_test", checkpoint=path)
 
 
@@ -64,7 +66,9 @@ def test_pickled_module_is_refused(tmp_path):
 
 
 def test_tinysam_w8a8_is_refused_with_the_alternative():
-    with pytest.raises(CheckpointError, match=r"tinysam_w8a8\.pth is not supported: it is a pickled Python module.*tinysam_42\.3\.pth"):
+    with pytest.raises(
+        CheckpointError, match=r"tinysam_w8a8\.pth is not supported: it is a pickled Python module.*tinysam_42\.3\.pth"
+    ):
         build_sam("tinyvit_5m", checkpoint="tinysam_w8a8")
 
 
@@ -84,7 +88,9 @@ def test_known_name_without_network_says_where_to_put_the_file(tmp_path, monkeyp
 
 
 def test_known_checkpoint_for_another_model_is_refused():
-    with pytest.raises(CheckpointError, match=r"mobile_sam\.pt is a tinyvit_5m checkpoint; build 'tinyvit_5m', not 'vit_b'"):
+    with pytest.raises(
+        CheckpointError, match=r"mobile_sam\.pt is a tinyvit_5m checkpoint; build 'tinyvit_5m', not 'vit_b'"
+    ):
         build_sam("vit_b", checkpoint="mobile_sam")
 
 
@@ -93,3 +99,13 @@ def test_official_file_with_wrong_hash_is_refused(tmp_path):
     torch.save({"x": torch.zeros(1)}, path)
     with pytest.raises(CheckpointError, match=r"does not start with 01ec64.*corrupt or truncated.*download it again"):
         build_sam("vit_b", checkpoint=path)
+
+
+def test_load_sam_rebuilds_from_the_checkpoint_alone(tmp_path):
+    ours = save_checkpoint(tiny_model("tinyvit_test", seed=2), "tinyvit_test", tmp_path / "ours.pth")
+    torch.save(tiny_model("sam_vit_test").state_dict(), tmp_path / "foreign.pth")
+    assert load_sam(ours).image_encoder.__class__.__name__ == "TinyViT"
+    assert load_sam(tmp_path / "foreign.pth").image_encoder.__class__.__name__ == "ImageEncoderViT"
+    torch.save({"something.else": torch.zeros(2)}, tmp_path / "odd.pth")
+    with pytest.raises(CheckpointError, match=r"odd\.pth names no model and matches no registered one"):
+        load_sam(tmp_path / "odd.pth")

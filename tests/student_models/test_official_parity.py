@@ -32,5 +32,5 @@ def test_vit_b_matches_official_segment_anything():
                 multimask_output=True,
             )
             outputs.append((embedding, masks, iou))
-    for theirs, mine in zip(*outputs):
+    for theirs, mine in zip(*outputs, strict=True):
         assert (theirs - mine).abs().max().item() <= TOLERANCE
