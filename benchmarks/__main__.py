@@ -1,0 +1,176 @@
+"""Command line: ``python -m benchmarks coco|latency|everything|report|demo``; see ``--help`` of each."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from benchmarks.coco_eval import CocoEvalConfig, DetectionsError
+from benchmarks.latency import LatencyConfig
+from benchmarks.records import RecordError
+from benchmarks.runs import StageMissingError
+from student_models import CheckpointError
+from student_models.data import DatasetError
+from student_models.preprocessing import ImageError
+
+# Errors that mean "the input is wrong": reported in one line, exit status 2.
+USER_ERRORS = (
+    DatasetError,
+    DetectionsError,
+    ImageError,
+    RecordError,
+    StageMissingError,
+    CheckpointError,
+    FileNotFoundError,
+    ValueError,
+)
+
+
+def _add_model_args(parser: argparse.ArgumentParser, onnx: bool) -> None:
+    parser.add_argument("--model", required=True, help="registered model name (e.g. tinyvit_5m, vit_b, tinyvit_test)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", help="float checkpoint (path or known name); default: random init")
+    source.add_argument("--quantized", help="simulated-quantized model file written by quantize.save_quantized")
+    if onnx:
+        source.add_argument("--onnx-encoder", help="ONNX encoder (with --onnx-decoder): run ONNX Runtime instead")
+        parser.add_argument("--onnx-decoder", help="ONNX decoder exported with the encoder")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    coco = sub.add_parser("coco", help="zero-shot instance segmentation AP on a COCO-format dataset")
+    _add_model_args(coco, onnx=True)
+    coco.add_argument("--coco-root", required=True, help="folder with annotations/instances_<split>.json and <split>/")
+    coco.add_argument("--detections", help="COCO-format detections JSON (default: ground-truth boxes)")
+    coco.add_argument("--max-images", type=int, help="evaluate only the first N images")
+    coco.add_argument("--chunk-size", type=int, help="box prompts per decoder batch")
+    coco.add_argument("--out", required=True, help="folder for the JSON record")
+
+    latency = sub.add_parser("latency", help="encoder and decoder latency: PyTorch and ONNX Runtime")
+    _add_model_args(latency, onnx=False)
+    latency.add_argument("--onnx-dir", action="append", default=[], help="folder with encoder.onnx + decoder.onnx")
+    latency.add_argument("--threads", type=int, nargs="+", help="thread counts (default: 1 and all cores)")
+    latency.add_argument("--warmup", type=int)
+    latency.add_argument("--repeats", type=int)
+    latency.add_argument("--decoder-boxes", type=int, help="box prompts per decoder call")
+    latency.add_argument("--components", nargs="+", choices=("encoder", "decoder"))
+    latency.add_argument("--out", required=True, help="folder for the JSON records")
+
+    everything = sub.add_parser("everything", help="hierarchical vs dense everything mode (hierarchical stage)")
+    _add_model_args(everything, onnx=False)
+    everything.add_argument("--images", help="folder of images (default: one synthetic image)")
+    everything.add_argument("--max-images", type=int, help="use only the first N images")
+    everything.add_argument("--out", required=True, help="folder for the JSON records")
+
+    report = sub.add_parser("report", help="records -> Markdown table + AP-vs-latency plot")
+    report.add_argument("--records", required=True, help="folder of JSON records (searched recursively)")
+    report.add_argument("--out", required=True, help="folder for report.md and ap_vs_latency.png")
+
+    demo = sub.add_parser("demo", help="offline demo: distill -> quantize -> ONNX -> everything -> AP -> latency")
+    demo.add_argument("--coco-root", help="evaluate AP on this COCO folder instead of the generated synthetic set")
+    demo.add_argument("--out", default="demo_out", help="output folder (default: ./demo_out)")
+    return parser
+
+
+def _only_set(**kwargs):
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _coco(args: argparse.Namespace) -> None:
+    from benchmarks.runs import onnx_pair, run_coco
+
+    if bool(args.onnx_encoder) != bool(args.onnx_decoder):
+        raise SystemExit("error: --onnx-encoder and --onnx-decoder go together")
+    config = CocoEvalConfig(
+        **_only_set(max_images=args.max_images, chunk_size=args.chunk_size, detections=args.detections)
+    )
+    pair = onnx_pair(args.onnx_encoder, args.onnx_decoder) if args.onnx_encoder else None
+    result, path = run_coco(
+        model=args.model,
+        coco_root=args.coco_root,
+        out_dir=args.out,
+        config=config,
+        checkpoint=args.checkpoint,
+        quantized=args.quantized,
+        onnx=pair,
+    )
+    metrics = ", ".join(f"{k}={v}" for k, v in result.metrics.items())
+    print(f"COCO segm on {result.num_images} images, {result.num_prompts} box prompts: {metrics}")
+    print(f"record: {path}")
+
+
+def _latency(args: argparse.Namespace) -> None:
+    from benchmarks.runs import onnx_pair_in, run_latency
+
+    config = LatencyConfig(
+        **_only_set(
+            threads=tuple(args.threads) if args.threads else None,
+            warmup=args.warmup,
+            repeats=args.repeats,
+            decoder_boxes=args.decoder_boxes,
+            components=tuple(args.components) if args.components else None,
+        )
+    )
+    records, notes, path = run_latency(
+        model=args.model,
+        out_dir=args.out,
+        config=config,
+        checkpoint=args.checkpoint,
+        quantized=args.quantized,
+        onnx_pairs=[onnx_pair_in(d) for d in args.onnx_dir],
+    )
+    for r in records:
+        print(
+            f"{r['component']:8s} {r['runtime']:12s} {r['precision']:9s} threads={r['threads']}: "
+            f"median {r['median_ms']:.1f} ms (IQR {r['iqr_ms']:.1f}, n={r['repeats']})"
+        )
+    for note in notes:
+        print(f"note: {note}")
+    print(f"records: {path}")
+
+
+def _everything(args: argparse.Namespace) -> None:
+    from benchmarks.everything import run_everything
+
+    records, path = run_everything(
+        model=args.model,
+        checkpoint=args.checkpoint,
+        quantized=args.quantized,
+        images=args.images,
+        max_images=args.max_images,
+        out_dir=args.out,
+    )
+    for r in records:
+        print({k: v for k, v in r.items() if k not in ("config", "device", "git_commit", "timestamp")})
+    print(f"records: {path}")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from benchmarks.report import report_from_dir
+
+    report_path, plot_path = report_from_dir(args.records, args.out)
+    print(f"report: {report_path}\nplot: {plot_path}")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from benchmarks.demo import run_demo
+
+    run_demo(Path(args.out), coco_root=args.coco_root)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_parser().parse_args(argv)
+    handlers = {"coco": _coco, "latency": _latency, "everything": _everything, "report": _report, "demo": _demo}
+    try:
+        handlers[args.command](args)
+    except (*USER_ERRORS,) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

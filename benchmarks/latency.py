@@ -1,0 +1,306 @@
+"""Latency of the image encoder and the mask decoder, measured separately.
+
+`LatencyRunner` is the timing loop (warm-up, synchronised repeats, median and inter-quartile
+range). `benchmark_latency` times a model in PyTorch eager (CPU; CUDA fp32 and bf16 when a GPU
+is present) and any ONNX Runtime encoder/decoder pairs it is given (float32, INT8), each at
+every requested thread count, and returns flat records with parameters, MACs (PyTorch's
+flop counter, MACs = FLOPs / 2) and ONNX file sizes next to the timings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from segment_anything.modeling import Sam
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
+
+from benchmarks.predictors import BOX_LABELS
+from benchmarks.records import device_name, make_record
+from student_models import EMBED_DIM, EMBED_SIDE, IMAGE_SIZE, build_sam
+
+COMPONENTS = ("encoder", "decoder")
+
+
+@dataclass
+class LatencyConfig:
+    """How latency is measured.
+
+    Attributes:
+        warmup: untimed calls before timing (allocator, ORT graph optimisation, caches).
+        repeats: timed calls; the record holds their median and inter-quartile range.
+        threads: intra-op thread counts to measure; None = (1, all cores): 1 thread is the
+            edge-device proxy.
+        decoder_boxes: box prompts per decoder call (1 = one interactive click).
+        components: "encoder" and/or "decoder".
+        cuda: also time PyTorch on CUDA in fp32 and bf16 when a GPU is available.
+    """
+
+    warmup: int = 2
+    repeats: int = 10
+    threads: tuple[int, ...] | None = None
+    decoder_boxes: int = 1
+    components: tuple[str, ...] = COMPONENTS
+    cuda: bool = True
+
+    def __post_init__(self) -> None:
+        if self.warmup < 0 or self.repeats < 1:
+            raise ValueError(f"need warmup >= 0 and repeats >= 1, got {self.warmup} and {self.repeats}")
+        if self.threads is None:
+            self.threads = tuple(sorted({1, os.cpu_count() or 1}))
+        self.threads = tuple(int(t) for t in self.threads)
+        if not self.threads or min(self.threads) < 1:
+            raise ValueError(f"threads must be positive counts, got {self.threads}")
+        if self.decoder_boxes < 1:
+            raise ValueError(f"decoder_boxes must be >= 1, got {self.decoder_boxes}")
+        self.components = tuple(self.components)
+        unknown = set(self.components) - set(COMPONENTS)
+        if unknown or not self.components:
+            raise ValueError(f"components must be among {COMPONENTS}, got {self.components}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "threads": list(self.threads), "components": list(self.components)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LatencyConfig:
+        data = dict(data)
+        data["threads"] = None if data.get("threads") is None else tuple(data["threads"])
+        data["components"] = tuple(data.get("components", COMPONENTS))
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Milliseconds over the timed repeats."""
+
+    median_ms: float
+    p25_ms: float
+    p75_ms: float
+    min_ms: float
+    repeats: int
+
+    @property
+    def iqr_ms(self) -> float:
+        return self.p75_ms - self.p25_ms
+
+    def to_figures(self) -> dict[str, float]:
+        return {**asdict(self), "iqr_ms": self.iqr_ms}
+
+
+@dataclass
+class LatencyRunner:
+    """Warm up, then time ``repeats`` calls of a function; ``sync`` runs after each call (CUDA)."""
+
+    warmup: int = 2
+    repeats: int = 10
+    sync: Callable[[], None] = field(default=lambda: None)
+
+    def measure(self, fn: Callable[[], Any]) -> Timing:
+        for _ in range(self.warmup):
+            fn()
+        self.sync()
+        times = []
+        for _ in range(self.repeats):
+            start = time.perf_counter()
+            fn()
+            self.sync()
+            times.append((time.perf_counter() - start) * 1000)
+        quartiles = np.percentile(times, [25, 75]) if len(times) > 1 else (times[0], times[0])
+        return Timing(statistics.median(times), float(quartiles[0]), float(quartiles[1]), min(times), len(times))
+
+
+@contextlib.contextmanager
+def torch_threads(num_threads: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def example_inputs(decoder_boxes: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Fixed random inputs: image 1x3x1024x1024, embedding 1x256x64x64, boxes Bx4 in the 1024 frame."""
+    gen = torch.Generator().manual_seed(seed)
+    corners = torch.rand(decoder_boxes, 2, 2, generator=gen) * IMAGE_SIZE
+    boxes = torch.cat([corners.min(dim=1).values, corners.max(dim=1).values], dim=1)
+    return {
+        "image": torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen),
+        "embedding": torch.randn(1, EMBED_DIM, EMBED_SIDE, EMBED_SIDE, generator=gen),
+        "boxes": boxes,
+    }
+
+
+def torch_decoder_call(sam: Sam, embedding: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt encoder + mask decoder for box prompts (Bx4 -> Bx3x256x256 logits, Bx3 IoU)."""
+    sparse, dense = sam.prompt_encoder(points=None, boxes=boxes, masks=None)
+    return sam.mask_decoder(
+        image_embeddings=embedding,
+        image_pe=sam.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=True,
+    )
+
+
+def component_params(sam: Sam) -> dict[str, int]:
+    """Parameter counts: encoder, and decoder = prompt encoder + mask decoder."""
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    return {"encoder": count(sam.image_encoder), "decoder": count(sam.prompt_encoder) + count(sam.mask_decoder)}
+
+
+@torch.no_grad()
+def count_macs(model_name: str, decoder_boxes: int = 1) -> dict[str, int]:
+    """MACs of the float model's encoder (one 1024x1024 image) and decoder (``decoder_boxes`` boxes).
+
+    Counted on the meta device (no weights allocated, nothing computed), so even ViT-H is instant.
+    """
+    with torch.device("meta"):
+        sam = build_sam(model_name)
+        inputs = {k: v.to("meta") for k, v in example_inputs(decoder_boxes).items()}
+    macs = {}
+    with FlopCounterMode(display=False) as counter:
+        sam.image_encoder(inputs["image"])
+    macs["encoder"] = counter.get_total_flops() // 2
+    with FlopCounterMode(display=False) as counter:
+        torch_decoder_call(sam, inputs["embedding"], inputs["boxes"])
+    macs["decoder"] = counter.get_total_flops() // 2
+    return macs
+
+
+def onnx_file_bytes(path: str | os.PathLike) -> int:
+    """Size of an ONNX model with its external-data files (``<name>.data`` etc. beside it)."""
+    path = Path(path)
+    extra = [p for p in path.parent.glob(f"{path.name}.*") if p.is_file()] if path.parent.is_dir() else []
+    return path.stat().st_size + sum(p.stat().st_size for p in extra)
+
+
+@dataclass(frozen=True)
+class OnnxPair:
+    """An exported encoder/decoder pair and the precision it runs in ("fp32", "int8")."""
+
+    encoder: Path
+    decoder: Path
+    precision: str
+
+
+@dataclass
+class _Job:
+    """One runtime/precision/thread setting to time; ``make_targets()`` -> {component: callable}."""
+
+    runtime: str
+    precision: str
+    threads: int | None
+    device: torch.device
+    make_targets: Callable[[], dict[str, Callable[[], Any]]]
+    file_bytes: dict[str, int] = field(default_factory=dict)
+
+
+def _torch_targets(sam: Sam, inputs: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype | None):
+    sam = sam.to(device)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+
+    def autocast():
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=dtype)
+
+    def encoder():
+        with autocast():
+            return sam.image_encoder(inputs["image"])
+
+    def decoder():
+        with autocast():
+            return torch_decoder_call(sam, inputs["embedding"], inputs["boxes"])
+
+    return {"encoder": encoder, "decoder": decoder}
+
+
+def _onnx_targets(pair: OnnxPair, threads: int, inputs: dict[str, torch.Tensor], onnx_runner_cls):
+    runner = onnx_runner_cls(pair.encoder, pair.decoder, num_threads=threads)
+    image = inputs["image"].numpy()
+    embedding = inputs["embedding"].numpy()
+    coords = inputs["boxes"].reshape(-1, 2, 2).numpy()
+    labels = np.tile(np.asarray(BOX_LABELS, dtype=np.float32), (len(coords), 1))
+    return {"encoder": lambda: runner.embed(image), "decoder": lambda: runner.decode(embedding, coords, labels)}
+
+
+@torch.no_grad()
+def benchmark_latency(
+    sam: Sam,
+    model_name: str,
+    config: LatencyConfig | None = None,
+    *,
+    checkpoint: str | None = None,
+    precision: str = "fp32",
+    onnx_pairs: list[OnnxPair] = (),
+    onnx_runner_cls=None,
+    progress: bool = True,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Time ``sam`` (PyTorch) and the ``onnx_pairs`` (ONNX Runtime, via ``onnx_runner_cls``).
+
+    Returns (records, notes): one "latency" record per component x runtime x precision x
+    threads, and human-readable notes about paths that were skipped (e.g. no CUDA).
+    """
+    config = config or LatencyConfig()
+    if onnx_pairs and onnx_runner_cls is None:
+        raise ValueError("onnx_pairs need an onnx_runner_cls (e.g. quantize.OnnxSam)")
+    inputs = example_inputs(config.decoder_boxes)
+    params = component_params(sam)
+    macs = count_macs(model_name, config.decoder_boxes)
+    notes = []
+    jobs = []
+    cpu = torch.device("cpu")
+    for threads in config.threads:
+        jobs.append(_Job("pytorch", precision, threads, cpu, partial(_torch_targets, sam, inputs, cpu, None)))
+        for pair in onnx_pairs:
+            make = partial(_onnx_targets, pair, threads, inputs, onnx_runner_cls)
+            sizes = {"encoder": onnx_file_bytes(pair.encoder), "decoder": onnx_file_bytes(pair.decoder)}
+            jobs.append(_Job("onnxruntime", pair.precision, threads, cpu, make, sizes))
+    if config.cuda and torch.cuda.is_available():
+        cuda = torch.device("cuda")
+        for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+            jobs.append(_Job("pytorch", name, None, cuda, partial(_torch_targets, sam, inputs, cuda, dtype)))
+    elif config.cuda:
+        notes.append("CUDA is not available here: the PyTorch CUDA fp32 and bf16 paths were skipped")
+    records = []
+    bar = tqdm(total=len(jobs) * len(config.components), desc="latency", unit="run", disable=not progress)
+    for job in jobs:
+        sync = torch.cuda.synchronize if job.device.type == "cuda" else (lambda: None)
+        runner = LatencyRunner(config.warmup, config.repeats, sync)
+        with torch_threads(job.threads or torch.get_num_threads()):
+            targets = job.make_targets()
+            for component in config.components:
+                bar.set_postfix_str(f"{job.runtime} {job.precision} {component} x{job.threads or job.device.type}")
+                timing = runner.measure(targets[component])
+                records.append(
+                    make_record(
+                        "latency",
+                        model=model_name,
+                        checkpoint=checkpoint,
+                        precision=job.precision,
+                        runtime=job.runtime,
+                        threads=job.threads,
+                        device=device_name(job.device),
+                        config=config.to_dict(),
+                        component=component,
+                        params=params[component],
+                        macs=macs[component],
+                        onnx_bytes=job.file_bytes.get(component),
+                        **timing.to_figures(),
+                    )
+                )
+                bar.update()
+    bar.close()
+    sam.to("cpu")
+    return records, notes

@@ -1,0 +1,144 @@
+"""Benchmark records: one flat dict per measured figure set, written as JSON.
+
+Every record says what was measured (``kind``: "coco", "latency" or "everything"), on what
+(``model``, ``checkpoint``, ``precision``, ``runtime``, ``threads``), where (``device``: the CPU
+model name from /proc/cpuinfo, or the CUDA device name) and from which code (``git_commit``),
+with the exact ``config`` that produced it, then its figures as top-level keys (``ap``,
+``median_ms``, ...). The report reads nothing else.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import uuid
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RECORD_KINDS = ("coco", "latency", "everything")
+IDENTITY_FIELDS = ("kind", "model", "checkpoint", "precision", "runtime", "threads", "device", "git_commit")
+
+
+class RecordError(ValueError):
+    """A record or record file that is not what the report expects."""
+
+
+@cache
+def cpu_name() -> str:
+    """The CPU model name (first ``model name`` line of /proc/cpuinfo, else the platform's)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    match = re.search(r"^model name\s*:\s*(.+)$", text, flags=re.MULTILINE)
+    name = match.group(1).strip() if match else (platform.processor() or platform.machine())
+    return f"{name} ({os.cpu_count()} logical cores)"
+
+
+def device_name(device: str | torch.device = "cpu") -> str:
+    """A human-readable name of the device a figure was measured on."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_name()
+
+
+@cache
+def git_commit() -> str:
+    """The short commit of the repository this package lives in, with ``+dirty`` for local edits."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "benchmarks"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit}+dirty" if dirty else commit
+
+
+def make_record(
+    kind: str,
+    *,
+    model: str,
+    checkpoint: str | None,
+    precision: str,
+    runtime: str,
+    threads: int | None,
+    config: dict[str, Any],
+    device: str | None = None,
+    **figures: Any,
+) -> dict[str, Any]:
+    """A flat record: identity fields, ``config``, a UTC ``timestamp`` and the figures."""
+    if kind not in RECORD_KINDS:
+        raise RecordError(f"unknown record kind {kind!r}; expected one of {', '.join(RECORD_KINDS)}")
+    clash = set(figures) & {*IDENTITY_FIELDS, "config", "timestamp"}
+    if clash:
+        raise RecordError(f"figure names clash with record fields: {sorted(clash)}")
+    record = {
+        "kind": kind,
+        "model": model,
+        "checkpoint": None if checkpoint is None else str(checkpoint),
+        "precision": precision,
+        "runtime": runtime,
+        "threads": threads,
+        "device": device or cpu_name(),
+        "git_commit": git_commit(),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config": config,
+    }
+    record.update(figures)
+    return record
+
+
+def write_records(records: list[dict[str, Any]], out_dir: str | os.PathLike, stem: str) -> Path:
+    """Write ``records`` to ``out_dir/<stem>-<random>.json`` (never overwriting) and return the path."""
+    for record in records:
+        validate_record(record)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{stem}-{uuid.uuid4().hex[:8]}.json"
+    path.write_text(json.dumps(records, indent=2, allow_nan=False) + "\n")
+    return path
+
+
+def validate_record(record: Any) -> dict[str, Any]:
+    if not isinstance(record, dict):
+        raise RecordError(f"a record must be a JSON object, got {type(record).__name__}")
+    missing = [f for f in (*IDENTITY_FIELDS, "config") if f not in record]
+    if missing:
+        raise RecordError(f"record is missing {missing}: {json.dumps(record)[:200]}")
+    if record["kind"] not in RECORD_KINDS:
+        raise RecordError(f"unknown record kind {record['kind']!r}")
+    return record
+
+
+def load_records(records_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every record in the ``*.json`` files under ``records_dir`` (recursively), sorted by file name."""
+    root = Path(records_dir)
+    if not root.is_dir():
+        raise RecordError(f"{root}: no such folder of records")
+    files = sorted(root.rglob("*.json"))
+    if not files:
+        raise RecordError(f"{root}: holds no *.json record files")
+    records = []
+    for path in files:
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise RecordError(f"{path}: not JSON ({exc})") from exc
+        for record in data if isinstance(data, list) else [data]:
+            try:
+                records.append(validate_record(record))
+            except RecordError as exc:
+                raise RecordError(f"{path}: {exc}") from exc
+    return records

@@ -1,0 +1,222 @@
+"""Records -> a Markdown report and an AP-vs-latency plot.
+
+The report has one table per record kind (COCO AP, latency, everything mode), every row with
+its device and git commit. The plot puts each of our COCO results at its image-encoder latency
+(the record of the same model, precision and runtime, most threads) and draws the paper's
+published points beside them with their own marker, legend entry and caption: they come from
+another protocol (ViTDet-H boxes) and other hardware (T4 TensorRT).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.coco_eval import METRIC_NAMES
+from benchmarks.published import PUBLISHED_POINTS, PUBLISHED_SOURCE
+from benchmarks.records import IDENTITY_FIELDS, RECORD_KINDS, load_records
+
+PLOT_NAME = "ap_vs_latency.png"
+REPORT_NAME = "report.md"
+_HIDDEN = {*IDENTITY_FIELDS, "config", "timestamp"}
+
+
+@dataclass(frozen=True)
+class PlotPoint:
+    """One of our models on the plot: AP in percent at encoder latency in ms."""
+
+    label: str
+    ap: float
+    latency_ms: float
+    threads: int | None
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) >= 1000 or abs(value) < 0.01 and value != 0 else f"{value:.2f}"
+    return str(value)
+
+
+def markdown_table(columns: list[tuple[str, str]], rows: list[dict[str, Any]]) -> str:
+    """``columns`` = [(header, record key)] -> a Markdown table of ``rows``."""
+    lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(key)) for _, key in columns) + " |")
+    return "\n".join(lines)
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, str | int | float | bool)
+
+
+def _with_derived(record: dict[str, Any]) -> dict[str, Any]:
+    row = dict(record)
+    if record.get("macs") is not None:
+        row["gmacs"] = record["macs"] / 1e9
+    if record.get("params") is not None:
+        row["mparams"] = record["params"] / 1e6
+    if record.get("onnx_bytes") is not None:
+        row["onnx_mb"] = record["onnx_bytes"] / 2**20
+    row["checkpoint"] = Path(record["checkpoint"]).name if record.get("checkpoint") else "random init"
+    return row
+
+
+COCO_COLUMNS = [
+    ("model", "model"),
+    ("checkpoint", "checkpoint"),
+    ("precision", "precision"),
+    ("runtime", "runtime"),
+    *[(name.upper().replace("_", " "), name) for name in METRIC_NAMES],
+    ("images", "num_images"),
+    ("prompts", "num_prompts"),
+    ("boxes", "boxes"),
+    ("device", "device"),
+    ("commit", "git_commit"),
+]
+LATENCY_COLUMNS = [
+    ("model", "model"),
+    ("component", "component"),
+    ("precision", "precision"),
+    ("runtime", "runtime"),
+    ("threads", "threads"),
+    ("median ms", "median_ms"),
+    ("IQR ms", "iqr_ms"),
+    ("repeats", "repeats"),
+    ("params M", "mparams"),
+    ("GMACs", "gmacs"),
+    ("ONNX MB", "onnx_mb"),
+    ("device", "device"),
+    ("commit", "git_commit"),
+]
+
+
+def plot_points(records: list[dict[str, Any]]) -> tuple[list[PlotPoint], list[str]]:
+    """Pair each COCO record with the encoder latency of the same model/precision/runtime.
+
+    Returns (points, labels of COCO records that have no matching latency record).
+    """
+    latency = {}
+    for rec in records:
+        if rec["kind"] == "latency" and rec.get("component") == "encoder":
+            key = (rec["model"], rec["precision"], rec["runtime"])
+            best = latency.get(key)
+            if best is None or (rec["threads"] or 0) > (best["threads"] or 0):
+                latency[key] = rec
+    points, unmatched = [], []
+    for rec in records:
+        if rec["kind"] != "coco" or rec.get("ap") is None:
+            continue
+        label = f"{rec['model']} {rec['precision']} ({rec['runtime']})"
+        match = latency.get((rec["model"], rec["precision"], rec["runtime"]))
+        if match is None:
+            unmatched.append(label)
+        else:
+            points.append(PlotPoint(label, rec["ap"], match["median_ms"], match["threads"]))
+    return points, unmatched
+
+
+def render_plot(points: list[PlotPoint], path: str | os.PathLike, device: str = "") -> Path:
+    """AP (%) vs image-encoder latency (ms, log scale): ours and the paper's published points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    ax.scatter(
+        [p.latency_ms for p in PUBLISHED_POINTS],
+        [p.ap for p in PUBLISHED_POINTS],
+        marker="s",
+        facecolors="none",
+        edgecolors="gray",
+        s=60,
+        label="published (TinySAM paper): ViTDet-H boxes, T4 TensorRT",
+    )
+    for p in PUBLISHED_POINTS:
+        ax.annotate(p.name, (p.latency_ms, p.ap), textcoords="offset points", xytext=(5, 4), fontsize=8, color="gray")
+    if points:
+        ax.scatter(
+            [p.latency_ms for p in points],
+            [p.ap for p in points],
+            marker="o",
+            color="tab:blue",
+            s=50,
+            label=f"ours (measured): GT boxes, {device or 'this machine'}",
+        )
+        for p in points:
+            ax.annotate(p.label, (p.latency_ms, p.ap), textcoords="offset points", xytext=(5, -10), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("image encoder latency (ms, log scale)")
+    ax.set_ylabel("COCO mask AP (%)")
+    ax.set_ylim(bottom=min([0.0, *[p.ap for p in points]]) - 2, top=max(50.0, *[p.ap for p in points]) + 2)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("Mask AP vs image-encoder latency")
+    fig.text(
+        0.01,
+        0.01,
+        "Grey squares: published figures (another protocol and hardware), not comparable with ours.\n"
+        "Blue dots: measured here; compare only within one group.",
+        fontsize=7,
+        color="dimgray",
+    )
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def render_report(records: list[dict[str, Any]], out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``ap_vs_latency.png`` into ``out_dir``; return both paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = {kind: [_with_derived(r) for r in records if r["kind"] == kind] for kind in RECORD_KINDS}
+    for row in rows["coco"]:
+        row["boxes"] = "detections" if row["config"].get("detections") else "GT"
+    points, unmatched = plot_points(records)
+    devices = sorted({r["device"] for r in records})
+    plot_path = render_plot(points, out_dir / PLOT_NAME, "; ".join(devices))
+    parts = ["# Benchmark report", "", f"Devices: {'; '.join(devices)}.", ""]
+    if rows["coco"]:
+        parts += [
+            "## COCO zero-shot instance segmentation (mask AP, %)",
+            "",
+            markdown_table(COCO_COLUMNS, rows["coco"]),
+            "",
+        ]
+    if rows["latency"]:
+        parts += ["## Latency (warm, median of repeats)", "", markdown_table(LATENCY_COLUMNS, rows["latency"]), ""]
+    if rows["everything"]:
+        keys = sorted(
+            {k for r in rows["everything"] for k in r if k not in _HIDDEN and not isinstance(r[k], dict | list)}
+        )
+        columns = [("model", "model"), ("precision", "precision"), ("threads", "threads"), *[(k, k) for k in keys]]
+        parts += ["## Everything mode (hierarchical vs dense)", "", markdown_table(columns, rows["everything"]), ""]
+    parts += [
+        "## AP vs latency",
+        "",
+        f"![AP vs latency]({PLOT_NAME})",
+        "",
+        f"Grey squares are published figures ({PUBLISHED_SOURCE}); they come from another protocol and "
+        "hardware and are drawn for orientation only. Blue dots are ours, at the image-encoder latency of the "
+        "same model, precision and runtime (most threads measured).",
+    ]
+    if unmatched:
+        parts += [
+            "",
+            f"Not plotted (no encoder latency record of the same model/precision/runtime): {', '.join(unmatched)}.",
+        ]
+    report_path = out_dir / REPORT_NAME
+    report_path.write_text("\n".join(parts) + "\n")
+    return report_path, plot_path
+
+
+def report_from_dir(records_dir: str | os.PathLike, out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """Load every record under ``records_dir`` and render the report into ``out_dir``."""
+    return render_report(load_records(records_dir), out_dir)

@@ -1,0 +1,162 @@
+"""The benchmark commands as library calls: load what to measure, measure it, write records.
+
+Each ``run_*`` function takes plain arguments (the CLI passes only what the user set), writes
+its records as JSON into ``out_dir`` and returns what it measured with the record file path.
+Models come from the registry (`student_models.build_sam`), from a simulated-quantized file
+(`quantize.load_quantized`) or from an exported ONNX pair (`quantize.OnnxSam`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from segment_anything.modeling import Sam
+
+from benchmarks.coco_eval import CocoEvalConfig, CocoEvalResult, evaluate_coco
+from benchmarks.latency import LatencyConfig, OnnxPair, benchmark_latency
+from benchmarks.predictors import BoxPredictor, OnnxBoxPredictor, TorchBoxPredictor
+from benchmarks.records import make_record, write_records
+from student_models import build_sam, canonical_name
+
+ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder.onnx"
+_QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger"}
+
+
+class StageMissingError(RuntimeError):
+    """Another stage's API that this command needs is not available in this checkout."""
+
+
+def stage_api(module: str, *names: str) -> Any:
+    """``module.name`` (or a tuple of them), or a `StageMissingError` naming what is missing."""
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as exc:
+        raise StageMissingError(f"this command needs the `{module}` package, which cannot be imported: {exc}") from exc
+    missing = [n for n in names if not hasattr(mod, n)]
+    if missing:
+        raise StageMissingError(f"this command needs {', '.join(f'{module}.{n}' for n in missing)}, not found")
+    values = tuple(getattr(mod, n) for n in names)
+    return values[0] if len(values) == 1 else values
+
+
+@dataclass
+class LoadedModel:
+    """What a benchmark measures: a PyTorch `Sam` and how to name it in records."""
+
+    sam: Sam
+    model: str
+    checkpoint: str | None
+    precision: str
+
+
+def quantized_precision(sam: Sam) -> str:
+    """ "w8a8-sim"-style label of a simulated-quantized model from its recorded config, else "fp32"."""
+    config = getattr(sam, "ptq_config", None) or getattr(sam, "quant_config", None)
+    if config is None:
+        return "fp32"
+    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return f"w{data['w_bits']}a{data['a_bits']}-sim"
+
+
+def load_torch_model(model: str, checkpoint: str | None = None, quantized: str | None = None) -> LoadedModel:
+    """A registered model (random init or ``checkpoint``), or a simulated-quantized file."""
+    if quantized is not None:
+        load_quantized = stage_api("quantize", "load_quantized")
+        sam = load_quantized(quantized)
+        return LoadedModel(sam, canonical_name(model), str(quantized), quantized_precision(sam))
+    return LoadedModel(build_sam(model, checkpoint=checkpoint), canonical_name(model), checkpoint, "fp32")
+
+
+def onnx_precision(path: str | os.PathLike) -> str:
+    """ "int8" for a graph with quantize/dequantize or integer ops, else "fp32"."""
+    import onnx
+
+    graph = onnx.load(os.fspath(path), load_external_data=False).graph
+    return "int8" if any(node.op_type in _QDQ_OPS for node in graph.node) else "fp32"
+
+
+def onnx_pair(encoder: str | os.PathLike, decoder: str | os.PathLike) -> OnnxPair:
+    """An exported pair, checked to exist; its precision read from the encoder graph."""
+    encoder, decoder = Path(encoder), Path(decoder)
+    for path in (encoder, decoder):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such ONNX file (export one with quantize.export_onnx)")
+    return OnnxPair(encoder, decoder, onnx_precision(encoder))
+
+
+def onnx_pair_in(folder: str | os.PathLike) -> OnnxPair:
+    """The ``encoder.onnx`` + ``decoder.onnx`` pair that `quantize.export_onnx` writes into ``folder``."""
+    return onnx_pair(Path(folder) / ENCODER_FILE, Path(folder) / DECODER_FILE)
+
+
+def onnx_runner(pair: OnnxPair, num_threads: int | None = None):
+    """`quantize.OnnxSam` over ``pair``."""
+    return stage_api("quantize", "OnnxSam")(pair.encoder, pair.decoder, num_threads=num_threads)
+
+
+def run_coco(
+    *,
+    model: str,
+    coco_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    config: CocoEvalConfig | None = None,
+    checkpoint: str | None = None,
+    quantized: str | None = None,
+    onnx: OnnxPair | None = None,
+    progress: bool = True,
+) -> tuple[CocoEvalResult, Path]:
+    """COCO AP of a PyTorch model, or of an ONNX pair when ``onnx`` is given; one "coco" record."""
+    config = config or CocoEvalConfig()
+    predictor: BoxPredictor
+    if onnx is not None:
+        predictor = OnnxBoxPredictor(onnx_runner(onnx), config.chunk_size)
+        name, ckpt, precision = canonical_name(model), str(onnx.encoder.parent), onnx.precision
+    else:
+        loaded = load_torch_model(model, checkpoint, quantized)
+        predictor = TorchBoxPredictor(loaded.sam, config.chunk_size)
+        name, ckpt, precision = loaded.model, loaded.checkpoint, loaded.precision
+    result = evaluate_coco(predictor, coco_root, config, progress)
+    record = make_record(
+        "coco",
+        model=name,
+        checkpoint=ckpt,
+        precision=precision,
+        runtime=predictor.runtime,
+        threads=None,
+        config={**config.to_dict(), "coco_root": str(coco_root)},
+        num_images=result.num_images,
+        num_prompts=result.num_prompts,
+        seconds=round(result.seconds, 2),
+        **result.metrics,
+    )
+    return result, write_records([record], out_dir, f"coco-{name}-{precision}-{predictor.runtime}")
+
+
+def run_latency(
+    *,
+    model: str,
+    out_dir: str | os.PathLike,
+    config: LatencyConfig | None = None,
+    checkpoint: str | None = None,
+    quantized: str | None = None,
+    onnx_pairs: list[OnnxPair] = (),
+    progress: bool = True,
+) -> tuple[list[dict[str, Any]], list[str], Path]:
+    """Encoder and decoder latency of a model in PyTorch and of its exported ONNX pairs."""
+    loaded = load_torch_model(model, checkpoint, quantized)
+    runner_cls = stage_api("quantize", "OnnxSam") if onnx_pairs else None
+    records, notes = benchmark_latency(
+        loaded.sam,
+        loaded.model,
+        config,
+        checkpoint=loaded.checkpoint,
+        precision=loaded.precision,
+        onnx_pairs=list(onnx_pairs),
+        onnx_runner_cls=runner_cls,
+        progress=progress,
+    )
+    return records, notes, write_records(records, out_dir, f"latency-{loaded.model}-{loaded.precision}")
