@@ -1,0 +1,78 @@
+"""CLI: ``python -m distill [--teacher vit_h --teacher-checkpoint sam_vit_h_4b8939 --data DIR ...]``.
+
+Without --data (and without named models) it runs the offline demo: generated shapes, the tiny test
+teacher and student, a few dozen steps. Only the flags given are passed on; defaults live in
+`DistillConfig`. Multi-GPU: ``torchrun --nproc_per_node 8 -m distill ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from distill.config import PROMPT_MODES, PROMPT_SOURCES, DistillConfig
+from distill.model import DistillError
+from distill.train import distill
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m distill",
+        description="TinySAM full-stage distillation of a SAM student image encoder from a frozen SAM teacher.",
+        argument_default=argparse.SUPPRESS,
+    )
+    add = parser.add_argument
+    switch = argparse.BooleanOptionalAction
+    add("--teacher", help="teacher model name (default vit_h; sam_vit_test for the demo)")
+    add("--teacher-checkpoint", help="teacher weights: a path or a known name such as sam_vit_h_4b8939")
+    add("--student", help="student model name (default tinyvit_5m)")
+    add("--student-checkpoint", help="student init, e.g. mobile_sam (its own decoder is then kept)")
+    add("--data", help="COCO root, SA-1B folder or plain image folder (default: generated shapes)")
+    add("--num-synthetic", type=int, help="images in the generated dataset when --data is not given")
+    add("--out", help="output folder (checkpoints, log.jsonl, student.pt)")
+    add("--cache-dir", help="teacher-embedding cache folder (default <out>/teacher_cache)")
+    add("--epochs", type=int)
+    add("--steps", type=int, help="total optimiser steps (overrides --epochs)")
+    add("--batch-size", type=int, help="images per step and per process")
+    add("--lr", type=float)
+    add("--weight-decay", type=float)
+    add("--warmup-steps", type=int)
+    add("--grad-clip", type=float)
+    add("--seed", type=int)
+    add("--num-workers", type=int)
+    add("--amp", choices=("bf16", "none"), help="autocast dtype on CUDA")
+    add("--resume", action="store_true", help="continue from <out>/checkpoints/last.pt")
+    add("--checkpoint-every", type=int, help="steps between checkpoints")
+    add("--embedding-weight", type=float, help="a: weight of the embedding L1")
+    add("--token-weight", type=float, help="b: weight of the decoder-token L1")
+    add("--output-weight", type=float, help="c: weight of the mask-output L1")
+    add("--gt-mask-weight", type=float, help="weight of the GT focal+dice (20:1) term (default 0: off)")
+    add("--gt-iou-weight", type=float, help="weight of the GT IoU-prediction MSE (default 0: off)")
+    add("--token-loss", action=switch, help="decoder-token loss")
+    add("--output-loss", action=switch, help="mask-output loss")
+    add("--hmw", action=switch, help="hard mask weighting on the output loss")
+    add("--hard-prompts", action=switch, help="iterative hard prompt sampling (off: one box or point)")
+    add("--train-decoder", action=switch, help="train the student's mask decoder")
+    add("--prompt-mode", choices=PROMPT_MODES, help="gt: error vs ground truth (TinySAM); disagreement: EdgeSAM")
+    add("--prompt-source", choices=PROMPT_SOURCES, help="whose prediction drives --prompt-mode gt")
+    add("--prompts-per-image", type=int)
+    add("--max-prompt-iters", type=int, help="k ~ U{0..this} corrective points (paper: 9)")
+    add("--val-images", type=int, help="held-out images for student-teacher agreement")
+    add("--val-fraction", type=float)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    values = {key.replace("-", "_"): value for key, value in vars(get_parser().parse_args(argv)).items()}
+    try:
+        demo = "data" not in values and "teacher" not in values and "student" not in values
+        config = DistillConfig.demo(**values) if demo else DistillConfig(**values)
+        distill(config)
+    except (DistillError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

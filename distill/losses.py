@@ -1,0 +1,95 @@
+"""The loss terms of full-stage distillation (SPEC section 2), each a small function returning named terms.
+
+`weighted_total` reduces a dict of terms with the config's weights; every term is logged on its own.
+Shapes: embeddings Bx256x64x64; decoder tokens PxTx256; mask logits Px4x256x256 (all four mask
+tokens, low-res frame); IoU predictions Px4; per-prompt masks PxHxW.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import sigmoid_focal_loss
+
+
+def embedding_loss(student: torch.Tensor, teacher: torch.Tensor) -> dict[str, torch.Tensor]:
+    """L1 between student and teacher image embeddings (Bx256x64x64), mean over all elements."""
+    return {"embedding": F.l1_loss(student, teacher)}
+
+
+def token_loss(student_tokens: torch.Tensor, teacher_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """L1 between the two-way transformer's output tokens (PxTx256) for the same prompts."""
+    return {"token": F.l1_loss(student_tokens, teacher_tokens)}
+
+
+def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of two stacks of binary masks PxHxW -> P (1.0 where both are empty)."""
+    a, b = a.flatten(1).bool(), b.flatten(1).bool()
+    inter = (a & b).sum(1).float()
+    union = (a | b).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def hmw_weights(
+    teacher_masks: torch.Tensor, student_masks: torch.Tensor, gt_masks: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """Hard mask weighting: H_i = sigmoid(IoU(M_T, M_GT) / (IoU(M_S, M_GT) + eps) - 1), PxHxW bool -> P.
+
+    0.5 when student and teacher are equally good, towards 1 where the student is worse. No gradient.
+    """
+    ratio = mask_iou(teacher_masks, gt_masks) / (mask_iou(student_masks, gt_masks) + eps)
+    return torch.sigmoid(ratio - 1.0).detach()
+
+
+def output_loss(
+    student_masks: torch.Tensor,
+    teacher_masks: torch.Tensor,
+    student_iou: torch.Tensor,
+    teacher_iou: torch.Tensor,
+    weights: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-prompt L1 on mask logits (Px4x256x256) plus L1 on IoU predictions (Px4), weighted by H (P).
+
+    Returns the mean over prompts of H_i * (mask_l1_i + iou_l1_i), and both parts unweighted for the log.
+    """
+    mask_l1 = (student_masks - teacher_masks).abs().flatten(1).mean(1)
+    iou_l1 = (student_iou - teacher_iou).abs().mean(1)
+    weights = torch.ones_like(mask_l1) if weights is None else weights
+    return {
+        "output": (weights * (mask_l1 + iou_l1)).mean(),
+        "output_mask_l1": mask_l1.mean().detach(),
+        "output_iou_l1": iou_l1.mean().detach(),
+    }
+
+
+def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """1 - soft Dice per mask (PxHxW logits vs 0/1 targets), mean over masks."""
+    probs = logits.sigmoid().flatten(1)
+    targets = targets.flatten(1).float()
+    numerator = 2 * (probs * targets).sum(1)
+    denominator = probs.sum(1) + targets.sum(1)
+    return (1 - (numerator + 1) / (denominator + 1)).mean()
+
+
+def gt_mask_loss(
+    logits: torch.Tensor, gt_masks: torch.Tensor, focal_weight: float = 20.0, dice_weight: float = 1.0
+) -> dict[str, torch.Tensor]:
+    """SAM's mask loss on the student's chosen masks (PxHxW logits vs bool GT): 20*focal + 1*dice."""
+    focal = sigmoid_focal_loss(logits, gt_masks.float(), alpha=0.25, gamma=2.0, reduction="mean")
+    dice = dice_loss(logits, gt_masks)
+    return {"gt_mask": focal_weight * focal + dice_weight * dice, "gt_focal": focal.detach(), "gt_dice": dice.detach()}
+
+
+def gt_iou_loss(predicted_iou: torch.Tensor, masks: torch.Tensor, gt_masks: torch.Tensor) -> dict[str, torch.Tensor]:
+    """MSE between the predicted IoU (P) of the chosen masks and their actual IoU with the GT (PxHxW)."""
+    return {"gt_iou": F.mse_loss(predicted_iou, mask_iou(masks, gt_masks).detach())}
+
+
+def weighted_total(terms: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
+    """sum_k weights[k] * terms[k] over the weighted terms present; unweighted terms are logged only."""
+    present = [weights[name] * value for name, value in terms.items() if name in weights and weights[name] != 0]
+    if not present:
+        raise ValueError(f"no weighted loss term among {sorted(terms)}")
+    return torch.stack(present).sum()

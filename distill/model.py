@@ -1,0 +1,205 @@
+"""One distillation step as an `nn.Module`: student + frozen teacher heads -> named loss terms.
+
+Putting the whole step (student encoder, hard prompt iterations, final decoder pass) in one
+`forward` lets DistributedDataParallel see exactly one forward per backward. The teacher side
+reads cached embeddings, so only its prompt encoder and mask decoder live here.
+
+Mask choice: where a prompt is a single point (ambiguous), a model's prediction is its multimask
+output with the highest predicted IoU, otherwise mask token 0; this is SamPredictor's rule and it
+drives both the hard prompt sampling and HMW. The output loss compares all four mask tokens.
+The previous mask is not fed back as a dense prompt during the iterations (our choice: the paper
+does not say, and SAM's no-mask embedding keeps teacher and student on the same input).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from segment_anything.modeling import Sam
+from torch import nn
+
+from distill.config import DistillConfig
+from distill.data import DistillItem
+from distill.losses import (
+    embedding_loss,
+    gt_iou_loss,
+    gt_mask_loss,
+    hmw_weights,
+    mask_iou,
+    output_loss,
+    token_loss,
+)
+from distill.prompts import (
+    PromptSet,
+    choose_masks,
+    draw_iterations,
+    error_points,
+    initial_prompts,
+    to_input_coords,
+    valid_lowres_region,
+)
+
+
+class DistillError(RuntimeError):
+    """A distillation run that cannot go on (bad models or data, non-finite loss, incompatible resume)."""
+
+
+@dataclass
+class DecoderOutput:
+    """masks: Px4x256x256 logits (all mask tokens); iou: Px4; tokens: PxTx256 two-way transformer outputs."""
+
+    masks: torch.Tensor
+    iou: torch.Tensor
+    tokens: torch.Tensor
+
+    def chosen(self, multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(PxHxW logits, P predicted IoU) of each prompt's prediction (see the module docstring)."""
+        index = self.iou[:, 1:].argmax(1) + 1 if multimask else torch.zeros_like(self.iou[:, 0], dtype=torch.long)
+        rows = torch.arange(len(index), device=index.device)
+        return self.masks[rows, index], self.iou[rows, index]
+
+
+def decode(sam: Sam, embedding: torch.Tensor, prompts: PromptSet) -> DecoderOutput:
+    """Run SAM's prompt encoder and mask decoder on one 1x256x64x64 embedding for P prompts.
+
+    The decoder tokens are read with a forward hook on `mask_decoder.transformer` (its first output).
+    """
+    device = embedding.device
+    points = None
+    if prompts.labels.shape[1] > 0:
+        points = (torch.from_numpy(prompts.points).to(device), torch.from_numpy(prompts.labels).to(device))
+    boxes = None if prompts.boxes is None else torch.from_numpy(prompts.boxes).to(device)
+    sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=None)
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep_tokens(module: nn.Module, args: tuple, output: tuple[torch.Tensor, torch.Tensor]) -> None:
+        captured["hs"] = output[0]  # returning None leaves the transformer's output unchanged
+
+    handle = sam.mask_decoder.transformer.register_forward_hook(keep_tokens)
+    try:
+        masks, iou = sam.mask_decoder.predict_masks(
+            image_embeddings=embedding,
+            image_pe=sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+        )
+    finally:
+        handle.remove()
+    return DecoderOutput(masks.float(), iou.float(), captured["hs"].float())
+
+
+def check_embedding_shapes(student: torch.Tensor, teacher: torch.Tensor, student_name: str, teacher_name: str) -> None:
+    if student.shape != teacher.shape:
+        raise DistillError(
+            f"embedding shape mismatch: student {student_name} gives {tuple(student.shape[1:])}, teacher "
+            f"{teacher_name} gives {tuple(teacher.shape[1:])}; the student's neck must output the teacher's "
+            f"embedding shape (256x64x64 for SAM)"
+        )
+
+
+class DistillStep(nn.Module):
+    """forward(images Bx3x1024x1024, items) -> dict of loss terms (scalars), averaged over the B images."""
+
+    def __init__(self, student: Sam, teacher_heads: Sam, config: DistillConfig, use_prompts: bool) -> None:
+        super().__init__()
+        self.student, self.teacher = student, teacher_heads
+        self.config, self.use_prompts = config, use_prompts
+        self.epoch = 0  # set by the training loop; seeds the prompts with (seed, epoch, image index)
+
+    def forward(self, images: torch.Tensor, items: Sequence[DistillItem]) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        student_emb = self.student.image_encoder(images)
+        teacher_emb = torch.stack([item.teacher_embedding for item in items]).to(student_emb.device)
+        check_embedding_shapes(student_emb, teacher_emb, cfg.student, cfg.teacher)
+        terms = embedding_loss(student_emb.float(), teacher_emb)
+        if not self.use_prompts:
+            return terms
+        per_image = [
+            self._prompt_terms(student_emb[i : i + 1], teacher_emb[i : i + 1], item) for i, item in enumerate(items)
+        ]
+        for name in {name for t in per_image for name in t}:
+            # Images without masks add zero, so the mean over B matches DDP's mean over ranks exactly.
+            terms[name] = torch.stack([t[name] for t in per_image if name in t]).sum() / len(items)
+        return terms
+
+    def _prompt_terms(self, student_emb: torch.Tensor, teacher_emb: torch.Tensor, item: DistillItem) -> dict:
+        """Hard prompt iterations on one image, then the token/output/GT terms at the final prompts."""
+        cfg = self.config
+        if item.gt_masks is None or len(item.gt_masks) == 0:
+            return {}
+        rng = np.random.default_rng([cfg.seed, self.epoch, item.index])
+        picked = choose_masks(len(item.gt_masks), cfg.prompts_per_image, rng)
+        gt_np, boxes = item.gt_masks[picked], item.gt_boxes[picked]
+        prompts = initial_prompts(gt_np, boxes, rng, cfg.box_prob, cfg.box_noise_frac, cfg.box_noise_max)
+        iterations = draw_iterations(rng, cfg.max_prompt_iters) if cfg.hard_prompts else 0
+        valid = valid_lowres_region(item.input_size)
+        with torch.no_grad():
+            for _ in range(iterations):
+                prompts = self._next_prompts(prompts, gt_np, student_emb.detach(), teacher_emb, valid, rng)
+            teacher_out = decode(self.teacher, teacher_emb, prompts)
+        student_out = decode(self.student, student_emb, prompts)
+        gt = torch.from_numpy(gt_np).to(student_emb.device)
+        terms = {"prompt_iters": torch.tensor(float(iterations), device=gt.device)}
+        if cfg.token_loss:
+            terms.update(token_loss(student_out.tokens, teacher_out.tokens))
+        s_logits, s_iou = student_out.chosen(prompts.multimask)
+        if cfg.output_loss:
+            weights = None
+            if cfg.hmw:
+                t_logits, _ = teacher_out.chosen(prompts.multimask)
+                weights = hmw_weights(t_logits > 0, s_logits > 0, gt, cfg.hmw_eps)
+                terms["hmw_mean"] = weights.mean()
+            terms.update(output_loss(student_out.masks, teacher_out.masks, student_out.iou, teacher_out.iou, weights))
+        if cfg.gt_mask_weight > 0:
+            terms.update(gt_mask_loss(s_logits, gt, cfg.focal_weight, cfg.dice_weight))
+        if cfg.gt_iou_weight > 0:
+            terms.update(gt_iou_loss(s_iou, s_logits > 0, gt))
+        return terms
+
+    def _next_prompts(self, prompts, gt_np, student_emb, teacher_emb, valid, rng) -> PromptSet:
+        """Add one corrective point per prompt from the current error region (mode gt or disagreement)."""
+        cfg = self.config
+        need_student = cfg.prompt_mode == "disagreement" or cfg.prompt_source == "student"
+        need_teacher = cfg.prompt_mode == "disagreement" or cfg.prompt_source == "teacher"
+        student_mask = teacher_mask = None
+        if need_student:
+            student_mask = (decode(self.student, student_emb, prompts).chosen(prompts.multimask)[0] > 0).cpu().numpy()
+        if need_teacher:
+            teacher_mask = (decode(self.teacher, teacher_emb, prompts).chosen(prompts.multimask)[0] > 0).cpu().numpy()
+        if cfg.prompt_mode == "disagreement":
+            prediction, target = student_mask, teacher_mask
+        else:
+            prediction = student_mask if cfg.prompt_source == "student" else teacher_mask
+            target = gt_np
+        coords, labels = error_points(prediction, target, rng, valid, cfg.negative_points)
+        return prompts.add_points(coords, labels)
+
+
+def validation_prompts(item: DistillItem, max_prompts: int) -> PromptSet:
+    """Fixed prompts for agreement: the exact GT boxes (first `max_prompts`), else a 3x3 point grid."""
+    if item.gt_boxes is not None and len(item.gt_boxes) > 0:
+        boxes = item.gt_boxes[:max_prompts]
+        return PromptSet(np.zeros((len(boxes), 0, 2), np.float32), np.zeros((len(boxes), 0), np.float32), boxes)
+    height, width = (-(-s // 4) for s in item.input_size)
+    ys, xs = np.meshgrid(np.linspace(0, height - 1, 5)[1:-1], np.linspace(0, width - 1, 5)[1:-1], indexing="ij")
+    yx = np.stack([ys.ravel(), xs.ravel()], 1).round().astype(np.int64)
+    return PromptSet(to_input_coords(yx)[:, None], np.ones((len(yx), 1), np.float32), None)
+
+
+@torch.no_grad()
+def agreement(student: Sam, teacher_heads: Sam, items: Sequence[DistillItem], max_prompts: int) -> tuple[float, int]:
+    """Sum and count of student-teacher mask IoU (mask token 0, image area only) over validation prompts."""
+    device = next(student.parameters()).device
+    total, count = 0.0, 0
+    for item in items:
+        student_emb = student.image_encoder(item.image[None].to(device))
+        prompts = validation_prompts(item, max_prompts)
+        s_masks = decode(student, student_emb, prompts).masks[:, 0] > 0
+        t_masks = decode(teacher_heads, item.teacher_embedding[None].to(device), prompts).masks[:, 0] > 0
+        valid = torch.from_numpy(valid_lowres_region(item.input_size)).to(device)
+        total += float(mask_iou(s_masks & valid, t_masks & valid).sum())
+        count += prompts.num_prompts
+    return total, count

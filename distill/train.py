@@ -1,0 +1,344 @@
+"""`distill(config)`: TinySAM full-stage distillation, one story from data to a student checkpoint.
+
+Run it as ``python -m distill ...`` or, on several GPUs or nodes, ``torchrun --nproc_per_node N -m distill``.
+The steps, top to bottom:
+
+1. data: COCO, SA-1B, a plain image folder or generated shapes (`student_models.data.open_dataset`);
+2. the teacher-embedding cache, filled where missing (shared across ranks), then the teacher's
+   prompt encoder + mask decoder read back from it (its image encoder is never built again);
+3. the student, its decoder initialised from the teacher's, a seeded train/validation split;
+4. AdamW + warm-up/cosine schedule, resumed exactly from ``<out>/checkpoints/last.pt`` with ``resume``;
+5. the loop: one `DistillStep` forward (student encoder, hard prompt iterations, losses), backward,
+   clipping, a NaN/inf guard, a JSON-lines log, atomic checkpoints, validation each epoch;
+6. the final student checkpoint (`student_models.save_checkpoint`), config and metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from distill.cache import EmbeddingCache, fill_cache, fingerprint_fields
+from distill.config import DistillConfig
+from distill.data import DistillDataset, collate, split_indices
+from distill.losses import weighted_total
+from distill.model import DistillError, DistillStep, agreement
+from distill.runtime import (
+    Runtime,
+    all_reduce_mean,
+    all_reduce_sum,
+    barrier,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    setup_runtime,
+    teardown_runtime,
+    warmup_cosine,
+)
+from student_models import atomic_torch_save, build_sam, save_checkpoint
+from student_models.data import open_dataset
+
+# Fields that may change between a run and its resumption without changing the result.
+RESUMABLE_CHANGES = {"resume", "num_workers", "log_every", "extra"}
+
+
+@dataclass
+class DistillResult:
+    """Where a run left its results, and its final metrics."""
+
+    checkpoint: Path
+    out_dir: Path
+    log_path: Path
+    metrics: dict[str, Any]
+    steps: int
+
+
+def distill(config: DistillConfig) -> DistillResult:
+    """Distil `config.student` from `config.teacher`; see the module docstring. Works under torchrun."""
+    runtime = setup_runtime()
+    try:
+        return _distill(config, runtime)
+    finally:
+        teardown_runtime(runtime)
+
+
+def _distill(cfg: DistillConfig, rt: Runtime) -> DistillResult:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "checkpoints" / "last.pt"
+    log = JsonLog(out / "log.jsonl", enabled=rt.is_main)
+    if not (cfg.resume and state_path.is_file()):
+        log.clear()  # a fresh run in an old folder starts a fresh log
+    say = print if rt.is_main else (lambda *a, **k: None)
+    amp_dtype = torch.bfloat16 if rt.device.type == "cuda" and cfg.amp == "bf16" else None
+
+    # 1. Data. A plain folder has no masks, so only the embedding loss can be computed.
+    dataset = open_dataset(cfg.data, num_synthetic=cfg.num_synthetic, seed=cfg.seed)
+    use_prompts = cfg.uses_prompts and dataset.has_masks
+    if cfg.uses_prompts and not dataset.has_masks:
+        if cfg.embedding_weight == 0:
+            raise DistillError(f"{cfg.data} is a plain image folder (no masks) and the embedding loss is off")
+        say(
+            f"{cfg.data} is a plain image folder without masks: only the embedding loss is used "
+            f"(token, output and ground-truth losses need masks to make prompts)."
+        )
+    say(
+        f"distill: {cfg.teacher} -> {cfg.student} on {len(dataset)} {dataset.kind} images, "
+        f"{rt.world_size} process(es) on {rt.device}"
+    )
+
+    # 2. Teacher embeddings: every rank fills its share, then all read the complete cache.
+    fields = fingerprint_fields(cfg.teacher, cfg.teacher_checkpoint, cfg.seed, dataset)
+    if rt.is_main:
+        cache = EmbeddingCache.open(cfg.cache_path, fields)
+    barrier(rt)
+    cache = EmbeddingCache.open(cfg.cache_path, fields, create=False)
+    start = time.perf_counter()
+    counts = fill_cache(
+        cache, dataset, cfg.teacher, cfg.teacher_checkpoint, cfg.seed, rt.device, rt.rank, rt.world_size, amp_dtype
+    )
+    counts = dict(zip(counts, all_reduce_sum(list(map(float, counts.values())), rt), strict=True))
+    cache_seconds = time.perf_counter() - start
+    barrier(rt)
+    cache.verify()
+    log.write(
+        {
+            "event": "cache",
+            "root": str(cache.root),
+            **counts,
+            "seconds": cache_seconds,
+            "seconds_per_image": cache_seconds / counts["embedded"] if counts["embedded"] else None,
+        }
+    )
+    usable = [i for i, image_id in enumerate(dataset.image_ids) if cache.has(image_id)]
+    corrupt = len(dataset) - len(usable)
+    if corrupt:
+        say(f"skipped {corrupt} unreadable image(s); see the warnings above or the .corrupt markers in {cache.root}")
+    if not usable:
+        raise DistillError(f"no readable images in {cfg.data}: all {len(dataset)} were skipped as corrupt")
+    teacher_heads = cache.load_heads()
+
+    # 3. Student (decoder from the teacher unless a student checkpoint brings its own) and the split.
+    seed_everything(cfg.seed)
+    student = build_sam(cfg.student, checkpoint=cfg.student_checkpoint)
+    if cfg.student_checkpoint is None:
+        heads = {k: v for k, v in teacher_heads.state_dict().items() if k.startswith(("prompt_", "mask_"))}
+        student.load_state_dict(heads, strict=False)
+    student.prompt_encoder.requires_grad_(False)
+    student.mask_decoder.requires_grad_(cfg.train_decoder and use_prompts)
+    val_count = cfg.val_images if cfg.val_images is not None else round(cfg.val_fraction * len(usable))
+    val_count = min(val_count, len(usable) - 1)
+    train_positions, val_positions = split_indices(len(usable), val_count, cfg.seed)
+    train_set = DistillDataset(dataset, cache, [usable[i] for i in train_positions])
+    val_set = DistillDataset(dataset, cache, [usable[i] for i in val_positions])
+    sampler = DistributedSampler(train_set, rt.world_size, rt.rank, shuffle=True, seed=cfg.seed)
+    batches_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
+    total_steps = cfg.steps or cfg.epochs * batches_per_epoch
+
+    # 4. Model, optimiser, schedule; decay only on matrices and kernels (nanoGPT's rule).
+    model = DistillStep(student, teacher_heads, cfg, use_prompts).to(rt.device).train()
+    model.teacher.eval()
+    step_fn = DistributedDataParallel(model, find_unused_parameters=True) if rt.distributed else model
+    params = [p for p in model.student.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
+    )
+    step, metrics = 0, {}
+    if cfg.resume and state_path.is_file():
+        step, metrics = _restore(state_path, cfg, model, optimizer, scheduler, rt)
+        log.truncate_after(step)
+        say(f"resumed from {state_path} at step {step}/{total_steps}")
+    elif cfg.resume:
+        say(f"--resume: no checkpoint at {state_path} yet, starting from step 0")
+    weights = {
+        "embedding": cfg.embedding_weight,
+        "token": cfg.token_weight,
+        "output": cfg.output_weight,
+        "gt_mask": cfg.gt_mask_weight,
+        "gt_iou": cfg.gt_iou_weight,
+    }
+
+    def validate(epoch: int) -> None:
+        if not len(val_set):
+            return
+        model.eval()
+        mine = [val_set[i] for i in range(rt.rank, len(val_set), rt.world_size)]
+        total, count = all_reduce_sum(
+            list(agreement(model.student, teacher_heads, collate(mine), cfg.val_prompts_per_image)), rt
+        )
+        model.train()
+        model.teacher.eval()
+        metrics.update({"val_agreement": total / max(count, 1), "val_prompts": int(count), "val_epoch": epoch})
+        log.write({"event": "val", "step": step, "epoch": epoch, "val_agreement": metrics["val_agreement"]})
+        metrics.setdefault("val_agreement_initial", metrics["val_agreement"])
+        say(
+            f"epoch {epoch}: student-teacher mask IoU on {len(val_set)} held-out images = "
+            f"{metrics['val_agreement']:.3f}"
+        )
+
+    if step == 0:
+        validate(epoch=0)  # the untrained student's agreement, the baseline to beat
+
+    # 5. The loop. Data order and prompts depend only on (seed, epoch, image), so a resumed or
+    # multi-process run sees exactly the images and prompts of an uninterrupted single run.
+    progress = tqdm(total=total_steps, initial=step, desc="distill", disable=not rt.is_main)
+    while step < total_steps:
+        epoch, first_batch = divmod(step, batches_per_epoch)
+        sampler.set_epoch(epoch)
+        model.epoch = epoch
+        order = list(sampler)[first_batch * cfg.batch_size :]
+        loader = DataLoader(
+            train_set,
+            cfg.batch_size,
+            sampler=order,
+            collate_fn=collate,
+            num_workers=cfg.num_workers,
+            pin_memory=rt.device.type == "cuda",
+        )
+        for items in loader:
+            tic = time.perf_counter()
+            if not items:
+                raise DistillError(f"step {step + 1}: every image of the batch became unreadable after caching")
+            images = torch.stack([item.image for item in items]).to(rt.device, non_blocking=True)
+            with torch.autocast(rt.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                terms = step_fn(images, items)
+            loss = weighted_total(terms, weights)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
+            # NaN/inf guard: every rank agrees before anyone stops, so none is left waiting.
+            bad = all_reduce_sum([float(not (torch.isfinite(loss) and torch.isfinite(grad_norm)))], rt)[0]
+            if bad:
+                values = {k: v.item() for k, v in terms.items()}
+                last = f"the last good checkpoint is {state_path}" if state_path.is_file() else "no checkpoint yet"
+                raise DistillError(
+                    f"non-finite loss or gradient at step {step + 1} (loss={loss.item()}, "
+                    f"grad_norm={grad_norm.item()}, "
+                    f"terms={values}); stopped without updating the weights, {last}. Lower --lr or check the data, "
+                    f"then rerun with --resume."
+                )
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            record = all_reduce_mean({"loss": loss.item(), **{k: v.item() for k, v in terms.items()}}, rt)
+            seconds = time.perf_counter() - tic
+            record.update(
+                step=step,
+                epoch=epoch,
+                lr=scheduler.get_last_lr()[0],
+                grad_norm=float(grad_norm),
+                step_seconds=seconds,
+                images_per_second=len(items) * rt.world_size / seconds,
+            )
+            if step % cfg.log_every == 0 or step == total_steps:
+                log.write(record)
+            progress.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in weights or k == "loss"})
+            progress.update(1)
+            epoch_done = step % batches_per_epoch == 0
+            if epoch_done or step == total_steps:
+                validate(epoch=epoch + 1)
+            if step % cfg.checkpoint_every == 0 or step == total_steps:
+                metrics.update(step=step, loss=record["loss"])
+                _save_state(state_path, model, optimizer, scheduler, step, metrics, cfg, rt)
+            if step == total_steps:
+                break
+    progress.close()
+
+    # 6. The student, loadable with build_sam(cfg.student, checkpoint=...), and the run's records.
+    result_path = out / "student.pt"
+    metrics.update(
+        step=step,
+        corrupt_images=corrupt,
+        train_images=len(train_set),
+        val_images=len(val_set),
+        teacher=cfg.teacher,
+        student=cfg.student,
+    )
+    if rt.is_main:
+        save_checkpoint(
+            model.student, cfg.student, result_path, meta={"distill_config": cfg.to_dict(), "metrics": metrics}
+        )
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        say(
+            f"student checkpoint: {result_path}\nlog: {log.path}\nmetrics: {out / 'metrics.json'} "
+            f"(agreement {metrics.get('val_agreement_initial', float('nan')):.3f} -> "
+            f"{metrics.get('val_agreement', float('nan')):.3f})"
+        )
+    barrier(rt)
+    return DistillResult(result_path, out, log.path, metrics, step)
+
+
+def _save_state(
+    path: Path, model: DistillStep, optimizer, scheduler, step: int, metrics: dict, cfg: DistillConfig, rt: Runtime
+) -> None:
+    """Everything a resumed run needs, written atomically by rank 0 (a kill never leaves half a file)."""
+    if rt.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(
+            {
+                "step": step,
+                "student": model.student.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_state(),
+                "metrics": dict(metrics),
+                "config": cfg.to_dict(),
+                "world_size": rt.world_size,
+            },
+            path,
+        )
+    barrier(rt)
+
+
+def _restore(path: Path, cfg: DistillConfig, model: DistillStep, optimizer, scheduler, rt: Runtime):
+    state = torch.load(path, map_location=rt.device, weights_only=True)
+    saved = state["config"]
+    changed = sorted(k for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v)
+    if changed:
+        diffs = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r}" for k in changed)
+        raise DistillError(f"cannot resume from {path}: the config differs ({diffs}); use another --out")
+    if state["world_size"] != rt.world_size:
+        written = state["world_size"]
+        raise DistillError(f"cannot resume {path}: it was written by {written} process(es), now {rt.world_size}")
+    model.student.load_state_dict(state["student"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return state["step"], dict(state["metrics"])
+
+
+class JsonLog:
+    """Append-only JSON-lines log, written by rank 0 only."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"time": time.time(), **record}) + "\n")
+
+    def clear(self) -> None:
+        if self.enabled:
+            self.path.unlink(missing_ok=True)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop the records a killed run wrote after its last checkpoint, so the log reads as one run."""
+        if self.enabled and self.path.is_file():
+            lines = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+            self.path.write_text("".join(line + "\n" for line in lines))
