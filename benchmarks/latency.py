@@ -166,7 +166,8 @@ def count_macs(model_name: str, decoder_boxes: int = 1) -> dict[str, int]:
     Counted on the meta device (no weights allocated, nothing computed), so even ViT-H is instant.
     """
     with torch.device("meta"):
-        sam = build_sam(model_name)
+        # No parameter needs grad: FlopCounterMode's module hooks reject no-grad views of grad leaves.
+        sam = build_sam(model_name).requires_grad_(False)
         inputs = {k: v.to("meta") for k, v in example_inputs(decoder_boxes).items()}
     macs = {}
     with FlopCounterMode(display=False) as counter:

@@ -1,0 +1,79 @@
+"""The latency runner, MAC counting and the latency records."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import benchmarks.latency as latency
+from benchmarks.latency import LatencyConfig, LatencyRunner, benchmark_latency, count_macs, example_inputs
+from tests.helpers import tiny_model
+
+
+def test_runner_warms_up_then_reports_median_and_quartiles(monkeypatch):
+    clock = {"now": 0.0}
+    durations_ms = iter([100.0, 100.0, 5.0, 1.0, 2.0, 3.0, 4.0])  # two warm-up calls, then five timed
+    calls = []
+
+    def fn():
+        calls.append(1)
+        clock["now"] += next(durations_ms) / 1000
+
+    monkeypatch.setattr(latency.time, "perf_counter", lambda: clock["now"])
+    timing = LatencyRunner(warmup=2, repeats=5).measure(fn)
+
+    assert len(calls) == 7
+    assert timing.median_ms == pytest.approx(3.0)
+    assert (timing.p25_ms, timing.p75_ms, timing.min_ms) == pytest.approx((2.0, 4.0, 1.0))
+    assert timing.iqr_ms == pytest.approx(2.0)
+    assert timing.repeats == 5
+
+
+def test_meta_device_macs_match_a_real_forward():
+    sam = tiny_model()
+    inputs = example_inputs(decoder_boxes=2)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        sam.image_encoder(inputs["image"])
+    macs = count_macs("tinyvit_test", decoder_boxes=2)
+    assert macs["encoder"] == counter.get_total_flops() // 2
+    one_box = count_macs("tinyvit_test", decoder_boxes=1)["decoder"]
+    assert one_box < macs["decoder"] <= 2 * one_box
+
+
+def test_benchmark_latency_records_and_cuda_note():
+    sam = tiny_model()
+    config = LatencyConfig(warmup=0, repeats=2, threads=(1,), components=("decoder",))
+    records, notes = benchmark_latency(sam, "tinyvit_test", config, progress=False)
+
+    assert len(records) == 1
+    record = records[0]
+    assert (record["kind"], record["component"], record["runtime"], record["threads"]) == (
+        "latency",
+        "decoder",
+        "pytorch",
+        1,
+    )
+    assert record["repeats"] == 2 and record["median_ms"] > 0
+    assert record["params"] == sum(p.numel() for m in (sam.prompt_encoder, sam.mask_decoder) for p in m.parameters())
+    assert record["macs"] == count_macs("tinyvit_test")["decoder"]
+    assert record["config"] == config.to_dict()
+    if not torch.cuda.is_available():
+        assert notes == ["CUDA is not available here: the PyTorch CUDA fp32 and bf16 paths were skipped"]
+
+
+def test_onnx_pairs_need_a_runner():
+    with pytest.raises(ValueError, match="onnx_pairs need an onnx_runner_cls"):
+        benchmark_latency(tiny_model(), "tinyvit_test", onnx_pairs=[object()])
+
+
+def test_config_round_trips_and_validates():
+    config = LatencyConfig(warmup=1, repeats=3, threads=(1, 2), decoder_boxes=4, components=("encoder",))
+    assert LatencyConfig.from_dict(config.to_dict()) == config
+    assert LatencyConfig().threads[0] == 1
+    with pytest.raises(ValueError, match="need warmup >= 0 and repeats >= 1"):
+        LatencyConfig(repeats=0)
+    with pytest.raises(ValueError, match="threads must be positive"):
+        LatencyConfig(threads=(0,))
+    with pytest.raises(ValueError, match="components must be among"):
+        LatencyConfig(components=("neck",))

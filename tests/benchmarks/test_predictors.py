@@ -1,0 +1,45 @@
+"""Box predictors against SAM's own predictor and post-processing on the same tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from segment_anything import SamPredictor
+
+from benchmarks.predictors import TorchBoxPredictor, upscale_masks
+from tests.helpers import synthetic_image, tiny_model
+
+
+def test_upscale_masks_matches_sam_postprocess_masks():
+    sam = tiny_model()
+    low_res = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    expected = sam.postprocess_masks(low_res, (819, 1024), (200, 250))
+    torch.testing.assert_close(upscale_masks(low_res, (819, 1024), (200, 250)), expected, rtol=0, atol=0)
+
+
+def test_torch_predictor_matches_sam_predictor_best_multimask():
+    sam = tiny_model()
+    image, masks = synthetic_image(seed=1)
+    ys, xs = np.nonzero(masks[0])
+    boxes = np.array([[xs.min(), ys.min(), xs.max(), ys.max()], [5, 7, 120, 90], [0, 0, 319, 255]], dtype=np.float32)
+
+    predictor = TorchBoxPredictor(sam, chunk_size=2)  # two chunks: batching must not change results
+    predictor.set_image(image)
+    ours, our_iou = predictor.predict_boxes(boxes)
+
+    reference = SamPredictor(sam)
+    reference.set_image(image)
+    boxes_1024 = reference.transform.apply_boxes_torch(torch.as_tensor(boxes), image.shape[:2])
+    ref_masks, ref_iou, _ = reference.predict_torch(None, None, boxes=boxes_1024, multimask_output=True)
+    best = ref_iou.argmax(dim=1)
+    rows = torch.arange(len(boxes))
+    assert ours.shape == (3, *image.shape[:2]) and ours.dtype == bool
+    np.testing.assert_allclose(our_iou, ref_iou[rows, best].numpy(), atol=1e-5)
+    mismatch = (ours != ref_masks[rows, best].numpy()).mean()
+    assert mismatch < 1e-4  # logits exactly at the 0 threshold may flip with batch-dependent rounding
+
+
+def test_predict_before_set_image_is_an_error():
+    with pytest.raises(RuntimeError, match=r"call set_image\(image\) before predict_boxes"):
+        TorchBoxPredictor(tiny_model()).predict_boxes(np.zeros((1, 4)))

@@ -1,0 +1,85 @@
+"""Records -> Markdown tables and the AP-vs-latency PNG."""
+
+from __future__ import annotations
+
+import json
+
+import matplotlib.image as mpimg
+import pytest
+
+from benchmarks.published import PUBLISHED_SOURCE
+from benchmarks.records import RecordError, load_records, make_record, write_records
+from benchmarks.report import plot_points, render_report
+
+
+def _records():
+    common = dict(checkpoint=None, threads=None, config={"max_images": 2})
+    coco = [
+        make_record("coco", model="tinyvit_test", precision="fp32", runtime="pytorch", ap=12.5, ap50=30.0, **common),
+        make_record("coco", model="tinyvit_test", precision="int8", runtime="onnxruntime", ap=11.0, **common),
+        make_record("coco", model="sam_vit_test", precision="fp32", runtime="pytorch", ap=3.0, **common),
+    ]
+    latency = [
+        make_record(
+            "latency",
+            model="tinyvit_test",
+            checkpoint=None,
+            precision=precision,
+            runtime=runtime,
+            threads=threads,
+            config={},
+            component="encoder",
+            median_ms=ms,
+            iqr_ms=1.0,
+            macs=2_000_000_000,
+            params=300_000,
+        )
+        for precision, runtime, threads, ms in [
+            ("fp32", "pytorch", 1, 90.0),
+            ("fp32", "pytorch", 2, 50.0),
+            ("int8", "onnxruntime", 2, 20.0),
+        ]
+    ]
+    return coco + latency
+
+
+def test_report_writes_tables_and_png(tmp_path):
+    records_dir = tmp_path / "records"
+    write_records(_records()[:3], records_dir, "coco")
+    write_records(_records()[3:], records_dir / "nested", "latency")
+
+    report, plot = render_report(load_records(records_dir), tmp_path / "report")
+
+    text = report.read_text()
+    assert "| tinyvit_test | random init | fp32 | pytorch | 12.50 | 30.00 |" in text
+    assert "| tinyvit_test | encoder | int8 | onnxruntime | 2 | 20.00 | 1.00 |" in text
+    assert "2.00" in text  # GMACs column
+    assert PUBLISHED_SOURCE in text
+    assert "Not plotted (no encoder latency record of the same model/precision/runtime): sam_vit_test fp32" in text
+    pixels = mpimg.imread(plot)
+    assert pixels.shape[0] > 400 and pixels.shape[1] > 600
+    assert pixels[..., :3].std() > 0.05  # not a blank canvas
+
+
+def test_plot_points_use_the_encoder_latency_with_most_threads():
+    points, unmatched = plot_points(_records())
+    by_label = {p.label: p for p in points}
+    assert by_label["tinyvit_test fp32 (pytorch)"].latency_ms == 50.0
+    assert by_label["tinyvit_test fp32 (pytorch)"].threads == 2
+    assert by_label["tinyvit_test int8 (onnxruntime)"].ap == 11.0
+    assert unmatched == ["sam_vit_test fp32 (pytorch)"]
+
+
+def test_bad_records_are_errors(tmp_path):
+    with pytest.raises(RecordError, match="no such folder of records"):
+        load_records(tmp_path / "missing")
+    with pytest.raises(RecordError, match="holds no \\*.json record files"):
+        load_records(tmp_path)
+    (tmp_path / "bad.json").write_text(json.dumps([{"kind": "coco", "model": "x"}]))
+    with pytest.raises(RecordError, match="bad.json: record is missing"):
+        load_records(tmp_path)
+    identity = dict(model="x", checkpoint=None, precision="fp32", runtime="pytorch", threads=1, config={})
+    with pytest.raises(RecordError, match="unknown record kind 'speed'"):
+        make_record("speed", **identity)
+    with pytest.raises(RecordError, match=r"clash with record fields: \['timestamp'\]"):
+        make_record("coco", **identity, timestamp=1)
