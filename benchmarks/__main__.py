@@ -155,21 +155,20 @@ def _report(args: argparse.Namespace) -> None:
     print(f"report: {report_path}\nplot: {plot_path}")
 
 
-def _demo(args: argparse.Namespace) -> None:
+def _demo(args: argparse.Namespace) -> int:
     from benchmarks.demo import run_demo
 
-    run_demo(Path(args.out), coco_root=args.coco_root)
+    return 0 if run_demo(Path(args.out), coco_root=args.coco_root) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     handlers = {"coco": _coco, "latency": _latency, "everything": _everything, "report": _report, "demo": _demo}
     try:
-        handlers[args.command](args)
-    except (*USER_ERRORS,) as exc:
+        return handlers[args.command](args) or 0
+    except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -156,7 +156,7 @@ def render_plot(points: list[PlotPoint], path: str | os.PathLike, device: str = 
     ax.set_xlim(min(latencies) / 1.6, max(latencies) * 2.2)
     ax.set_xlabel("image encoder latency (ms, log scale)")
     ax.set_ylabel("COCO mask AP (%)")
-    ax.set_ylim(bottom=min([0.0, *[p.ap for p in points]]) - 2, top=max(50.0, *[p.ap for p in points]) + 2)
+    ax.set_ylim(bottom=min([0.0, *[p.ap for p in points]]) - 2, top=max([50.0, *[p.ap for p in points]]) + 2)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title("Mask AP vs image-encoder latency")

@@ -1,0 +1,240 @@
+"""The one-command offline demo: every stage on generated data and tiny models, then a report.
+
+distill (a few steps, tiny teacher -> tiny student) -> quantize W8A8 and W6A6 (simulated) ->
+ONNX export (float32 and INT8) -> hierarchical everything mode on a generated image -> COCO-style
+AP of float / W8A8 / W6A6 / ONNX models on a generated COCO-format set (or on ``coco_root``) ->
+latency -> report with the AP-vs-latency plot. Each step calls its stage's library API. A step
+whose stage API is missing is reported as skipped with the reason, and the demo exits non-zero.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.coco_eval import CocoEvalConfig
+from benchmarks.latency import LatencyConfig
+from benchmarks.records import load_records
+from benchmarks.report import render_report
+from benchmarks.runs import StageMissingError, onnx_pair_in, run_coco, run_latency, stage_api
+from benchmarks.synthetic_coco import write_synthetic_coco
+from student_models import build_sam
+from student_models.synthetic import synthetic_sample
+
+TEACHER, STUDENT = "sam_vit_test", "tinyvit_test"
+
+
+@dataclass
+class DemoConfig:
+    """Sizes of the demo; the defaults fit a few minutes on 2 CPU cores.
+
+    Attributes:
+        distill_steps: optimiser steps of the distillation (a smoke run, not a trained model).
+        coco_images: generated images in the synthetic COCO set (or the first N of ``coco_root``).
+        calib_images: generated calibration images for post-training quantization.
+        search_alphas: scale candidates per layer in the quantization search (the paper uses 100).
+        latency_repeats: timed repeats per latency figure.
+    """
+
+    distill_steps: int = 3
+    coco_images: int = 6
+    calib_images: int = 2
+    search_alphas: int = 20
+    latency_repeats: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("distill_steps", "coco_images", "calib_images", "search_alphas", "latency_repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class DemoStep:
+    name: str
+    status: str = "pending"  # "done", "skipped" or "failed"
+    outputs: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    note: str = ""
+
+
+class Demo:
+    """Runs the steps in order, keeping each step's outputs; later steps use earlier outputs."""
+
+    def __init__(self, out_dir: str | os.PathLike, coco_root: str | None = None, config: DemoConfig | None = None):
+        self.out = Path(out_dir)
+        self.coco_root = coco_root
+        self.config = config or DemoConfig()
+        self.records = self.out / "records"
+        self.steps: list[DemoStep] = []
+        self.state: dict[str, Any] = {}
+
+    def step(self, name: str, fn: Callable[[], dict[str, str]]) -> DemoStep:
+        step = DemoStep(name)
+        self.steps.append(step)
+        print(f"\n== {name}", flush=True)
+        start = time.perf_counter()
+        try:
+            step.outputs = fn()
+            step.status = "done"
+        except StageMissingError as exc:
+            step.status, step.note = "skipped", str(exc)
+        step.seconds = time.perf_counter() - start
+        print(f"-- {name}: {step.status} in {step.seconds:.1f} s {step.note}", flush=True)
+        return step
+
+    # -- the steps ----------------------------------------------------------------------------
+
+    def data(self) -> dict[str, str]:
+        if self.coco_root is not None:
+            self.state["coco_root"] = Path(self.coco_root)
+        else:
+            root = self.out / "data" / "synthetic_coco"
+            self.state["coco_root"] = write_synthetic_coco(root, self.config.coco_images, seed=1000 + self.config.seed)
+        return {"COCO-format evaluation set": str(self.state["coco_root"])}
+
+    def distill(self) -> dict[str, str]:
+        DistillConfig, distill = stage_api("distill", "DistillConfig", "distill")
+        # The distill stage's own demo settings (tiny teacher and student, generated shapes), made smaller.
+        config = DistillConfig.demo(
+            teacher=TEACHER,
+            student=STUDENT,
+            out=str(self.out / "distill"),
+            steps=self.config.distill_steps,
+            num_synthetic=3,
+            val_images=1,
+            batch_size=1,
+            prompts_per_image=2,
+            max_prompt_iters=1,
+            val_prompts_per_image=2,
+            seed=self.config.seed,
+        )
+        result = distill(config)
+        self.state["checkpoint"] = str(result.checkpoint)
+        return {"student checkpoint": str(result.checkpoint), "training log": str(result.log_path)}
+
+    def student(self):
+        return build_sam(STUDENT, checkpoint=self.state.get("checkpoint"))
+
+    def quantize(self) -> dict[str, str]:
+        PTQConfig, quantize_, save_quantized = stage_api("quantize", "PTQConfig", "quantize_", "save_quantized")
+        calib = [synthetic_sample(2000 + i)[0] for i in range(self.config.calib_images)]
+        outputs = {}
+        for bits in (8, 6):
+            sam = copy.deepcopy(self.student())
+            config = PTQConfig(
+                w_bits=bits, a_bits=bits, num_calib=len(calib), num_alphas=self.config.search_alphas, rounds=1
+            )
+            quantize_(sam, config, calib)
+            path = self.out / "quantize" / f"w{bits}a{bits}.pt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_quantized(sam, path)
+            self.state[f"w{bits}a{bits}"] = str(path)
+            outputs[f"W{bits}A{bits} model (simulated)"] = str(path)
+        return outputs
+
+    def export(self) -> dict[str, str]:
+        export_onnx, load_quantized = stage_api("quantize", "export_onnx", "load_quantized")
+        outputs = {}
+        folder = self.out / "onnx" / "fp32"
+        export_onnx(self.student(), folder)
+        self.state["onnx_fp32"] = folder
+        outputs["ONNX float32"] = str(folder)
+        if "w8a8" in self.state:
+            folder = self.out / "onnx" / "int8"
+            export_onnx(load_quantized(self.state["w8a8"]), folder)
+            self.state["onnx_int8"] = folder
+            outputs["ONNX INT8 (QDQ)"] = str(folder)
+        return outputs
+
+    def everything(self) -> dict[str, str]:
+        from benchmarks.everything import run_everything
+
+        records, path = run_everything(
+            model=STUDENT, checkpoint=self.state.get("checkpoint"), out_dir=self.records, images=None, max_images=1
+        )
+        self.state["everything"] = records
+        return {"everything-mode records": str(path)}
+
+    def coco(self) -> dict[str, str]:
+        config = CocoEvalConfig(max_images=self.config.coco_images)
+        root = self.state["coco_root"]
+        outputs = {}
+        _, path = run_coco(
+            model=STUDENT, checkpoint=self.state.get("checkpoint"), coco_root=root, out_dir=self.records, config=config
+        )
+        outputs["AP float (PyTorch)"] = str(path)
+        for name in ("w8a8", "w6a6"):
+            if name in self.state:
+                _, path = run_coco(
+                    model=STUDENT, quantized=self.state[name], coco_root=root, out_dir=self.records, config=config
+                )
+                outputs[f"AP {name} (simulated, PyTorch)"] = str(path)
+        for name in ("onnx_fp32", "onnx_int8"):
+            if name in self.state:
+                pair = onnx_pair_in(self.state[name])
+                _, path = run_coco(model=STUDENT, onnx=pair, coco_root=root, out_dir=self.records, config=config)
+                outputs[f"AP {name} (ONNX Runtime)"] = str(path)
+        return outputs
+
+    def latency(self) -> dict[str, str]:
+        config = LatencyConfig(warmup=1, repeats=self.config.latency_repeats)
+        pairs = [onnx_pair_in(self.state[n]) for n in ("onnx_fp32", "onnx_int8") if n in self.state]
+        outputs = {}
+        _, notes, path = run_latency(
+            model=STUDENT,
+            checkpoint=self.state.get("checkpoint"),
+            out_dir=self.records,
+            config=config,
+            onnx_pairs=pairs,
+        )
+        outputs["latency float + ONNX"] = str(path)
+        for name in ("w8a8", "w6a6"):
+            if name in self.state:
+                _, _, path = run_latency(
+                    model=STUDENT,
+                    quantized=self.state[name],
+                    out_dir=self.records,
+                    config=LatencyConfig(
+                        warmup=1, repeats=self.config.latency_repeats, components=("encoder",), threads=config.threads
+                    ),
+                )
+                outputs[f"latency {name} (simulated)"] = str(path)
+        for note in notes:
+            print(f"note: {note}")
+        return outputs
+
+    def report(self) -> dict[str, str]:
+        report, plot = render_report(load_records(self.records), self.out / "report")
+        return {"report": str(report), "AP-vs-latency plot": str(plot)}
+
+    def run(self) -> bool:
+        """Run every step; print where everything went; True when no step was skipped."""
+        start = time.perf_counter()
+        for name, fn in [
+            ("data", self.data),
+            ("distill", self.distill),
+            ("quantize W8A8 + W6A6", self.quantize),
+            ("ONNX export", self.export),
+            ("hierarchical everything mode", self.everything),
+            ("COCO-style AP", self.coco),
+            ("latency", self.latency),
+            ("report", self.report),
+        ]:
+            self.step(name, fn)
+        print(f"\nDemo finished in {time.perf_counter() - start:.0f} s. Where everything went:")
+        for step in self.steps:
+            print(f"  [{step.status}] {step.name} ({step.seconds:.1f} s){': ' + step.note if step.note else ''}")
+            for what, where in step.outputs.items():
+                print(f"      {what}: {where}")
+        return all(step.status == "done" for step in self.steps)
+
+
+def run_demo(out_dir: str | os.PathLike, coco_root: str | None = None, config: DemoConfig | None = None) -> bool:
+    """Run the demo into ``out_dir``; True when every step ran."""
+    return Demo(out_dir, coco_root, config).run()

@@ -1,0 +1,55 @@
+"""The command line: a real tiny COCO run, the report from its record, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.__main__ import main
+from benchmarks.coco_eval import CocoEvalConfig, evaluate_coco, open_coco
+from tests.benchmarks.test_coco_eval import OraclePredictor
+from tests.helpers import COCO_ROOT, requires_coco
+
+
+def test_coco_then_report(synthetic_coco, tmp_path, capsys):
+    records = tmp_path / "records"
+    argv = ["coco", "--model", "tinyvit_test", "--coco-root", str(synthetic_coco), "--max-images", "1"]
+    assert main([*argv, "--chunk-size", "2", "--out", str(records)]) == 0
+    out = capsys.readouterr().out
+    assert "COCO segm on 1 images" in out
+
+    (path,) = records.glob("coco-tinyvit_test-fp32-pytorch-*.json")
+    (record,) = json.loads(path.read_text())
+    assert (record["model"], record["precision"], record["runtime"], record["num_images"]) == (
+        "tinyvit_test",
+        "fp32",
+        "pytorch",
+        1,
+    )
+    assert 0.0 <= record["ap"] <= 100.0 and record["config"]["chunk_size"] == 2
+
+    assert main(["report", "--records", str(records), "--out", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "ap_vs_latency.png").stat().st_size > 10_000
+    assert "| tinyvit_test | random init | fp32 | pytorch |" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_errors_are_one_line_messages(tmp_path, capsys):
+    argv = ["coco", "--model", "tinyvit_test", "--coco-root", str(tmp_path / "nowhere"), "--out", str(tmp_path)]
+    assert main(argv) == 2
+    assert f"error: {tmp_path / 'nowhere'}: no such COCO folder" in capsys.readouterr().err
+
+    assert main(["report", "--records", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
+    assert "no such folder of records" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit, match="--onnx-encoder and --onnx-decoder go together"):
+        main([*argv[:-2], "--onnx-encoder", "e.onnx", "--out", str(tmp_path)])
+
+
+@requires_coco
+def test_oracle_on_the_real_coco_subset_gives_ap_100():
+    """Real annotations (polygons, crowd regions, many sizes): GT masks through the pipeline give AP 100."""
+    config = CocoEvalConfig(max_images=8)
+    result = evaluate_coco(OraclePredictor(open_coco(COCO_ROOT)), COCO_ROOT, config, progress=False)
+    assert result.num_images == 8
+    assert result.metrics["ap"] == pytest.approx(100.0)
