@@ -29,6 +29,7 @@ def get_parser() -> argparse.ArgumentParser:
     add("--student-checkpoint", help="student init, e.g. mobile_sam (its own decoder is then kept)")
     add("--data", help="COCO root, SA-1B folder or plain image folder (default: generated shapes)")
     add("--num-synthetic", type=int, help="images in the generated dataset when --data is not given")
+    add("--max-images", type=int, help="use only the first N images of the dataset")
     add("--out", help="output folder (checkpoints, log.jsonl, student.pt)")
     add("--cache-dir", help="teacher-embedding cache folder (default <out>/teacher_cache)")
     add("--epochs", type=int)
@@ -42,6 +43,7 @@ def get_parser() -> argparse.ArgumentParser:
     add("--num-workers", type=int)
     add("--amp", choices=("bf16", "none"), help="autocast dtype on CUDA")
     add("--resume", action="store_true", help="continue from <out>/checkpoints/last.pt")
+    add("--cache-only", action="store_true", help="only fill the teacher-embedding cache (resumable), then stop")
     add("--checkpoint-every", type=int, help="steps between checkpoints")
     add("--embedding-weight", type=float, help="a: weight of the embedding L1")
     add("--token-weight", type=float, help="b: weight of the decoder-token L1")
@@ -59,6 +61,9 @@ def get_parser() -> argparse.ArgumentParser:
     add("--max-prompt-iters", type=int, help="k ~ U{0..this} corrective points (paper: 9)")
     add("--val-images", type=int, help="held-out images for student-teacher agreement")
     add("--val-fraction", type=float)
+    add("--val-prompts-per-image", type=int)
+    add("--freeze-bn", action=switch, help="keep the student's BatchNorm statistics fixed (small per-GPU batches)")
+    add("--log-every", type=int)
     return parser
 
 

@@ -62,6 +62,7 @@ class DistillConfig:
     student_checkpoint: str | None = None  # optional init (e.g. "mobile_sam"); its own decoder is then kept
     data: str | None = None  # COCO root, SA-1B folder or image folder; None = generated shapes
     num_synthetic: int = 16  # images in the generated dataset (data=None)
+    max_images: int | None = None  # use only the first N images of the dataset (quick runs, subsets)
     out: str = "runs/distill"
     cache_dir: str | None = None  # teacher-embedding cache; None = <out>/teacher_cache
 
@@ -91,6 +92,7 @@ class DistillConfig:
     dice_weight: float = 1.0
     gt_iou_weight: float = 0.0  # MSE between the student's predicted IoU and its actual IoU with the GT
     train_decoder: bool = True  # the student's mask decoder is trained; its prompt encoder stays frozen
+    freeze_bn: bool = False  # BatchNorm in eval mode; SyncBatchNorm is used instead under DDP on CUDA
 
     # prompts
     hard_prompts: bool = True
@@ -110,6 +112,7 @@ class DistillConfig:
     val_prompts_per_image: int = 8
     log_every: int = 1
     resume: bool = False
+    cache_only: bool = False  # fill the teacher-embedding cache and stop (the separate cache step)
 
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes, recorded as given
 
@@ -152,6 +155,8 @@ class DistillConfig:
             raise ValueError(f"box_prob must be in [0, 1], got {self.box_prob}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.max_images is not None and self.max_images < 1:
+            raise ValueError(f"max_images must be >= 1, got {self.max_images}")
         if self.val_images is not None and self.val_images < 0:
             raise ValueError(f"val_images must be >= 0, got {self.val_images}")
         if self.hmw_eps <= 0:

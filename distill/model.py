@@ -109,6 +109,16 @@ class DistillStep(nn.Module):
         self.config, self.use_prompts = config, use_prompts
         self.epoch = 0  # set by the training loop; seeds the prompts with (seed, epoch, image index)
 
+    def train(self, mode: bool = True) -> DistillStep:
+        """Train the student (BatchNorm frozen if configured); the teacher heads always stay in eval mode."""
+        super().train(mode)
+        self.teacher.eval()
+        if self.config.freeze_bn:
+            for module in self.student.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
     def forward(self, images: torch.Tensor, items: Sequence[DistillItem]) -> dict[str, torch.Tensor]:
         cfg = self.config
         student_emb = self.student.image_encoder(images)

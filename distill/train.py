@@ -48,7 +48,7 @@ from student_models import atomic_torch_save, build_sam, save_checkpoint
 from student_models.data import open_dataset
 
 # Fields that may change between a run and its resumption without changing the result.
-RESUMABLE_CHANGES = {"resume", "num_workers", "log_every", "extra"}
+RESUMABLE_CHANGES = {"resume", "cache_only", "num_workers", "log_every", "extra"}
 
 
 @dataclass
@@ -83,6 +83,8 @@ def _distill(cfg: DistillConfig, rt: Runtime) -> DistillResult:
 
     # 1. Data. A plain folder has no masks, so only the embedding loss can be computed.
     dataset = open_dataset(cfg.data, num_synthetic=cfg.num_synthetic, seed=cfg.seed)
+    if cfg.max_images is not None:
+        dataset.image_ids = dataset.image_ids[: cfg.max_images]  # datasets index their files by position
     use_prompts = cfg.uses_prompts and dataset.has_masks
     if cfg.uses_prompts and not dataset.has_masks:
         if cfg.embedding_weight == 0:
@@ -102,23 +104,30 @@ def _distill(cfg: DistillConfig, rt: Runtime) -> DistillResult:
         cache = EmbeddingCache.open(cfg.cache_path, fields)
     barrier(rt)
     cache = EmbeddingCache.open(cfg.cache_path, fields, create=False)
-    start = time.perf_counter()
     counts = fill_cache(
         cache, dataset, cfg.teacher, cfg.teacher_checkpoint, cfg.seed, rt.device, rt.rank, rt.world_size, amp_dtype
     )
     counts = dict(zip(counts, all_reduce_sum(list(map(float, counts.values())), rt), strict=True))
-    cache_seconds = time.perf_counter() - start
     barrier(rt)
     cache.verify()
+    per_image = counts["encode_seconds"] / counts["embedded"] if counts["embedded"] else None
     log.write(
         {
             "event": "cache",
             "root": str(cache.root),
+            "teacher": cfg.teacher,
+            "device": str(rt.device),
+            "processes": rt.world_size,
             **counts,
-            "seconds": cache_seconds,
-            "seconds_per_image": cache_seconds / counts["embedded"] if counts["embedded"] else None,
+            "encode_seconds_per_image": per_image,
         }
     )
+    if cfg.cache_only:
+        say(
+            f"teacher cache: {cache.root} ({int(counts['embedded'])} embedded, {int(counts['cached'])} already there, "
+            f"{int(counts['corrupt'])} corrupt)"
+        )
+        return DistillResult(None, out, log.path, counts, 0)
     usable = [i for i, image_id in enumerate(dataset.image_ids) if cache.has(image_id)]
     corrupt = len(dataset) - len(usable)
     if corrupt:
@@ -145,8 +154,9 @@ def _distill(cfg: DistillConfig, rt: Runtime) -> DistillResult:
     total_steps = cfg.steps or cfg.epochs * batches_per_epoch
 
     # 4. Model, optimiser, schedule; decay only on matrices and kernels (nanoGPT's rule).
+    if rt.distributed and rt.device.type == "cuda" and not cfg.freeze_bn:
+        student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)  # gloo has no SyncBatchNorm on CPU
     model = DistillStep(student, teacher_heads, cfg, use_prompts).to(rt.device).train()
-    model.teacher.eval()
     step_fn = DistributedDataParallel(model, find_unused_parameters=True) if rt.distributed else model
     params = [p for p in model.student.parameters() if p.requires_grad]
     groups = [
@@ -181,7 +191,6 @@ def _distill(cfg: DistillConfig, rt: Runtime) -> DistillResult:
             list(agreement(model.student, teacher_heads, collate(mine), cfg.val_prompts_per_image)), rt
         )
         model.train()
-        model.teacher.eval()
         metrics.update({"val_agreement": total / max(count, 1), "val_prompts": int(count), "val_epoch": epoch})
         log.write({"event": "val", "step": step, "epoch": epoch, "val_agreement": metrics["val_agreement"]})
         metrics.setdefault("val_agreement_initial", metrics["val_agreement"])
