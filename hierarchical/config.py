@@ -1,0 +1,90 @@
+"""The one place where the everything-mode settings and their defaults live.
+
+Names follow `segment_anything.SamAutomaticMaskGenerator` where SAM has the setting; the three
+hierarchy settings are TinySAM's (SPEC section 4): `hierarchical`, `sparse_points_per_side` (default
+a quarter of `points_per_side`, i.e. 8x8 = 1/16 of the points) and `high_score_thresh` (a mask
+*logit*, not an IoU: pixels above it count as covered).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
+
+
+class ConfigError(ValueError):
+    """A generator setting out of range, or a name the generator does not know."""
+
+
+@dataclass
+class GeneratorConfig:
+    """Settings of `HierarchicalMaskGenerator`; SAM's defaults (tuned for ViT-H) plus TinySAM's."""
+
+    points_per_side: int = 32
+    points_per_batch: int = 64
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    stability_score_offset: float = 1.0
+    box_nms_thresh: float = 0.7
+    crop_n_layers: int = 0
+    crop_nms_thresh: float = 0.7
+    crop_overlap_ratio: float = 512 / 1500
+    crop_n_points_downscale_factor: int = 1
+    min_mask_region_area: int = 0
+    output_mode: str = "binary_mask"
+    hierarchical: bool = True
+    sparse_points_per_side: int | None = None
+    high_score_thresh: float = 8.5
+
+    def __post_init__(self) -> None:
+        if self.sparse_points_per_side is None:
+            self.sparse_points_per_side = max(1, self.points_per_side // 4)
+        for name in ("points_per_side", "points_per_batch", "sparse_points_per_side", "crop_n_points_downscale_factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("crop_n_layers", "min_mask_region_area"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+        for name in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh", "crop_nms_thresh"):
+            value = getattr(self, name)
+            if not 0.0 <= float(value) <= 1.0:
+                raise ConfigError(f"{name} must lie in [0, 1], got {value!r}")
+        if not 0.0 <= float(self.crop_overlap_ratio) < 1.0:
+            raise ConfigError(f"crop_overlap_ratio must lie in [0, 1), got {self.crop_overlap_ratio!r}")
+        if float(self.stability_score_offset) < 0.0:
+            raise ConfigError(f"stability_score_offset must be >= 0, got {self.stability_score_offset!r}")
+        if self.output_mode not in OUTPUT_MODES:
+            raise ConfigError(f"output_mode must be one of {OUTPUT_MODES}, got {self.output_mode!r}")
+        if not isinstance(self.hierarchical, bool):
+            raise ConfigError(f"hierarchical must be True or False, got {self.hierarchical!r}")
+        if self.hierarchical and self.sparse_points_per_side > self.points_per_side:
+            raise ConfigError(
+                f"sparse_points_per_side ({self.sparse_points_per_side}) must not exceed points_per_side "
+                f"({self.points_per_side}): the sparse round is meant to be the cheaper one"
+            )
+        for layer in range(self.crop_n_layers + 1):
+            if self.points_per_side // self.crop_n_points_downscale_factor**layer < 1:
+                raise ConfigError(
+                    f"crop layer {layer} would get no points: points_per_side={self.points_per_side} divided by "
+                    f"crop_n_points_downscale_factor**{layer}={self.crop_n_points_downscale_factor**layer} is below 1"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> GeneratorConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown generator setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    def sam_kwargs(self) -> dict[str, Any]:
+        """The subset that `segment_anything.SamAutomaticMaskGenerator` accepts, for side-by-side runs."""
+        ours = {"hierarchical", "sparse_points_per_side", "high_score_thresh"}
+        return {k: v for k, v in self.to_dict().items() if k not in ours}

@@ -1,0 +1,328 @@
+"""`HierarchicalMaskGenerator`: SAM's automatic mask generator, done in a cheaper order, plus TinySAM's
+two-round (sparse, then uncovered dense) prompting.
+
+Dense mode (`hierarchical=False`) returns exactly what `segment_anything.SamAutomaticMaskGenerator`
+returns for the same model, image and settings (same masks, order, scores). It is faster because
+of the order of work, never by approximating:
+
+1. the crop is encoded once and the decoder is called on SAM's own `points_per_batch` chunks (so
+   its numbers are bit-identical to SAM's);
+2. masks failing the predicted-IoU filter are dropped on the 256x256 logits, *before* the bilinear
+   upsampling to full resolution that dominates SAM's cost (SAM upsamples all 3 masks of every
+   point first); bilinear upsampling treats every mask plane on its own, so the survivors' full
+   resolution logits, stability scores and binary masks are the same numbers;
+3. binary masks of the candidates are kept instead of run-length encoding each one; only the masks
+   that survive NMS are encoded, once, straight into the requested output form (SAM encodes every
+   candidate to RLE and decodes the survivors again for `binary_mask` output).
+
+Hierarchical mode (TinySAM, SPEC section 4), per crop: a sparse round on a
+`sparse_points_per_side` grid with the same filters; pixels where any mask that passed the
+predicted-IoU and stability filters has a logit above `high_score_thresh` are covered (TinySAM
+takes the same masks); a dense round on the points of the full `points_per_side` grid that do not
+lie on covered pixels; both rounds' masks go through one box NMS, then the optional small-region
+clean-up, as in SAM.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from segment_anything.modeling import Sam
+from segment_anything.predictor import SamPredictor
+from segment_anything.utils.amg import (
+    MaskData,
+    batch_iterator,
+    batched_mask_to_box,
+    calculate_stability_score,
+    generate_crop_boxes,
+    is_box_near_crop_edge,
+    remove_small_regions,
+    uncrop_boxes_xyxy,
+    uncrop_masks,
+    uncrop_points,
+)
+from torchvision.ops.boxes import batched_nms, box_area
+
+from hierarchical.config import ConfigError, GeneratorConfig
+from hierarchical.encoding import build_records, encode_masks
+from hierarchical.grid import coverage_from_logits, layer_point_grids, reprompt_points, scale_points
+from student_models.preprocessing import to_rgb
+
+# Per-candidate fields kept until NMS; "masks" is a list of HxW bool tensors (crop frame).
+_TENSOR_KEYS = ("iou_preds", "points", "stability_score", "boxes")
+
+
+@dataclass
+class GenerationTiming:
+    """Where the seconds of one `generate` call went, and how many point prompts it used."""
+
+    encoder_s: float = 0.0
+    decoder_s: float = 0.0
+    postprocess_s: float = 0.0
+    points_prompted: int = 0
+    sparse_points: int = 0
+    dense_points: int = 0
+    masks: int = 0
+
+    @property
+    def total_s(self) -> float:
+        return self.encoder_s + self.decoder_s + self.postprocess_s
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "total_s": self.total_s}
+
+    def line(self) -> str:
+        return (
+            f"encoder {self.encoder_s:.3f}s, decoder {self.decoder_s:.3f}s, post-processing "
+            f"{self.postprocess_s:.3f}s, total {self.total_s:.3f}s; points prompted {self.points_prompted} "
+            f"(sparse {self.sparse_points}, dense {self.dense_points}); masks {self.masks}"
+        )
+
+
+def _empty_candidates() -> MaskData:
+    return MaskData(
+        iou_preds=torch.zeros(0),
+        points=torch.zeros(0, 2, dtype=torch.float64),
+        stability_score=torch.zeros(0),
+        boxes=torch.zeros(0, 4, dtype=torch.int64),
+        masks=[],
+    )
+
+
+def _concat(parts: list[MaskData]) -> MaskData:
+    """Concatenate candidate batches once (MaskData.cat re-copies and deep-copies on every call)."""
+    if not parts:
+        return _empty_candidates()
+    merged = MaskData(masks=[m for part in parts for m in part["masks"]])
+    for key in parts[0]._stats:
+        if key != "masks":
+            merged[key] = torch.cat([part[key] for part in parts], dim=0)
+    return merged
+
+
+class HierarchicalMaskGenerator:
+    """Segment everything with a SAM-family model; a drop-in for `SamAutomaticMaskGenerator`.
+
+    `HierarchicalMaskGenerator(sam, points_per_side=32, hierarchical=True, ...)` takes the fields of
+    `GeneratorConfig` as keyword arguments (or a whole `config=`). `generate(image)` takes an HxWx3
+    uint8 RGB image (HxW gray and HxWx4 RGBA are converted) and returns SAM's records: segmentation
+    (HxW bool array, or an RLE dict per `output_mode`), area (pixels), bbox (XYWH), predicted_iou,
+    point_coords ([[x, y]]), stability_score, crop_box (XYWH). `last_timing` holds the
+    `GenerationTiming` of the latest call.
+    """
+
+    def __init__(self, model: Sam, config: GeneratorConfig | None = None, **options: Any) -> None:
+        if config is not None and options:
+            raise ConfigError(f"pass either config= or keyword settings, not both (got {sorted(options)})")
+        self.config = config if config is not None else GeneratorConfig.from_dict(options)
+        self.model = model
+        self.predictor = SamPredictor(model)
+        cfg = self.config
+        self.dense_grids = layer_point_grids(cfg.points_per_side, cfg.crop_n_layers, cfg.crop_n_points_downscale_factor)
+        self.sparse_grids = layer_point_grids(
+            cfg.sparse_points_per_side, cfg.crop_n_layers, cfg.crop_n_points_downscale_factor
+        )
+        self.last_timing: GenerationTiming | None = None
+        self._timing = GenerationTiming()
+        self._dense_pe: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
+        """HxWx3 uint8 image -> list of SAM mask records (see the class docstring)."""
+        image = to_rgb(image)
+        self._timing = GenerationTiming()
+        self._dense_pe = self.model.prompt_encoder.get_dense_pe()
+        data, masks = self._generate_masks(image)
+        start = time.perf_counter()
+        if self.config.min_mask_region_area > 0:
+            data, masks = self._remove_small_regions(data, masks)
+        stacked = torch.stack(masks) if masks else torch.zeros(0, *image.shape[:2], dtype=torch.bool)
+        segmentations = encode_masks(stacked, self.config.output_mode)
+        areas = stacked.flatten(1).sum(1).numpy()
+        data.to_numpy()
+        records = build_records(
+            segmentations,
+            areas,
+            data["boxes"],
+            data["iou_preds"],
+            data["points"],
+            data["stability_score"],
+            data["crop_boxes"],
+        )
+        self._timing.postprocess_s += time.perf_counter() - start
+        self._timing.masks = len(records)
+        self.last_timing = self._timing
+        return records
+
+    def _generate_masks(self, image: np.ndarray) -> tuple[MaskData, list[torch.Tensor]]:
+        """All crops -> (per-mask fields, HxW bool masks in the image frame), after the crop NMS."""
+        orig_size = image.shape[:2]
+        cfg = self.config
+        crop_boxes, layers = generate_crop_boxes(orig_size, cfg.crop_n_layers, cfg.crop_overlap_ratio)
+        parts = [self._process_crop(image, box, i, orig_size) for box, i in zip(crop_boxes, layers, strict=True)]
+        data = _concat(parts)
+        start = time.perf_counter()
+        if len(crop_boxes) > 1:
+            # SAM: between crops, prefer masks from smaller crops.
+            scores = 1 / box_area(data["crop_boxes"])
+            keep = batched_nms(
+                data["boxes"].float(),
+                scores,
+                torch.zeros(len(data["boxes"])),
+                iou_threshold=cfg.crop_nms_thresh,
+            )
+            data.filter(keep)
+        masks = data["masks"]
+        del data["masks"]
+        self._timing.postprocess_s += time.perf_counter() - start
+        return data, masks
+
+    def _process_crop(
+        self, image: np.ndarray, crop_box: list[int], layer_idx: int, orig_size: tuple[int, ...]
+    ) -> MaskData:
+        x0, y0, x1, y1 = crop_box
+        crop = image[y0:y1, x0:x1, :]
+        crop_size = crop.shape[:2]
+        start = time.perf_counter()
+        self.predictor.set_image(crop)
+        self._timing.encoder_s += time.perf_counter() - start
+
+        dense_points = scale_points(self.dense_grids[layer_idx], crop_size)
+        if self.config.hierarchical:
+            sparse_points = scale_points(self.sparse_grids[layer_idx], crop_size)
+            coverage = torch.zeros(crop_size, dtype=torch.bool)
+            batches = self._prompt(sparse_points, crop_box, orig_size, coverage)
+            self._timing.sparse_points += len(sparse_points)
+            dense_points = reprompt_points(dense_points, coverage)
+        else:
+            batches = []
+        batches += self._prompt(dense_points, crop_box, orig_size)
+        self._timing.dense_points += len(dense_points)
+        self.predictor.reset_image()
+
+        start = time.perf_counter()
+        data = _concat(batches)
+        keep = batched_nms(
+            data["boxes"].float(),
+            data["iou_preds"],
+            torch.zeros(len(data["boxes"])),
+            iou_threshold=self.config.box_nms_thresh,
+        )
+        data.filter(keep)
+        orig_h, orig_w = orig_size
+        if data["masks"]:
+            data["masks"] = list(uncrop_masks(torch.stack(data["masks"]), crop_box, orig_h, orig_w))
+        data["boxes"] = uncrop_boxes_xyxy(data["boxes"], crop_box)
+        data["points"] = uncrop_points(data["points"], crop_box)
+        data["crop_boxes"] = torch.tensor([crop_box], dtype=torch.int64).repeat(len(data["masks"]), 1)
+        self._timing.postprocess_s += time.perf_counter() - start
+        return data
+
+    def _prompt(
+        self,
+        points: np.ndarray,
+        crop_box: list[int],
+        orig_size: tuple[int, ...],
+        coverage: torch.Tensor | None = None,
+    ) -> list[MaskData]:
+        """Nx2 (x, y) crop-frame points -> filtered candidate batches; ORs high-logit pixels into `coverage`."""
+        batches = []
+        for (batch_points,) in batch_iterator(self.config.points_per_batch, points):
+            start = time.perf_counter()
+            low_res, iou_preds = self._decode(batch_points)
+            self._timing.decoder_s += time.perf_counter() - start
+            start = time.perf_counter()
+            batches.append(self._filter_batch(low_res, iou_preds, batch_points, crop_box, orig_size, coverage))
+            self._timing.postprocess_s += time.perf_counter() - start
+        self._timing.points_prompted += len(points)
+        return batches
+
+    def _decode(self, points: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bx2 crop-frame points -> (Bx3x256x256 low-res logits, Bx3 predicted IoU), as SAM's predictor."""
+        transformed = self.predictor.transform.apply_coords(points, self.predictor.original_size)
+        coords = torch.as_tensor(transformed, device=self.predictor.device)
+        labels = torch.ones(coords.shape[0], dtype=torch.int, device=coords.device)
+        sparse, dense = self.model.prompt_encoder(points=(coords[:, None, :], labels[:, None]), boxes=None, masks=None)
+        return self.model.mask_decoder(
+            image_embeddings=self.predictor.features,
+            image_pe=self._dense_pe,
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=True,
+        )
+
+    def _filter_batch(
+        self,
+        low_res: torch.Tensor,
+        iou_preds: torch.Tensor,
+        points: np.ndarray,
+        crop_box: list[int],
+        orig_size: tuple[int, ...],
+        coverage: torch.Tensor | None,
+    ) -> MaskData:
+        """SAM's per-batch filters with the IoU filter moved before the upsampling."""
+        cfg = self.config
+        num_masks = low_res.shape[1]
+        low_res = low_res.flatten(0, 1)
+        iou_preds = iou_preds.flatten(0, 1)
+        point_t = torch.as_tensor(points.repeat(num_masks, axis=0))
+        if cfg.pred_iou_thresh > 0.0:
+            keep = iou_preds > cfg.pred_iou_thresh
+            low_res, iou_preds, point_t = low_res[keep], iou_preds[keep], point_t[keep]
+
+        # KxHxW full-resolution logits of the survivors only (SAM's own upsampling, per plane).
+        logits = self.model.postprocess_masks(
+            low_res[:, None], self.predictor.input_size, self.predictor.original_size
+        )[:, 0]
+        threshold = self.model.mask_threshold
+        stability = calculate_stability_score(logits, threshold, cfg.stability_score_offset)
+        if cfg.stability_score_thresh > 0.0:
+            keep = stability >= cfg.stability_score_thresh
+            logits, iou_preds, point_t, stability = logits[keep], iou_preds[keep], point_t[keep], stability[keep]
+        if coverage is not None:
+            coverage |= coverage_from_logits(logits, cfg.high_score_thresh)
+
+        masks = logits > threshold
+        del logits
+        boxes = batched_mask_to_box(masks)
+        orig_h, orig_w = orig_size
+        keep = ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_w, orig_h])
+        if not torch.all(keep):
+            masks, boxes, iou_preds, point_t, stability = (
+                masks[keep],
+                boxes[keep],
+                iou_preds[keep],
+                point_t[keep],
+                stability[keep],
+            )
+        return MaskData(iou_preds=iou_preds, points=point_t, stability_score=stability, boxes=boxes, masks=list(masks))
+
+    def _remove_small_regions(self, data: MaskData, masks: list[torch.Tensor]) -> tuple[MaskData, list[torch.Tensor]]:
+        """SAM's `postprocess_small_regions` on binary masks (no RLE round trip); same result and order."""
+        if not masks:
+            return data, masks
+        min_area = self.config.min_mask_region_area
+        new_masks, scores = [], []
+        for mask in masks:
+            cleaned, changed_holes = remove_small_regions(mask.numpy(), min_area, mode="holes")
+            cleaned, changed_islands = remove_small_regions(cleaned, min_area, mode="islands")
+            new_masks.append(torch.as_tensor(cleaned))
+            scores.append(float(not (changed_holes or changed_islands)))
+        stacked = torch.stack(new_masks)
+        boxes = batched_mask_to_box(stacked)
+        keep = batched_nms(
+            boxes.float(),
+            torch.as_tensor(scores),
+            torch.zeros(len(boxes)),
+            iou_threshold=max(self.config.box_nms_thresh, self.config.crop_nms_thresh),
+        )
+        for i in keep.tolist():
+            if scores[i] == 0.0:
+                masks[i] = stacked[i]
+                data["boxes"][i] = boxes[i]
+        data.filter(keep)
+        return data, [masks[i] for i in keep.tolist()]
