@@ -1,0 +1,239 @@
+"""Side-by-side benchmark: SAM's automatic mask generator vs our dense mode vs our hierarchical mode.
+
+`compare_generators(model, images, config)` runs the three on each image with the same model and
+settings and returns flat records (one per image and method) for `benchmarks` to render; the
+`summarize_comparison` of those records gives the per-method means and the ratios of one run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from segment_anything import SamAutomaticMaskGenerator
+from segment_anything.modeling import Sam
+from tqdm import tqdm
+
+from hierarchical.config import GeneratorConfig
+from hierarchical.generator import HierarchicalMaskGenerator
+from student_models.preprocessing import load_image, to_rgb
+
+METHODS = ("sam", "dense", "hierarchical")
+
+
+class _ModuleTimer:
+    """Adds up the seconds spent in one module's forward, via hooks (SAM's generator has no timers)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.seconds = 0.0
+        self._start = 0.0
+        self._handles = [
+            module.register_forward_pre_hook(lambda *_: self._begin()),
+            module.register_forward_hook(lambda *_: self._end()),
+        ]
+
+    def _begin(self) -> None:
+        self._start = time.perf_counter()
+
+    def _end(self) -> None:
+        self.seconds += time.perf_counter() - self._start
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _run_sam(model: Sam, config: GeneratorConfig, image: np.ndarray) -> tuple[list[dict], dict[str, Any]]:
+    generator = SamAutomaticMaskGenerator(model, **config.sam_kwargs())
+    encoder, decoder = _ModuleTimer(model.image_encoder), _ModuleTimer(model.mask_decoder)
+    try:
+        start = time.perf_counter()
+        records = generator.generate(image)
+        total = time.perf_counter() - start
+    finally:
+        encoder.remove()
+        decoder.remove()
+    points = sum(len(grid) for grid in generator.point_grids) if config.crop_n_layers == 0 else None
+    timing = {
+        "seconds": total,
+        "encoder_s": encoder.seconds,
+        "decoder_s": decoder.seconds,
+        "postprocess_s": total - encoder.seconds - decoder.seconds,
+        "points_prompted": points,
+    }
+    return records, timing
+
+
+def _run_ours(model: Sam, config: GeneratorConfig, image: np.ndarray) -> tuple[list[dict], dict[str, Any]]:
+    generator = HierarchicalMaskGenerator(model, config)
+    start = time.perf_counter()
+    records = generator.generate(image)
+    total = time.perf_counter() - start
+    timing = generator.last_timing
+    return records, {
+        "seconds": total,
+        "encoder_s": timing.encoder_s,
+        "decoder_s": timing.decoder_s,
+        "postprocess_s": total - timing.encoder_s - timing.decoder_s,
+        "points_prompted": timing.points_prompted,
+    }
+
+
+def same_records(reference: list[dict], candidate: list[dict], score_atol: float = 1e-5) -> bool:
+    """True when two record lists hold the same masks, boxes, points and areas in the same order,
+    with scores equal to `score_atol` (COCO-RLE or uncompressed segmentations compare as given;
+    binary masks element-wise)."""
+    if len(reference) != len(candidate):
+        return False
+    for ref, cand in zip(reference, candidate, strict=True):
+        for key in ("area", "bbox", "point_coords", "crop_box"):
+            if ref[key] != cand[key]:
+                return False
+        for key in ("predicted_iou", "stability_score"):
+            if abs(ref[key] - cand[key]) > score_atol:
+                return False
+        seg_ref, seg_cand = ref["segmentation"], cand["segmentation"]
+        if isinstance(seg_ref, np.ndarray):
+            if not np.array_equal(seg_ref, seg_cand):
+                return False
+        elif seg_ref != seg_cand:
+            return False
+    return True
+
+
+def matched_mask_iou(reference: list[dict], candidate: list[dict]) -> dict[str, float | None]:
+    """Agreement of `candidate` masks with `reference` masks (both with COCO-RLE segmentations).
+
+    Each reference mask is matched to the candidate mask of highest IoU. Returns the mean of those
+    IoUs (`miou`, None without reference masks; 0 where the candidate has none) and the fraction of
+    reference masks matched at IoU >= 0.5 (`recall50`).
+    """
+    if not reference:
+        return {"miou": None, "recall50": None}
+    if not candidate:
+        return {"miou": 0.0, "recall50": 0.0}
+    ref_rles = [r["segmentation"] for r in reference]
+    cand_rles = [c["segmentation"] for c in candidate]
+    ious = np.asarray(mask_utils.iou(ref_rles, cand_rles, [0] * len(cand_rles))).reshape(len(ref_rles), -1)
+    best = ious.max(axis=1)
+    return {"miou": float(best.mean()), "recall50": float((best >= 0.5).mean())}
+
+
+@torch.no_grad()
+def warm_up(model: Sam) -> None:
+    """One untimed encoder pass and one decoder call, so no method pays first-call set-up costs."""
+    embedding = model.image_encoder(torch.zeros(1, 3, model.image_encoder.img_size, model.image_encoder.img_size))
+    sparse, dense = model.prompt_encoder(points=(torch.zeros(1, 1, 2), torch.ones(1, 1)), boxes=None, masks=None)
+    model.mask_decoder(
+        image_embeddings=embedding,
+        image_pe=model.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=True,
+    )
+
+
+def compare_generators(
+    model: Sam,
+    images: Iterable[np.ndarray | str | os.PathLike],
+    config: GeneratorConfig | None = None,
+    methods: Sequence[str] = METHODS,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Run SAM's generator, our dense mode and our hierarchical mode on each image.
+
+    Args:
+        model: any SAM-family model (eval mode).
+        images: HxWx3 uint8 arrays or image paths.
+        config: shared settings; `hierarchical` is set per method and `output_mode` forced to
+            "coco_rle" (so masks compare cheaply). Default: `GeneratorConfig()` (the paper's).
+        methods: a subset of ("sam", "dense", "hierarchical"), run in that order per image.
+
+    Returns:
+        One flat record per image and method: image, method, seconds, encoder_s, decoder_s,
+        postprocess_s, points_prompted, masks, the config as a dict; "dense" records carry
+        `identical_to_sam` (when SAM ran), "hierarchical" records `miou_vs_dense` and
+        `recall50_vs_dense` (when dense ran).
+    """
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {METHODS}")
+    base = replace(config or GeneratorConfig(), output_mode="coco_rle")
+    images = list(images)
+    warm_up(model)
+    records: list[dict[str, Any]] = []
+    for index, item in enumerate(tqdm(images, desc="compare", disable=not progress)):
+        name = str(item) if isinstance(item, str | os.PathLike) else f"image_{index}"
+        image = load_image(item) if isinstance(item, str | os.PathLike) else to_rgb(item)
+        outputs: dict[str, list[dict]] = {}
+        for method in (m for m in METHODS if m in methods):
+            if method == "sam":
+                cfg = replace(base, hierarchical=False)
+                masks, timing = _run_sam(model, cfg, image)
+            else:
+                cfg = replace(base, hierarchical=method == "hierarchical")
+                masks, timing = _run_ours(model, cfg, image)
+            outputs[method] = masks
+            record = {"image": name, "method": method, **timing, "masks": len(masks), "config": cfg.to_dict()}
+            if method == "dense" and "sam" in outputs:
+                record["identical_to_sam"] = same_records(outputs["sam"], masks)
+            if method == "hierarchical" and "dense" in outputs:
+                agreement = matched_mask_iou(outputs["dense"], masks)
+                record["miou_vs_dense"] = agreement["miou"]
+                record["recall50_vs_dense"] = agreement["recall50"]
+            records.append(record)
+    return records
+
+
+def summarize_comparison(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-method means over images (seconds, time split, points, masks) and the speed-ups of one run."""
+    summary: dict[str, Any] = {"images": len({r["image"] for r in records}), "methods": {}}
+    for method in METHODS:
+        rows = [r for r in records if r["method"] == method]
+        if not rows:
+            continue
+        entry = {
+            key: float(np.mean([r[key] for r in rows]))
+            for key in ("seconds", "encoder_s", "decoder_s", "postprocess_s", "masks")
+        }
+        points = [r["points_prompted"] for r in rows if r["points_prompted"] is not None]
+        entry["points_prompted"] = float(np.mean(points)) if points else None
+        if method == "dense" and "identical_to_sam" in rows[0]:
+            entry["identical_to_sam"] = f"{sum(r['identical_to_sam'] for r in rows)}/{len(rows)}"
+        if method == "hierarchical" and "miou_vs_dense" in rows[0]:
+            mious = [r["miou_vs_dense"] for r in rows if r["miou_vs_dense"] is not None]
+            entry["miou_vs_dense"] = float(np.mean(mious)) if mious else None
+            entry["images_with_dense_masks"] = len(mious)
+        summary["methods"][method] = entry
+    methods = summary["methods"]
+    for slow, fast in (("sam", "dense"), ("dense", "hierarchical"), ("sam", "hierarchical")):
+        if slow in methods and fast in methods:
+            summary[f"speedup_{fast}_vs_{slow}"] = methods[slow]["seconds"] / methods[fast]["seconds"]
+    return summary
+
+
+def comparison_table(summary: dict[str, Any]) -> str:
+    """Markdown table of `summarize_comparison`'s per-method means."""
+    lines = [
+        "| method | s / image | encoder s | decoder s | post-proc. s | points prompted | masks | agreement |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for method, entry in summary["methods"].items():
+        if "identical_to_sam" in entry:
+            agreement = f"identical to SAM on {entry['identical_to_sam']} images"
+        elif entry.get("miou_vs_dense") is not None:
+            agreement = f"mIoU vs dense {entry['miou_vs_dense']:.3f} ({entry['images_with_dense_masks']} images)"
+        else:
+            agreement = ""
+        points = "" if entry["points_prompted"] is None else f"{entry['points_prompted']:.0f}"
+        lines.append(
+            f"| {method} | {entry['seconds']:.2f} | {entry['encoder_s']:.2f} | {entry['decoder_s']:.2f} | "
+            f"{entry['postprocess_s']:.2f} | {points} | {entry['masks']:.1f} | {agreement} |"
+        )
+    return "\n".join(lines)
