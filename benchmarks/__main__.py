@@ -63,6 +63,9 @@ def get_parser() -> argparse.ArgumentParser:
     _add_model_args(everything, onnx=False)
     everything.add_argument("--images", help="folder of images (default: one synthetic image)")
     everything.add_argument("--max-images", type=int, help="use only the first N images")
+    everything.add_argument("--points-per-side", type=int, help="dense grid (default 32, the paper's)")
+    everything.add_argument("--sparse-points-per-side", type=int, help="first-round grid (default: a quarter)")
+    everything.add_argument("--methods", nargs="+", choices=("sam", "dense", "hierarchical"))
     everything.add_argument("--out", required=True, help="folder for the JSON records")
 
     report = sub.add_parser("report", help="records -> Markdown table + AP-vs-latency plot")
@@ -142,9 +145,15 @@ def _everything(args: argparse.Namespace) -> None:
         images=args.images,
         max_images=args.max_images,
         out_dir=args.out,
+        generator_options=_only_set(
+            points_per_side=args.points_per_side, sparse_points_per_side=args.sparse_points_per_side
+        ),
+        methods=tuple(args.methods) if args.methods else None,
     )
     for r in records:
-        print({k: v for k, v in r.items() if k not in ("config", "device", "git_commit", "timestamp")})
+        agreement = {k: r[k] for k in ("identical_to_sam", "miou_vs_dense", "recall50_vs_dense") if k in r}
+        counts = f"{r['points_prompted']} points, {r['masks']} masks"
+        print(f"{r['image']} {r['method']:12s}: {r['seconds']:.2f} s, {counts} {agreement}")
     print(f"records: {path}")
 
 
