@@ -130,10 +130,21 @@ class DistillStep(nn.Module):
         per_image = [
             self._prompt_terms(student_emb[i : i + 1], teacher_emb[i : i + 1], item) for i, item in enumerate(items)
         ]
-        for name in {name for t in per_image for name in t}:
-            # Images without masks add zero, so the mean over B matches DDP's mean over ranks exactly.
-            terms[name] = torch.stack([t[name] for t in per_image if name in t]).sum() / len(items)
+        for name in self.prompt_term_names():
+            # Images without masks add zero, so the mean over B matches DDP's mean over ranks exactly,
+            # and every rank reports the same names even when none of its images has a mask.
+            values = [t[name] for t in per_image if name in t]
+            terms[name] = torch.stack(values).sum() / len(items) if values else student_emb.new_zeros(()).float()
         return terms
+
+    def prompt_term_names(self) -> list[str]:
+        """The names `_prompt_terms` returns for an image with masks, under this config."""
+        cfg = self.config
+        names = ["prompt_iters"] + (["token"] if cfg.token_loss else [])
+        if cfg.output_loss:
+            names += ["output", "output_mask_l1", "output_iou_l1"] + (["hmw_mean"] if cfg.hmw else [])
+        names += ["gt_mask", "gt_focal", "gt_dice"] if cfg.gt_mask_weight > 0 else []
+        return names + (["gt_iou"] if cfg.gt_iou_weight > 0 else [])
 
     def _prompt_terms(self, student_emb: torch.Tensor, teacher_emb: torch.Tensor, item: DistillItem) -> dict:
         """Hard prompt iterations on one image, then the token/output/GT terms at the final prompts."""

@@ -1,0 +1,68 @@
+"""One DistillStep on a hand-built item: a student identical to its teacher has zero distillation loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from distill.config import DistillConfig
+from distill.data import DistillItem, lowres_masks
+from distill.model import DistillStep, decode
+from distill.prompts import PromptSet
+from student_models.preprocessing import prepare_image
+from tests.helpers import synthetic_image, tiny_model
+
+
+@pytest.fixture(scope="module")
+def item_and_models():
+    student = tiny_model("tinyvit_test", seed=0)
+    teacher = tiny_model("sam_vit_test", seed=1)
+    student.prompt_encoder.load_state_dict(teacher.prompt_encoder.state_dict())
+    student.mask_decoder.load_state_dict(teacher.mask_decoder.state_dict())
+    image, masks = synthetic_image(3)
+    prepared = prepare_image(image)
+    with torch.no_grad():
+        embedding = student.image_encoder(prepared.tensor)[0]  # the "teacher" embedding equals the student's
+    boxes = np.array([[0, 0, 64, 64]] * len(masks), dtype=np.float32)
+    item = DistillItem(
+        0, "img", prepared.tensor[0], embedding, prepared.input_size, lowres_masks(masks, prepared.input_size), boxes
+    )
+    return student, teacher, item
+
+
+@pytest.mark.parametrize("mode, source", [("gt", "teacher"), ("disagreement", "student")])
+def test_identical_student_has_zero_distillation_loss(item_and_models, mode, source):
+    student, teacher, item = item_and_models
+    config = DistillConfig(
+        prompts_per_image=2,
+        max_prompt_iters=2,
+        box_prob=0.0,
+        prompt_mode=mode,
+        prompt_source=source,
+        gt_mask_weight=1.0,
+        gt_iou_weight=1.0,
+        seed=4,
+    )
+    step = DistillStep(student, teacher, config, use_prompts=True).eval()
+    terms = step(item.image[None], [item])
+    assert set(terms) == {"embedding", *step.prompt_term_names()}
+    for name in ("embedding", "token", "output", "output_mask_l1", "output_iou_l1"):
+        assert terms[name].item() == pytest.approx(0.0, abs=1e-6), name
+    assert terms["hmw_mean"].item() == pytest.approx(0.5, abs=1e-5)  # equally good -> 0.5
+    assert terms["gt_mask"].item() > 0 and terms["prompt_iters"].item() >= 0
+    terms["gt_mask"].backward()  # the GT term reaches the student's encoder and decoder
+    assert student.image_encoder.neck[0].weight.grad is not None
+    assert student.mask_decoder.output_upscaling[0].weight.grad is not None
+    student.zero_grad(set_to_none=True)
+
+
+def test_decode_returns_all_tokens(item_and_models):
+    student, _, item = item_and_models
+    prompts = PromptSet(np.array([[[100.0, 80.0]], [[10.0, 10.0]]], np.float32), np.ones((2, 1), np.float32), None)
+    with torch.no_grad():
+        out = decode(student, item.teacher_embedding[None], prompts)
+    assert out.masks.shape == (2, 4, 256, 256) and out.iou.shape == (2, 4)
+    assert out.tokens.shape == (2, 5 + 2, 256)  # iou + 4 mask tokens + the point + SAM's padding point
+    logits, iou = out.chosen(multimask=True)
+    assert logits.shape == (2, 256, 256) and torch.equal(iou, out.iou[:, 1:].max(1).values)
