@@ -1,0 +1,117 @@
+"""Structural rewrites that make a SAM model quantizable, all numerically identical (up to float rounding).
+
+- `fold_batchnorms`: Conv2d + BatchNorm2d pairs in an nn.Sequential (TinyViT's ``ConvBN``, timm's
+  ``ConvNorm``) become one Conv2d with a bias and an Identity: the deployed graph has no BN, so the
+  quantized weight must be the folded one.
+- Attention adapters: segment_anything's ViT ``Attention`` and the mask decoder's
+  ``transformer.Attention`` compute their matrix products inline; the adapters re-express the
+  same forward with named ``qk_matmul`` / ``av_matmul`` modules and an ``nn.Softmax`` module, as
+  TinyViT's attention already has, so the products can be quantized and the softmax found.
+  Parameter names are unchanged, so state dicts still match.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from segment_anything.modeling import image_encoder as sam_vit
+from segment_anything.modeling import transformer as sam_transformer
+from torch import nn
+
+from student_models.tiny_vit import MatMul
+
+
+class ViTAttentionAdapter(nn.Module):
+    """SAM ViT attention (input BxHxWxC) with named matmuls; same parameters and result as the original."""
+
+    def __init__(self, original: sam_vit.Attention) -> None:
+        super().__init__()
+        self.num_heads, self.scale, self.use_rel_pos = original.num_heads, original.scale, original.use_rel_pos
+        self.qkv, self.proj = original.qkv, original.proj
+        if self.use_rel_pos:
+            self.rel_pos_h, self.rel_pos_w = original.rel_pos_h, original.rel_pos_w
+        self.qk_matmul, self.av_matmul, self.softmax = MatMul(), MatMul(), nn.Softmax(dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, _ = x.shape
+        qkv = self.qkv(x).reshape(batch, height * width, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.reshape(3, batch * self.num_heads, height * width, -1).unbind(0)
+        attn = self.qk_matmul(q * self.scale, k.transpose(-2, -1))
+        if self.use_rel_pos:
+            size = (height, width)
+            attn = sam_vit.add_decomposed_rel_pos(attn, q, self.rel_pos_h, self.rel_pos_w, size, size)
+        attn = self.softmax(attn)
+        x = self.av_matmul(attn, v).view(batch, self.num_heads, height, width, -1)
+        return self.proj(x.permute(0, 2, 3, 1, 4).reshape(batch, height, width, -1))
+
+
+class DecoderAttentionAdapter(nn.Module):
+    """Mask-decoder attention (q, k, v: BxNxC) with named matmuls; same parameters and result."""
+
+    def __init__(self, original: sam_transformer.Attention) -> None:
+        super().__init__()
+        self.embedding_dim, self.internal_dim = original.embedding_dim, original.internal_dim
+        self.num_heads = original.num_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (
+            original.q_proj, original.k_proj, original.v_proj, original.out_proj,
+        )  # fmt: skip
+        self.qk_matmul, self.av_matmul, self.softmax = MatMul(), MatMul(), nn.Softmax(dim=-1)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, channels = x.shape
+        return x.reshape(batch, tokens, self.num_heads, channels // self.num_heads).transpose(1, 2)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), self._heads(self.v_proj(v))
+        attn = self.qk_matmul(q, k.permute(0, 1, 3, 2)) / math.sqrt(q.shape[-1])
+        out = self.av_matmul(self.softmax(attn), v)
+        batch, heads, tokens, channels = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, heads * channels))
+
+
+ADAPTERS: dict[type, type] = {
+    sam_vit.Attention: ViTAttentionAdapter,
+    sam_transformer.Attention: DecoderAttentionAdapter,
+}
+
+
+def install_attention_adapters(model: nn.Module) -> list[str]:
+    """Replace every known inline-matmul attention in `model` by its adapter; returns the names replaced."""
+    replaced = []
+    for name, module in list(model.named_modules()):
+        adapter = ADAPTERS.get(type(module))
+        if adapter is not None:
+            set_submodule(model, name, adapter(module))
+            replaced.append(name)
+    return replaced
+
+
+@torch.no_grad()
+def fold_batchnorms(model: nn.Module) -> list[str]:
+    """Fold each BatchNorm2d that directly follows a Conv2d inside an nn.Sequential; returns the conv names."""
+    folded = []
+    for seq_name, seq in list(model.named_modules()):
+        if not isinstance(seq, nn.Sequential):
+            continue
+        children = list(seq.named_children())
+        for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
+            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)) or not bn.track_running_stats:
+                continue
+            factor = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(
+                bn.running_var + bn.eps
+            )
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+            conv.weight.mul_(factor.reshape(-1, 1, 1, 1))
+            conv.bias = nn.Parameter((bias - bn.running_mean) * factor + shift)
+            setattr(seq, bn_name, nn.Identity())
+            folded.append(f"{seq_name}.{conv_name}" if seq_name else conv_name)
+    return folded
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted `name` (torch's set_submodule refuses ModuleList indices in old versions)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)

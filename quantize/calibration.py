@@ -1,0 +1,212 @@
+"""Calibration data: images and prompts in, per-layer statistics and search samples out.
+
+`prepare_calibration` turns images (or dataset `Sample`s with boxes) into preprocessed tensors and
+box prompts. `collect` runs the float model over them once with hooks on every quantizable layer
+and fills each layer's `LayerCalibrator`: the running max of every input (`MaxCalibrator`), and a
+small random selection of input values with, for the Hessian metric, the gradient of the task
+loss at the matching output positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from segment_anything.utils.transforms import ResizeLongestSide
+from torch import nn
+from tqdm import tqdm
+
+from quantize.modules import QuantConv2d, QuantConvTranspose2d, QuantLayer, QuantLinear
+from quantize.onnx_modules import DecoderForExport
+from quantize.onnx_runtime import box_prompts
+from student_models.data import Sample
+from student_models.preprocessing import prepare_image
+
+
+@dataclass
+class CalibItem:
+    """One calibration image: 1x3x1024x1024 preprocessed tensor, Bx2x2 box-corner coords, Bx2 labels."""
+
+    image: torch.Tensor
+    coords: torch.Tensor
+    labels: torch.Tensor
+
+
+def random_boxes(height: int, width: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` random XYXY boxes inside an HxW image, sides 10-60% of the image's."""
+    sides = rng.uniform(0.1, 0.6, size=(count, 2)) * (width, height)
+    corners = rng.uniform(0, 1, size=(count, 2)) * ((width, height) - sides)
+    return np.concatenate([corners, corners + sides], axis=1).astype(np.float32)
+
+
+def prepare_calibration(images: Iterable[np.ndarray | Sample], num_calib: int, max_prompts: int, seed: int) -> list[CalibItem]:
+    """Up to `num_calib` images -> CalibItems; prompts are the sample's boxes, else random boxes."""
+    rng = np.random.default_rng(seed)
+    transform = ResizeLongestSide(1024)
+    items = []
+    for entry in images:
+        if entry is None:  # a dataset's corrupt image
+            continue
+        if len(items) == num_calib:
+            break
+        image, boxes = (entry.image, entry.boxes) if isinstance(entry, Sample) else (entry, None)
+        prepared = prepare_image(image)
+        height, width = prepared.original_size
+        if boxes is None or len(boxes) == 0:
+            boxes = random_boxes(height, width, max_prompts, rng)
+        elif len(boxes) > max_prompts:
+            boxes = boxes[np.sort(rng.choice(len(boxes), max_prompts, replace=False))]
+        coords, labels = box_prompts(transform.apply_boxes(np.asarray(boxes, dtype=np.float32), (height, width)))
+        items.append(CalibItem(prepared.tensor, torch.from_numpy(coords), torch.from_numpy(labels)))
+    if not items:
+        raise ValueError("quantization needs at least one calibration image; none were given")
+    return items
+
+
+class MaxCalibrator:
+    """Running max of |x| (or of x, `positive=True`) over everything collected (ModelOpt-style)."""
+
+    def __init__(self, positive: bool = False) -> None:
+        self.positive = positive
+        self.reset()
+
+    def reset(self) -> None:
+        self.amax = torch.tensor(0.0)
+
+    def collect(self, x: torch.Tensor) -> None:
+        value = x.detach().amax() if self.positive else x.detach().abs().amax()
+        self.amax = torch.maximum(self.amax, value.float().clamp(min=0))
+
+    def compute_amax(self) -> torch.Tensor:
+        return self.amax.clamp(min=1e-8)
+
+
+def _selection(layer: QuantLayer, inputs: tuple[torch.Tensor, ...], tokens: int, gen: torch.Generator):
+    """Choose sample positions: (sampled inputs, output -> matching slice, op(inputs, weight) -> output)."""
+
+    def pick(n: int, k: int) -> torch.Tensor:
+        return torch.randperm(n, generator=gen)[: min(n, k)]
+
+    if isinstance(layer, QuantLinear):
+        rows = inputs[0].reshape(-1, inputs[0].shape[-1])
+        idx = pick(len(rows), tokens)
+        return (rows[idx],), lambda out: out.reshape(-1, out.shape[-1])[idx], layer.float_forward
+    if isinstance(layer, QuantConv2d):
+        x = inputs[0]
+        (kh, kw), (sh, sw), (dh, dw), (ph, pw) = layer.kernel_size, layer.stride, layer.dilation, layer.padding
+        out_h = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        out_w = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        side = max(1, int(tokens**0.5))
+        th, tw = min(side, out_h), min(side, out_w)
+        b = int(pick(x.shape[0], 1))
+        oy, ox = int(pick(out_h - th + 1, 1)), int(pick(out_w - tw + 1, 1))
+        padded = F.pad(x[b : b + 1], (pw, pw, ph, ph))
+        crop = padded[:, :, oy * sh : oy * sh + (th - 1) * sh + dh * (kh - 1) + 1,
+                      ox * sw : ox * sw + (tw - 1) * sw + dw * (kw - 1) + 1]  # fmt: skip
+
+        def conv(x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+            weight = layer.weight if weight is None else weight
+            return F.conv2d(x, weight, layer.bias, layer.stride, 0, layer.dilation, layer.groups)
+
+        return (crop,), lambda out: out[b : b + 1, :, oy : oy + th, ox : ox + tw], conv
+    if isinstance(layer, QuantConvTranspose2d):
+        x = inputs[0]
+        b = int(pick(x.shape[0], 1))
+        stride = layer.stride
+        exact_crop = tuple(layer.kernel_size) == tuple(stride) and not any(layer.padding) and not any(layer.output_padding)
+        if not exact_crop:  # no clean crop: keep one whole batch entry
+            return (x[b : b + 1],), lambda out: out[b : b + 1], layer.float_forward
+        side = max(1, int(tokens**0.5) // stride[0])
+        th, tw = min(side, x.shape[2]), min(side, x.shape[3])
+        iy, ix = int(pick(x.shape[2] - th + 1, 1)), int(pick(x.shape[3] - tw + 1, 1))
+        crop = x[b : b + 1, :, iy : iy + th, ix : ix + tw]
+        return (
+            (crop,),
+            lambda out: out[b : b + 1, :, iy * stride[0] : (iy + th) * stride[0], ix * stride[1] : (ix + tw) * stride[1]],
+            layer.float_forward,
+        )
+    a, b_ = torch.broadcast_tensors(inputs[0][..., :1, :1], inputs[1][..., :1, :1])  # common batch shape
+    batch = a.shape[:-2]
+    a = inputs[0].expand(*batch, *inputs[0].shape[-2:]).reshape(-1, *inputs[0].shape[-2:])
+    bm = inputs[1].expand(*batch, *inputs[1].shape[-2:]).reshape(-1, *inputs[1].shape[-2:])
+    rows = pick(a.shape[1], 64)
+    groups = pick(a.shape[0], max(1, tokens // len(rows)))
+    return (
+        (a[groups][:, rows], bm[groups]),
+        lambda out: out.reshape(-1, *out.shape[-2:])[groups][:, rows],
+        layer.float_forward,
+    )
+
+
+class LayerCalibrator:
+    """What the scale search of one layer needs: input maxima, sampled inputs and output gradients."""
+
+    def __init__(self, layer: QuantLayer) -> None:
+        self.layer = layer
+        self.amax = [MaxCalibrator(positive=q.kind == "twin_gelu") for q in layer.input_quants]
+        self.inputs: list[tuple[torch.Tensor, ...]] = []
+        self.grads: list[torch.Tensor] = []
+        self.op: Callable[..., torch.Tensor] | None = None
+
+    @property
+    def called(self) -> bool:
+        return bool(self.inputs)
+
+    def reset(self) -> None:
+        for calibrator in self.amax:
+            calibrator.reset()
+        self.inputs, self.grads = [], []
+
+    def collect(self, inputs: tuple[torch.Tensor, ...], output: torch.Tensor, tokens: int, gen: torch.Generator) -> None:
+        for calibrator, x in zip(self.amax, inputs, strict=True):
+            calibrator.collect(x)
+        sampled, take_output, self.op = _selection(self.layer, tuple(x.detach() for x in inputs), tokens, gen)
+        self.inputs.append(tuple(x.clone() for x in sampled))
+        if output.requires_grad:
+            output.register_hook(lambda grad: self.grads.append(take_output(grad).detach().clone()))
+
+
+def fisher_task_loss(masks: torch.Tensor, iou: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A loss whose squared gradient estimates the Hessian of KL(float || quantized) at the float model.
+
+    masks: Bx4x256x256 logits, iou: Bx4. At the float model the KL and its gradient are zero; its
+    Hessian is the Fisher information, E[g g^T] with g the gradient of -log p(y) for y drawn from
+    the float model's own output distribution. So labels are sampled: per pixel y ~ Bernoulli(sigmoid(logit)),
+    and one mask token ~ softmax(IoU scores); the loss is BCE (mean over pixels) + CE (mean over prompts).
+    """
+    pixel_labels = torch.bernoulli(torch.sigmoid(masks.detach()), generator=gen)
+    token = torch.multinomial(torch.softmax(iou.detach(), dim=-1), 1, generator=gen).squeeze(-1)
+    return F.binary_cross_entropy_with_logits(masks, pixel_labels) + F.cross_entropy(iou, token)
+
+
+def collect(sam: nn.Module, layers: dict[str, QuantLayer], items: list[CalibItem], with_grads: bool, tokens: int, seed: int) -> dict[str, LayerCalibrator]:
+    """Run the float model over `items` with hooks on `layers`; gradients of `fisher_task_loss` if asked."""
+    gen = torch.Generator().manual_seed(seed)
+    calibrators = {name: LayerCalibrator(layer) for name, layer in layers.items()}
+    handles = [
+        layer.register_forward_hook(lambda mod, inp, out, c=calibrators[name]: c.collect(inp, out, tokens, gen))
+        for name, layer in layers.items()
+    ]
+    decoder = DecoderForExport(sam)
+    # Every layer output must be on the autograd graph, including those that do not depend on the
+    # image (the first token self-attention), hence gradients through the parameters.
+    params = list(sam.parameters())
+    trainable = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(with_grads)
+    try:
+        for item in tqdm(items, desc="calibration pass", leave=False):
+            with torch.set_grad_enabled(with_grads):
+                masks, iou = decoder(sam.image_encoder(item.image), item.coords, item.labels)
+                if with_grads:
+                    fisher_task_loss(masks, iou, gen).backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in zip(params, trainable, strict=True):
+            p.grad = None
+            p.requires_grad_(flag)
+    return calibrators

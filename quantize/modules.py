@@ -1,0 +1,182 @@
+"""Quantized layers: Linear, Conv2d, ConvTranspose2d and MatMul with fake-quantized inputs and weights.
+
+Each layer keeps its float parameters under the original names (so a quantized state dict is the
+float one plus ``input_quants.N.*`` and ``weight_quant.scale`` buffers) and quantizes on the fly:
+weights per output channel, each input activation per tensor. Until calibrated, or with
+``enabled = False``, the quantizers pass values through.
+
+In ``export_int8`` mode the uniform quantizers emit `torch.fake_quantize_*` ops, which the ONNX
+exporter writes as QuantizeLinear/DequantizeLinear pairs: activations as uint8 with zero point
+128 (the same grid as signed symmetric int8, the layout ONNX Runtime's x86 kernels prefer), weights
+as int8 per channel. Widths under 8 bits are clipped to their own range first, so a 6-bit model
+runs on the same int8 kernels with exactly its 6-bit values.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantize.core import channel_view, int_range, quantize_symmetric, twin_gelu_quant, twin_softmax_quant
+
+ACT_KINDS = ("uniform", "twin_softmax", "twin_gelu")
+
+
+class ActQuantizer(nn.Module):
+    """Per-tensor activation quantizer; `kind` is "uniform", "twin_softmax" or "twin_gelu".
+
+    Buffers: ``scale`` (the uniform scale, or the positive-range scale for twin_gelu) and
+    ``split`` (the range boundary for twin_softmax).
+    """
+
+    def __init__(self, bits: int, kind: str = "uniform") -> None:
+        super().__init__()
+        if kind not in ACT_KINDS:
+            raise ValueError(f"unknown activation quantizer kind {kind!r}; choose from {ACT_KINDS}")
+        self.bits, self.kind = bits, kind
+        self.enabled = False
+        self.export_int8 = False
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("split", torch.tensor(1.0))
+
+    @property
+    def runs_int8(self) -> bool:
+        """Whether the exported graph can feed this input to an integer kernel."""
+        return self.kind == "uniform" and self.bits <= 8
+
+    def quantize(self, x: torch.Tensor, scale: torch.Tensor, split: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize `x` with explicit parameters (used by the scale search)."""
+        if self.kind == "twin_softmax":
+            return twin_softmax_quant(x, split, self.bits)
+        if self.kind == "twin_gelu":
+            return twin_gelu_quant(x, scale, self.bits)
+        return quantize_symmetric(x, scale, self.bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if self.export_int8 and self.runs_int8:
+            qmin, qmax = int_range(self.bits)
+            if self.bits < 8:
+                x = torch.clamp(x, qmin * self.scale, qmax * self.scale)
+            zero_point = torch.tensor(128, dtype=torch.int32)
+            return torch.fake_quantize_per_tensor_affine(x, self.scale, zero_point, 0, 255)
+        return self.quantize(x, self.scale, self.split)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, kind={self.kind}, enabled={self.enabled}"
+
+
+class WeightQuantizer(nn.Module):
+    """Per-output-channel symmetric weight quantizer; ``scale`` has one entry per channel of `axis`."""
+
+    def __init__(self, bits: int, channels: int, axis: int) -> None:
+        super().__init__()
+        self.bits, self.axis = bits, axis
+        self.enabled = False
+        self.export_int8 = False
+        self.register_buffer("scale", torch.ones(channels))
+
+    def quantize(self, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize `w` with an explicit per-channel `scale` (used by the scale search)."""
+        return quantize_symmetric(w, channel_view(scale, w.ndim, self.axis), self.bits)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return w
+        if self.export_int8 and self.bits <= 8:
+            qmin, qmax = int_range(self.bits)
+            view = channel_view(self.scale, w.ndim, self.axis)
+            if self.bits < 8:
+                w = torch.clamp(w, qmin * view, qmax * view)
+            zero_points = torch.zeros_like(self.scale, dtype=torch.int32)
+            return torch.fake_quantize_per_channel_affine(w, self.scale, zero_points, self.axis, -128, 127)
+        return self.quantize(w, self.scale)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, axis={self.axis}, enabled={self.enabled}"
+
+
+class QuantLayer(nn.Module, abc.ABC):
+    """Common part: ``input_quants`` (one per activation input) and an optional ``weight_quant``."""
+
+    weight_axis: int | None = 0
+    num_inputs = 1
+
+    def init_quantizers(self, w_bits: int, a_bits: int, input_kinds: list[str]) -> None:
+        self.input_quants = nn.ModuleList(ActQuantizer(a_bits, kind) for kind in input_kinds)
+        if self.weight_axis is not None:
+            weight = self.weight
+            self.weight_quant = WeightQuantizer(w_bits, weight.shape[self.weight_axis], self.weight_axis)
+
+    @abc.abstractmethod
+    def float_forward(self, *inputs: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer's op on given (already quantized or float) inputs and weight."""
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        inputs = tuple(quant(x) for quant, x in zip(self.input_quants, inputs, strict=True))
+        weight = self.weight_quant(self.weight) if self.weight_axis is not None else None
+        return self.float_forward(*inputs, weight=weight)
+
+
+class QuantLinear(QuantLayer, nn.Linear):
+    def float_forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(x, self.weight if weight is None else weight, self.bias)
+
+
+class QuantConv2d(QuantLayer, nn.Conv2d):
+    def float_forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        return self._conv_forward(x, self.weight if weight is None else weight, self.bias)
+
+
+class QuantConvTranspose2d(QuantLayer, nn.ConvTranspose2d):
+    weight_axis = 1  # weight is C_in x C_out/groups x kH x kW
+
+    def float_forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        weight = self.weight if weight is None else weight
+        return F.conv_transpose2d(
+            x, weight, self.bias, self.stride, self.padding, self.output_padding, self.groups, self.dilation
+        )
+
+
+class QuantMatMul(QuantLayer):
+    """``a @ b`` with both operands quantized per tensor (attention's Q*K^T and attn*V)."""
+
+    weight_axis = None
+    num_inputs = 2
+
+    def float_forward(self, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        return a @ b
+
+
+def _copy_params(source: nn.Module, target: nn.Module) -> nn.Module:
+    for name, param in source.named_parameters(recurse=False):
+        setattr(target, name, param)
+    target.train(source.training)
+    return target
+
+
+def quantized_copy(module: nn.Module, w_bits: int, a_bits: int, input_kinds: list[str]) -> QuantLayer:
+    """A quantized layer sharing `module`'s parameters (Linear, Conv2d, ConvTranspose2d or a MatMul)."""
+    if isinstance(module, nn.Linear):
+        layer: QuantLayer = QuantLinear(module.in_features, module.out_features, bias=module.bias is not None)
+    elif isinstance(module, nn.ConvTranspose2d):
+        layer = QuantConvTranspose2d(
+            module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+            module.output_padding, module.groups, module.bias is not None, module.dilation,
+        )  # fmt: skip
+    elif isinstance(module, nn.Conv2d):
+        if module.padding_mode != "zeros":
+            raise ValueError(f"only zero-padded convolutions are quantized, got padding_mode={module.padding_mode!r}")
+        layer = QuantConv2d(
+            module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+            module.dilation, module.groups, module.bias is not None,
+        )  # fmt: skip
+    else:
+        layer = QuantMatMul()
+    _copy_params(module, layer)
+    layer.init_quantizers(w_bits, a_bits, input_kinds)
+    return layer

@@ -1,0 +1,103 @@
+"""`OnnxSam`: run an exported SAM (encoder.onnx + decoder.onnx) with ONNX Runtime on CPU.
+
+The files follow the contract written by `quantize.export_onnx`:
+- encoder: "image" (1x3x1024x1024 float32, normalised and padded as `prepare_image` does)
+  -> "image_embeddings" (1x256x64x64);
+- decoder: "image_embeddings" (1x256x64x64), "point_coords" (BxNx2 float32, pixels in the
+  1024-resized frame), "point_labels" (BxN float32: 1 foreground, 0 background, -1 padding,
+  2/3 a box's top-left/bottom-right corner) -> "low_res_masks" (Bx4x256x256 logits; index 0 is the
+  single-mask output, 1..3 the multimask outputs) and "iou_predictions" (Bx4).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnxruntime as ort
+
+
+def session_options(num_threads: int | None = None, level: str = "all") -> ort.SessionOptions:
+    """CPU session options: graph optimisation `level` ("basic", "extended", "all"); threads or ORT's default."""
+    levels = {
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    options = ort.SessionOptions()
+    options.graph_optimization_level = levels[level]
+    if num_threads is not None:
+        options.intra_op_num_threads = num_threads
+        options.inter_op_num_threads = 1
+    return options
+
+
+def open_session(path: str | os.PathLike, num_threads: int | None = None) -> ort.InferenceSession:
+    """An ORT CPU session for an .onnx or .ort file."""
+    return ort.InferenceSession(
+        os.fspath(path), sess_options=session_options(num_threads), providers=["CPUExecutionProvider"]
+    )
+
+
+def box_prompts(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bx4 XYXY boxes (1024 frame) -> (Bx2x2 corner coords, Bx2 labels 2/3), SAM's box encoding."""
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    coords = boxes.reshape(-1, 2, 2)
+    labels = np.tile(np.array([[2.0, 3.0]], dtype=np.float32), (len(boxes), 1))
+    return coords, labels
+
+
+def point_prompts(points: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """BxNx2 points + BxN labels -> the same with SAM's padding point (label -1) appended.
+
+    SAM's prompt encoder appends this point itself when no box is given; the ONNX decoder expects
+    the caller to do it, as SAM's own ONNX model does.
+    """
+    points = np.asarray(points, dtype=np.float32)
+    labels = np.asarray(labels, dtype=np.float32)
+    pad_coords = np.zeros((points.shape[0], 1, 2), dtype=np.float32)
+    pad_labels = -np.ones((labels.shape[0], 1), dtype=np.float32)
+    return np.concatenate([points, pad_coords], axis=1), np.concatenate([labels, pad_labels], axis=1)
+
+
+class OnnxSam:
+    """SAM from two ONNX (or ORT-format) files, run by ONNX Runtime on CPU.
+
+    Args:
+        encoder_path, decoder_path: files written by `quantize.export_onnx` (float32 or INT8 QDQ).
+        num_threads: intra-op threads (None: ORT's default, all cores).
+    """
+
+    def __init__(
+        self, encoder_path: str | os.PathLike, decoder_path: str | os.PathLike, num_threads: int | None = None
+    ) -> None:
+        self.encoder_path, self.decoder_path = os.fspath(encoder_path), os.fspath(decoder_path)
+        self.num_threads = num_threads
+        self.encoder = open_session(encoder_path, num_threads)
+        self.decoder = open_session(decoder_path, num_threads)
+
+    def embed(self, image: np.ndarray) -> np.ndarray:
+        """1x3x1024x1024 float32 preprocessed image -> 1x256x64x64 float32 embedding."""
+        image = np.ascontiguousarray(image, dtype=np.float32)
+        if image.shape != (1, 3, 1024, 1024):
+            raise ValueError(f"OnnxSam.embed expects a 1x3x1024x1024 preprocessed image, got {image.shape}")
+        return self.encoder.run(["image_embeddings"], {"image": image})[0]
+
+    def decode(
+        self, embedding: np.ndarray, point_coords: np.ndarray, point_labels: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """1x256x64x64 embedding, BxNx2 coords, BxN labels -> (Bx4x256x256 logits, Bx4 IoU)."""
+        point_coords = np.ascontiguousarray(point_coords, dtype=np.float32)
+        point_labels = np.ascontiguousarray(point_labels, dtype=np.float32)
+        if point_coords.ndim != 3 or point_coords.shape[-1] != 2 or point_labels.shape != point_coords.shape[:2]:
+            raise ValueError(
+                f"OnnxSam.decode expects point_coords BxNx2 and point_labels BxN, got {point_coords.shape} "
+                f"and {point_labels.shape}"
+            )
+        feeds = {
+            "image_embeddings": np.ascontiguousarray(embedding, dtype=np.float32),
+            "point_coords": point_coords,
+            "point_labels": point_labels,
+        }
+        masks, iou = self.decoder.run(["low_res_masks", "iou_predictions"], feeds)
+        return masks, iou

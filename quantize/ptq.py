@@ -1,0 +1,176 @@
+"""`quantize_`: post-training quantization of a SAM model in place, from a few calibration images.
+
+Steps: fold BatchNorms and install the attention adapters (numerically identical rewrites); find
+the quantizable layers (Linear, Conv2d, ConvTranspose2d, MatMul) of the chosen parts, minus the
+keep-float patterns; find which inputs come straight from a Softmax or a GELU (twin-uniform
+candidates) with one probing pass; swap in quantized layers; run the float model over the
+calibration set collecting statistics (and task-loss gradients for the Hessian metric); search
+each layer's scales; enable the quantizers. Layers never called during calibration (TinyViT's
+unused classification head) stay float.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from segment_anything.modeling import Sam
+from torch import nn
+from tqdm import tqdm
+
+from quantize.adapters import fold_batchnorms, install_attention_adapters, set_submodule
+from quantize.calibration import collect, prepare_calibration
+from quantize.config import PTQConfig
+from quantize.modules import QuantLayer, quantized_copy
+from quantize.onnx_modules import DecoderForExport
+from quantize.search import LayerSearchResult, search_layer
+from student_models.data import Sample
+from student_models.tiny_vit import MatMul
+
+PART_PREFIX = {"encoder": "image_encoder.", "decoder": "mask_decoder."}
+QUANTIZABLE = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, MatMul)
+
+
+@dataclass
+class QuantReport:
+    """What `quantize_` did: per-layer choices and errors, and the layers left in float."""
+
+    config: dict[str, Any]
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    kept_float: list[str] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)
+    num_calib: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        kinds: dict[str, int] = {}
+        for info in self.layers.values():
+            for kind in info["inputs"]:
+                kinds[kind] = kinds.get(kind, 0) + 1
+        searched = [info for info in self.layers.values() if info["error_minmax"] > 0]
+        gain = [info["error"] / info["error_minmax"] for info in searched]
+        return {
+            "quantized_layers": len(self.layers),
+            "input_quantizers": kinds,
+            "kept_float": self.kept_float,
+            "unused_float": self.unused,
+            "num_calib": self.num_calib,
+            "median_error_ratio_vs_minmax": float(np.median(gain)) if gain else None,
+        }
+
+
+def prepare_structure(sam: Sam) -> None:
+    """The numerically identical rewrites every quantized model gets (also re-applied on load)."""
+    fold_batchnorms(sam)
+    install_attention_adapters(sam)
+
+
+def find_layers(sam: Sam, config: PTQConfig) -> tuple[list[str], list[str]]:
+    """(names to quantize, names kept float by pattern) among the quantizable layers of the chosen parts."""
+    prefixes = tuple(PART_PREFIX[part] for part in config.parts)
+    candidates = [
+        name for name, m in sam.named_modules() if isinstance(m, QUANTIZABLE) and name.startswith(prefixes)
+    ]
+    all_layers = [name for name, m in sam.named_modules() if isinstance(m, QUANTIZABLE)]
+    for pattern in config.keep_float:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in all_layers):
+            raise ValueError(
+                f"keep_float pattern {pattern!r} matches no quantizable layer; layer names look like "
+                f"{all_layers[0]!r} or {all_layers[-1]!r}"
+            )
+    kept = [name for name in candidates if any(fnmatch.fnmatchcase(name, p) for p in config.keep_float)]
+    return [name for name in candidates if name not in kept], kept
+
+
+@torch.no_grad()
+def probe_input_kinds(sam: Sam, names: list[str], item, config: PTQConfig) -> dict[str, list[str]]:
+    """For each layer, the kind of each input: twin_softmax / twin_gelu when it is a Softmax / GELU output."""
+    twin = config.method != "minmax"
+    produced: dict[int, str] = {}
+    keep_alive = []
+    handles = []
+    for module in sam.modules():
+        kind = "twin_softmax" if isinstance(module, nn.Softmax) else "twin_gelu" if isinstance(module, nn.GELU) else None
+        if kind is not None:
+
+            def remember(mod, inp, out, kind=kind):
+                produced[id(out)] = kind
+                keep_alive.append(out)
+
+            handles.append(module.register_forward_hook(remember))
+    kinds: dict[str, list[str]] = {}
+    modules = dict(sam.named_modules())
+    for name in names:
+
+        def record(mod, inp, name=name):
+            found = [produced.get(id(x), "uniform") for x in inp]
+            wanted = {"twin_softmax": twin and config.twin_softmax, "twin_gelu": twin and config.twin_gelu}
+            kinds[name] = [k if wanted.get(k, False) else "uniform" for k in found]
+
+        handles.append(modules[name].register_forward_pre_hook(record))
+    try:
+        DecoderForExport(sam)(sam.image_encoder(item.image), item.coords, item.labels)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return kinds
+
+
+def apply_quantized_layers(sam: Sam, kinds: dict[str, list[str]], config: PTQConfig) -> dict[str, QuantLayer]:
+    """Swap each named layer for a quantized copy with the given input kinds; returns them by name."""
+    layers = {}
+    for name, input_kinds in kinds.items():
+        layer = quantized_copy(sam.get_submodule(name), config.w_bits, config.a_bits, input_kinds)
+        set_submodule(sam, name, layer)
+        layers[name] = layer
+    return layers
+
+
+def quantize_(
+    sam: Sam, config: PTQConfig, calib_images: Iterable[np.ndarray | Sample], show_progress: bool = True
+) -> QuantReport:
+    """Quantize `sam` in place (fake-quantized weights and activations) and return a `QuantReport`.
+
+    Args:
+        sam: a float SAM model (e.g. from `student_models.build_sam`), in eval mode.
+        config: the `PTQConfig`.
+        calib_images: HxWx3 uint8 RGB images, or dataset `Sample`s whose boxes become the
+            calibration prompts (random boxes otherwise); the first `config.num_calib` are used.
+    """
+    if any(isinstance(m, QuantLayer) for m in sam.modules()):
+        raise ValueError("this model is already quantized; build a fresh float model to quantize again")
+    items = prepare_calibration(calib_images, config.num_calib, config.max_prompts, config.seed)
+    sam.eval()
+    prepare_structure(sam)
+    names, kept = find_layers(sam, config)
+    kinds = probe_input_kinds(sam, names, items[0], config)
+    unused = [name for name in names if name not in kinds]
+    originals = {name: sam.get_submodule(name) for name in kinds}
+    layers = apply_quantized_layers(sam, kinds, config)
+    calibrators = collect(sam, layers, items, config.method == "hessian", config.search_tokens, config.seed)
+    report = QuantReport(config.to_dict(), kept_float=kept, num_calib=len(items))
+    for name, calibrator in tqdm(calibrators.items(), desc=f"{config.method} scale search", disable=not show_progress):
+        if not calibrator.called:  # no calibration data reached it: keep float
+            set_submodule(sam, name, originals[name])
+            unused.append(name)
+            continue
+        result: LayerSearchResult = search_layer(calibrator, config)
+        report.layers[name] = {
+            "type": type(calibrator.layer).__name__,
+            "inputs": [q.kind for q in calibrator.layer.input_quants],
+            "weight_alpha": result.weight_alpha,
+            "input_params": result.input_params,
+            "error_minmax": result.error_minmax,
+            "error": result.error,
+        }
+        calibrator.reset()
+    report.unused = unused
+    return report
+
+
+def quantized_layers(sam: nn.Module) -> dict[str, QuantLayer]:
+    """The quantized layers of a model, by name."""
+    return {name: m for name, m in sam.named_modules() if isinstance(m, QuantLayer)}

@@ -1,0 +1,140 @@
+"""Per-layer scale search (SPEC 3): alternate weight and activation scales over a candidate grid.
+
+For one layer, with its sampled float inputs X and the float output O = op(X, W), a setting of the
+scales gives O_q = op(q(X), q(W)); candidates are ranked by
+- "hessian": mean((dL/dO * (O - O_q))^2), dL/dO the task-loss gradient at the float model (PTQ4ViT);
+- "mse": mean((O - O_q)^2).
+The search starts from the min/max scales and only accepts a candidate that lowers the error, so
+its result is never worse than min/max on the layer's own metric. Each round searches the weight
+scale (alpha * per-channel max|W| / qmax), then each input in turn: uniform and twin-GELU inputs
+over alpha * max / qmax, twin-softmax inputs over splits 2^-k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from quantize.calibration import LayerCalibrator
+from quantize.config import PTQConfig
+from quantize.core import int_range
+
+
+def _stack(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Concatenate along dim 0 the tensors whose other dims agree (fewer, larger ops in the search)."""
+    groups: dict[tuple[int, ...], list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(tuple(t.shape[1:]), []).append(t)
+    return [torch.cat(group) for group in groups.values()]
+
+
+@dataclass
+class LayerSearchResult:
+    """Chosen parameters and the layer's error (its own metric) at min/max and after the search."""
+
+    weight_alpha: float | None
+    input_params: list[float] = field(default_factory=list)  # alpha (uniform/twin_gelu) or split (twin_softmax)
+    error_minmax: float = 0.0
+    error: float = 0.0
+
+
+class LayerSearch:
+    """Holds one layer's samples and evaluates the layer error for given quantizer parameters."""
+
+    def __init__(self, calibrator: LayerCalibrator, use_grads: bool) -> None:
+        layer = self.layer = calibrator.layer
+        self.op = calibrator.op
+        self.has_weight = layer.weight_axis is not None
+        num_inputs = len(layer.input_quants)
+        # Samples grouped by shape; each group holds all inputs and (optionally) the gradients.
+        if use_grads and len(calibrator.grads) != len(calibrator.inputs):
+            raise RuntimeError(f"{len(calibrator.grads)} gradients for {len(calibrator.inputs)} samples of a layer")
+        keys = [tuple(x.shape[1:] for x in sample) for sample in calibrator.inputs]
+        self.groups: list[tuple[list[torch.Tensor], torch.Tensor | None]] = []
+        for key in dict.fromkeys(keys):
+            members = [i for i, k in enumerate(keys) if k == key]
+            inputs = [torch.cat([calibrator.inputs[i][j] for i in members]) for j in range(num_inputs)]
+            grads = torch.cat([calibrator.grads[i] for i in members]) if use_grads else None
+            self.groups.append((inputs, grads))
+        weight = layer.weight.detach() if self.has_weight else None
+        with torch.no_grad():
+            self.refs = [self.op(*inputs, weight=weight) for inputs, _ in self.groups]
+        self.count = sum(ref.numel() for ref in self.refs)
+
+    def quantized_inputs(self, index: int, scale: torch.Tensor, split: torch.Tensor) -> list[torch.Tensor]:
+        quantizer = self.layer.input_quants[index]
+        return [quantizer.quantize(inputs[index], scale, split) for inputs, _ in self.groups]
+
+    @torch.no_grad()
+    def error(self, weight: torch.Tensor | None, inputs: list[list[torch.Tensor]]) -> float:
+        """inputs[j][g]: the (quantized) input j of sample group g; weight: the (quantized) weight."""
+        total = 0.0
+        for g, (ref, (_, grads)) in enumerate(zip(self.refs, self.groups, strict=True)):
+            diff = self.op(*(x[g] for x in inputs), weight=weight) - ref
+            if grads is not None:
+                diff = diff * grads
+            total += float(diff.pow(2).sum())
+        return total / max(self.count, 1)
+
+
+def search_layer(calibrator: LayerCalibrator, config: PTQConfig) -> LayerSearchResult:
+    """Set the layer's quantizer buffers to the chosen scales and return what was chosen."""
+    layer = calibrator.layer
+    qmax = int_range(config.a_bits)[1]
+    wqmax = int_range(config.w_bits)[1]
+    alphas = torch.linspace(config.alpha_min, config.alpha_max, config.num_alphas).tolist()
+    splits = [2.0**-k for k in range(config.max_split_exponent + 1)]
+    amax = [c.compute_amax() for c in calibrator.amax]
+    w_max = None
+    if layer.weight_axis is not None:
+        dims = [d for d in range(layer.weight.ndim) if d != layer.weight_axis]
+        w_max = layer.weight.detach().abs().amax(dim=dims).clamp(min=1e-8)
+
+    # Min/max start: alpha 1 for every uniform scale, split 1 (one range) for twin-softmax.
+    w_alpha = 1.0 if w_max is not None else None
+    params = [1.0 for _ in layer.input_quants]
+
+    def input_scale(j: int, value: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer.input_quants[j].kind == "twin_softmax":
+            return torch.tensor(1.0), torch.tensor(value)
+        return torch.as_tensor(value * amax[j] / qmax), torch.tensor(1.0)
+
+    def weight_q(alpha: float | None) -> torch.Tensor | None:
+        if alpha is None:
+            return None
+        return layer.weight_quant.quantize(layer.weight.detach(), alpha * w_max / wqmax)
+
+    if config.method != "minmax" and calibrator.called:
+        search = LayerSearch(calibrator, use_grads=config.method == "hessian")
+        q_inputs = [search.quantized_inputs(j, *input_scale(j, params[j])) for j in range(len(params))]
+        q_weight = weight_q(w_alpha)
+        best = error_minmax = search.error(q_weight, q_inputs)
+        for _ in range(config.rounds):
+            if w_alpha is not None:
+                for alpha in alphas:
+                    err = search.error(weight_q(alpha), q_inputs)
+                    if err < best:
+                        best, w_alpha = err, alpha
+                q_weight = weight_q(w_alpha)
+            for j, quantizer in enumerate(layer.input_quants):
+                for value in splits if quantizer.kind == "twin_softmax" else alphas:
+                    trial = [*q_inputs[:j], search.quantized_inputs(j, *input_scale(j, value)), *q_inputs[j + 1 :]]
+                    err = search.error(q_weight, trial)
+                    if err < best:
+                        best, params[j] = err, value
+                q_inputs[j] = search.quantized_inputs(j, *input_scale(j, params[j]))
+        result = LayerSearchResult(w_alpha, params, error_minmax, best)
+    else:
+        result = LayerSearchResult(w_alpha, params)
+
+    with torch.no_grad():
+        if w_alpha is not None:
+            layer.weight_quant.scale.copy_(w_alpha * w_max / wqmax)
+            layer.weight_quant.enabled = True
+        for j, quantizer in enumerate(layer.input_quants):
+            scale, split = input_scale(j, params[j])
+            quantizer.scale.copy_(scale)
+            quantizer.split.copy_(split)
+            quantizer.enabled = True
+    return result
