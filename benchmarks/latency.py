@@ -25,7 +25,6 @@ from segment_anything.modeling import Sam
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from benchmarks.predictors import BOX_LABELS
 from benchmarks.records import device_name, make_record
 from student_models import EMBED_DIM, EMBED_SIDE, IMAGE_SIZE, build_sam
 
@@ -228,11 +227,12 @@ def _torch_targets(sam: Sam, inputs: dict[str, torch.Tensor], device: torch.devi
 
 
 def _onnx_targets(pair: OnnxPair, threads: int, inputs: dict[str, torch.Tensor], onnx_runner_cls):
+    from quantize.onnx_runtime import box_prompts
+
     runner = onnx_runner_cls(pair.encoder, pair.decoder, num_threads=threads)
     image = inputs["image"].numpy()
     embedding = inputs["embedding"].numpy()
-    coords = inputs["boxes"].reshape(-1, 2, 2).numpy()
-    labels = np.tile(np.asarray(BOX_LABELS, dtype=np.float32), (len(coords), 1))
+    coords, labels = box_prompts(inputs["boxes"].numpy())
     return {"encoder": lambda: runner.embed(image), "decoder": lambda: runner.decode(embedding, coords, labels)}
 
 

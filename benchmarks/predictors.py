@@ -21,7 +21,6 @@ from student_models import IMAGE_SIZE
 from student_models.preprocessing import prepare_image
 
 MASK_THRESHOLD = 0.0  # SAM's logit threshold
-BOX_LABELS = (2.0, 3.0)  # SAM's point labels for a box's top-left and bottom-right corners
 
 
 def upscale_masks(
@@ -136,7 +135,8 @@ class OnnxBoxPredictor(BoxPredictor):
         return torch.as_tensor(np.asarray(self.runner.embed(image.numpy().astype(np.float32))))
 
     def decode_boxes(self, embedding: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        coords = boxes.reshape(-1, 2, 2).numpy().astype(np.float32)
-        labels = np.tile(np.asarray(BOX_LABELS, dtype=np.float32), (len(coords), 1))
+        from quantize.onnx_runtime import box_prompts
+
+        coords, labels = box_prompts(boxes.numpy())
         low_res, iou = self.runner.decode(embedding.numpy(), coords, labels)
         return torch.as_tensor(np.asarray(low_res))[:, 1:], torch.as_tensor(np.asarray(iou))[:, 1:]
