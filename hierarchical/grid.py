@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from segment_anything.utils.amg import build_all_layer_point_grids
+from segment_anything.utils.amg import build_point_grid
 
 
 def layer_point_grids(points_per_side: int, crop_n_layers: int, downscale_factor: int) -> list[np.ndarray]:
     """One Nx2 grid in [0, 1]^2 per crop layer, exactly as SAM's generator builds them.
 
-    Layer i gets int(points_per_side / downscale_factor**i) points per side (SAM's rule); a layer
-    that would get none gets a single centre point, so a coarse sparse grid never vanishes.
+    Layer i gets int(points_per_side / downscale_factor**i) points per side (SAM's
+    `build_all_layer_point_grids` rule); a layer that would get none gets a single centre point,
+    so a coarse sparse grid never vanishes.
     """
-    grids = build_all_layer_point_grids(points_per_side, crop_n_layers, downscale_factor)
-    return [grid if len(grid) else build_all_layer_point_grids(1, 0, 1)[0] for grid in grids]
+    return [
+        build_point_grid(max(1, int(points_per_side / downscale_factor**layer))) for layer in range(crop_n_layers + 1)
+    ]
 
 
 def scale_points(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
