@@ -55,6 +55,7 @@ def get_parser() -> argparse.ArgumentParser:
     add("--hmw", action=switch, help="hard mask weighting on the output loss")
     add("--hard-prompts", action=switch, help="iterative hard prompt sampling (off: one box or point)")
     add("--train-decoder", action=switch, help="train the student's mask decoder")
+    add("--decoder-lr-scale", type=float, help="decoder lr = this x --lr (default 0.1)")
     add("--prompt-mode", choices=PROMPT_MODES, help="gt: error vs ground truth (TinySAM); disagreement: EdgeSAM")
     add("--prompt-source", choices=PROMPT_SOURCES, help="whose prediction drives --prompt-mode gt")
     add("--prompts-per-image", type=int)

@@ -13,6 +13,8 @@ marked "our choice" where it does not:
   prompt a noisy GT box with probability 0.5 (SAM's training recipe; our choice for TinySAM).
 - mode "gt" (paper: error region of a prediction against the ground truth, the student's by
   default) or "disagreement" (EdgeSAM: student mask vs teacher mask).
+- the student's decoder starts from the teacher's and is trained at 0.1x the encoder's lr (our choice:
+  at the full lr the first steps pull it away from the teacher it should match).
 - AdamW, lr 1e-3 with 250 warm-up steps and cosine decay to 1% (our choice), weight decay 0.01,
   gradient clipping at norm 1.0, 8 epochs (paper), bf16 autocast on CUDA.
 
@@ -92,6 +94,7 @@ class DistillConfig:
     dice_weight: float = 1.0
     gt_iou_weight: float = 0.0  # MSE between the student's predicted IoU and its actual IoU with the GT
     train_decoder: bool = True  # the student's mask decoder is trained; its prompt encoder stays frozen
+    decoder_lr_scale: float = 0.1  # the decoder starts at the teacher's weights: a smaller lr keeps it there
     freeze_bn: bool = False  # BatchNorm in eval mode; SyncBatchNorm is used instead under DDP on CUDA
 
     # prompts
@@ -142,6 +145,7 @@ class DistillConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         weights = ["embedding_weight", "token_weight", "output_weight", "gt_mask_weight", "gt_iou_weight"]
         weights += ["focal_weight", "dice_weight", "weight_decay", "box_noise_frac", "box_noise_max"]
+        weights += ["decoder_lr_scale"]
         for name in weights:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -211,16 +211,26 @@ def validation_prompts(item: DistillItem, max_prompts: int) -> PromptSet:
 
 
 @torch.no_grad()
-def agreement(student: Sam, teacher_heads: Sam, items: Sequence[DistillItem], max_prompts: int) -> tuple[float, int]:
-    """Sum and count of student-teacher mask IoU (mask token 0, image area only) over validation prompts."""
+def agreement(student: Sam, teacher_heads: Sam, items: Sequence[DistillItem], max_prompts: int) -> dict[str, float]:
+    """Sums over validation prompts/images of student-teacher agreement, for the caller to reduce and average.
+
+    Returns {"iou": sum of mask IoU (token 0, logits > 0, image area only), "logit_l1": sum of the mean
+    |student - teacher| token-0 logit gap in the image area, "prompts": count, "embedding_l1": sum of
+    per-image mean |student - teacher| embedding gap, "images": count}. Mask IoU is the headline; the L1
+    gaps also move when the masks are not confident (e.g. random-weight test teachers, whose logits sit near 0).
+    """
     device = next(student.parameters()).device
-    total, count = 0.0, 0
+    sums = dict.fromkeys(("iou", "logit_l1", "prompts", "embedding_l1", "images"), 0.0)
     for item in items:
-        student_emb = student.image_encoder(item.image[None].to(device))
+        student_emb = student.image_encoder(item.image[None].to(device)).float()
+        teacher_emb = item.teacher_embedding[None].to(device)
         prompts = validation_prompts(item, max_prompts)
-        s_masks = decode(student, student_emb, prompts).masks[:, 0] > 0
-        t_masks = decode(teacher_heads, item.teacher_embedding[None].to(device), prompts).masks[:, 0] > 0
+        s_logits = decode(student, student_emb, prompts).masks[:, 0]
+        t_logits = decode(teacher_heads, teacher_emb, prompts).masks[:, 0]
         valid = torch.from_numpy(valid_lowres_region(item.input_size)).to(device)
-        total += float(mask_iou(s_masks & valid, t_masks & valid).sum())
-        count += prompts.num_prompts
-    return total, count
+        sums["iou"] += float(mask_iou((s_logits > 0) & valid, (t_logits > 0) & valid).sum())
+        sums["logit_l1"] += float(((s_logits - t_logits).abs() * valid).flatten(1).sum(1).sum() / valid.sum())
+        sums["prompts"] += prompts.num_prompts
+        sums["embedding_l1"] += float((student_emb - teacher_emb).abs().mean())
+        sums["images"] += 1
+    return sums

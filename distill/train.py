@@ -153,16 +153,20 @@ def _distill(cfg: DistillConfig, rt: Runtime) -> DistillResult:
     batches_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
     total_steps = cfg.steps or cfg.epochs * batches_per_epoch
 
-    # 4. Model, optimiser, schedule; decay only on matrices and kernels (nanoGPT's rule).
+    # 4. Model, optimiser, schedule; decay only on matrices and kernels (nanoGPT's rule), the
+    # decoder (already the teacher's) at decoder_lr_scale x lr.
     if rt.distributed and rt.device.type == "cuda" and not cfg.freeze_bn:
         student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)  # gloo has no SyncBatchNorm on CPU
     model = DistillStep(student, teacher_heads, cfg, use_prompts).to(rt.device).train()
     step_fn = DistributedDataParallel(model, find_unused_parameters=True) if rt.distributed else model
     params = [p for p in model.student.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
+    decoder = {id(p) for p in model.student.mask_decoder.parameters()}
+    groups = []
+    for in_decoder, lr in ((False, cfg.lr), (True, cfg.lr * cfg.decoder_lr_scale)):
+        for decay, weight_decay in ((True, cfg.weight_decay), (False, 0.0)):
+            chosen = [p for p in params if (id(p) in decoder) == in_decoder and (p.ndim >= 2) == decay]
+            if chosen:
+                groups.append({"params": chosen, "lr": lr, "weight_decay": weight_decay})
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
@@ -187,16 +191,22 @@ def _distill(cfg: DistillConfig, rt: Runtime) -> DistillResult:
             return
         model.eval()
         mine = [val_set[i] for i in range(rt.rank, len(val_set), rt.world_size)]
-        total, count = all_reduce_sum(
-            list(agreement(model.student, teacher_heads, collate(mine), cfg.val_prompts_per_image)), rt
-        )
+        sums = agreement(model.student, teacher_heads, collate(mine), cfg.val_prompts_per_image)
+        sums = dict(zip(sums, all_reduce_sum(list(sums.values()), rt), strict=True))
         model.train()
-        metrics.update({"val_agreement": total / max(count, 1), "val_prompts": int(count), "val_epoch": epoch})
-        log.write({"event": "val", "step": step, "epoch": epoch, "val_agreement": metrics["val_agreement"]})
-        metrics.setdefault("val_agreement_initial", metrics["val_agreement"])
+        scores = {
+            "val_agreement": sums["iou"] / max(sums["prompts"], 1),
+            "val_logit_l1": sums["logit_l1"] / max(sums["prompts"], 1),
+            "val_embedding_l1": sums["embedding_l1"] / max(sums["images"], 1),
+        }
+        for name, value in scores.items():
+            metrics.setdefault(f"{name}_initial", value)  # the untrained student's, kept through resumes
+        metrics.update(scores, val_prompts=int(sums["prompts"]), val_epoch=epoch)
+        log.write({"event": "val", "step": step, "epoch": epoch, **scores})
         say(
-            f"epoch {epoch}: student-teacher mask IoU on {len(val_set)} held-out images = "
-            f"{metrics['val_agreement']:.3f}"
+            f"epoch {epoch}: on {len(val_set)} held-out images, student-teacher mask IoU "
+            f"{scores['val_agreement']:.3f}, logit L1 {scores['val_logit_l1']:.4f}, "
+            f"embedding L1 {scores['val_embedding_l1']:.4f}"
         )
 
     if step == 0:
@@ -283,11 +293,12 @@ def _distill(cfg: DistillConfig, rt: Runtime) -> DistillResult:
         )
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        say(
-            f"student checkpoint: {result_path}\nlog: {log.path}\nmetrics: {out / 'metrics.json'} "
-            f"(agreement {metrics.get('val_agreement_initial', float('nan')):.3f} -> "
-            f"{metrics.get('val_agreement', float('nan')):.3f})"
+        summary = ", ".join(
+            f"{name} {metrics[name + '_initial']:.4g} -> {metrics[name]:.4g}"
+            for name in ("val_agreement", "val_logit_l1", "val_embedding_l1")
+            if name in metrics
         )
+        say(f"student checkpoint: {result_path}\nlog: {log.path}\nmetrics: {out / 'metrics.json'} ({summary})")
     barrier(rt)
     return DistillResult(result_path, out, log.path, metrics, step)
 
