@@ -83,30 +83,25 @@ def _only_set(**kwargs):
 
 
 def _coco(args: argparse.Namespace) -> None:
-    from benchmarks.runs import onnx_pair, run_coco
+    from benchmarks.runs import OnnxModel, load_torch_model, onnx_pair, run_coco
 
     if bool(args.onnx_encoder) != bool(args.onnx_decoder):
         raise SystemExit("error: --onnx-encoder and --onnx-decoder go together")
     config = CocoEvalConfig(
         **_only_set(max_images=args.max_images, chunk_size=args.chunk_size, detections=args.detections)
     )
-    pair = onnx_pair(args.onnx_encoder, args.onnx_decoder) if args.onnx_encoder else None
-    result, path = run_coco(
-        model=args.model,
-        coco_root=args.coco_root,
-        out_dir=args.out,
-        config=config,
-        checkpoint=args.checkpoint,
-        quantized=args.quantized,
-        onnx=pair,
-    )
+    if args.onnx_encoder:
+        target = OnnxModel(args.model, onnx_pair(args.onnx_encoder, args.onnx_decoder))
+    else:
+        target = load_torch_model(args.model, args.checkpoint, args.quantized)
+    result, path = run_coco(target, coco_root=args.coco_root, out_dir=args.out, config=config)
     metrics = ", ".join(f"{k}={v}" for k, v in result.metrics.items())
     print(f"COCO segm on {result.num_images} images, {result.num_prompts} box prompts: {metrics}")
     print(f"record: {path}")
 
 
 def _latency(args: argparse.Namespace) -> None:
-    from benchmarks.runs import onnx_pair_in, run_latency
+    from benchmarks.runs import load_torch_model, onnx_pair_in, run_latency
 
     config = LatencyConfig(
         **_only_set(
@@ -118,11 +113,9 @@ def _latency(args: argparse.Namespace) -> None:
         )
     )
     records, notes, path = run_latency(
-        model=args.model,
+        load_torch_model(args.model, args.checkpoint, args.quantized),
         out_dir=args.out,
         config=config,
-        checkpoint=args.checkpoint,
-        quantized=args.quantized,
         onnx_pairs=[onnx_pair_in(d) for d in args.onnx_dir],
     )
     for r in records:
@@ -137,11 +130,10 @@ def _latency(args: argparse.Namespace) -> None:
 
 def _everything(args: argparse.Namespace) -> None:
     from benchmarks.everything import run_everything
+    from benchmarks.runs import load_torch_model
 
     records, path = run_everything(
-        model=args.model,
-        checkpoint=args.checkpoint,
-        quantized=args.quantized,
+        load_torch_model(args.model, args.checkpoint, args.quantized),
         images=args.images,
         max_images=args.max_images,
         out_dir=args.out,

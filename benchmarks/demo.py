@@ -9,7 +9,8 @@ whose stage API is missing is reported as skipped with the reason, and the demo 
 
 from __future__ import annotations
 
-import copy
+import dataclasses
+import json
 import os
 import time
 from collections.abc import Callable
@@ -18,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.coco_eval import CocoEvalConfig
-from benchmarks.latency import LatencyConfig
+from benchmarks.latency import LatencyConfig, OnnxPair
 from benchmarks.records import load_records
 from benchmarks.report import render_report
-from benchmarks.runs import StageMissingError, onnx_pair_in, run_coco, run_latency, stage_api
+from benchmarks.runs import LoadedModel, OnnxModel, StageMissingError, onnx_pair_in, run_coco, run_latency, stage_api
 from benchmarks.synthetic_coco import write_synthetic_coco
 from student_models import build_sam
 from student_models.synthetic import synthetic_sample
@@ -73,6 +74,8 @@ class Demo:
         self.records = self.out / "records"
         self.steps: list[DemoStep] = []
         self.state: dict[str, Any] = {}
+        self.quantized: dict[str, LoadedModel] = {}  # "w8a8" / "w6a6": simulated-quantized students
+        self.onnx: list[OnnxPair] = []
 
     def step(self, name: str, fn: Callable[[], dict[str, str]]) -> DemoStep:
         step = DemoStep(name)
@@ -118,38 +121,39 @@ class Demo:
         self.state["checkpoint"] = str(result.checkpoint)
         return {"student checkpoint": str(result.checkpoint), "training log": str(result.log_path)}
 
-    def student(self):
-        return build_sam(STUDENT, checkpoint=self.state.get("checkpoint"))
+    def student(self) -> LoadedModel:
+        """The distilled tiny student (random init when the distill step was skipped), float."""
+        checkpoint = self.state.get("checkpoint")
+        return LoadedModel(build_sam(STUDENT, checkpoint=checkpoint), STUDENT, checkpoint, "fp32")
 
     def quantize(self) -> dict[str, str]:
-        PTQConfig, quantize_, save_quantized = stage_api("quantize", "PTQConfig", "quantize_", "save_quantized")
+        PTQConfig, quantize_ = stage_api("quantize", "PTQConfig", "quantize_")
         calib = [synthetic_sample(2000 + i)[0] for i in range(self.config.calib_images)]
         outputs = {}
         for bits in (8, 6):
-            sam = copy.deepcopy(self.student())
-            config = PTQConfig(
-                w_bits=bits, a_bits=bits, num_calib=len(calib), num_alphas=self.config.search_alphas, rounds=1
-            )
-            quantize_(sam, config, calib)
-            path = self.out / "quantize" / f"w{bits}a{bits}.pt"
+            student = self.student()
+            config = PTQConfig(w_bits=bits, a_bits=bits, num_calib=len(calib), num_alphas=self.config.search_alphas)
+            report = quantize_(student.sam, config, calib)
+            name = f"w{bits}a{bits}"
+            self.quantized[name] = LoadedModel(student.sam, STUDENT, student.checkpoint, f"{name}-sim")
+            path = self.out / "quantize" / f"{name}_report.json"
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_quantized(sam, path)
-            self.state[f"w{bits}a{bits}"] = str(path)
-            outputs[f"W{bits}A{bits} model (simulated)"] = str(path)
+            path.write_text(json.dumps(dataclasses.asdict(report), indent=1, default=str))
+            outputs[f"W{bits}A{bits} quantization report"] = str(path)
         return outputs
 
     def export(self) -> dict[str, str]:
-        export_onnx, load_quantized = stage_api("quantize", "export_onnx", "load_quantized")
+        export_onnx = stage_api("quantize", "export_onnx")
         outputs = {}
         folder = self.out / "onnx" / "fp32"
-        export_onnx(self.student(), folder)
-        self.state["onnx_fp32"] = folder
-        outputs["ONNX float32"] = str(folder)
-        if "w8a8" in self.state:
+        export_onnx(self.student().sam, folder, ort_format=False)
+        self.onnx.append(onnx_pair_in(folder))
+        outputs["ONNX float32 (encoder.onnx, decoder.onnx)"] = str(folder)
+        if "w8a8" in self.quantized:
             folder = self.out / "onnx" / "int8"
-            export_onnx(load_quantized(self.state["w8a8"]), folder)
-            self.state["onnx_int8"] = folder
-            outputs["ONNX INT8 (QDQ)"] = str(folder)
+            export_onnx(self.quantized["w8a8"].sam, folder, precision="int8", ort_format=False)
+            self.onnx.append(onnx_pair_in(folder))
+            outputs["ONNX INT8 QDQ (encoder.onnx, decoder.onnx)"] = str(folder)
         return outputs
 
     def everything(self) -> dict[str, str]:
@@ -158,34 +162,21 @@ class Demo:
         # A small grid and loose filters: the demo student is barely trained, so SAM's 0.88/0.95
         # filters would keep no mask at all and there would be nothing to compare.
         options = dict(points_per_side=8, sparse_points_per_side=2, pred_iou_thresh=0.3, stability_score_thresh=0.3)
-        records, path = run_everything(
-            model=STUDENT,
-            checkpoint=self.state.get("checkpoint"),
-            out_dir=self.records,
-            generator_options=options,
-        )
-        self.state["everything"] = records
+        _, path = run_everything(self.student(), out_dir=self.records, generator_options=options)
         return {"everything-mode records": str(path)}
 
     def coco(self) -> dict[str, str]:
         config = CocoEvalConfig(max_images=self.config.coco_images)
-        root = self.state["coco_root"]
+        targets = [self.student(), *self.quantized.values(), *(OnnxModel(STUDENT, pair) for pair in self.onnx)]
         outputs = {}
-        _, path = run_coco(
-            model=STUDENT, checkpoint=self.state.get("checkpoint"), coco_root=root, out_dir=self.records, config=config
-        )
-        outputs["AP float (PyTorch)"] = str(path)
-        for name in ("w8a8", "w6a6"):
-            if name in self.state:
-                _, path = run_coco(
-                    model=STUDENT, quantized=self.state[name], coco_root=root, out_dir=self.records, config=config
-                )
-                outputs[f"AP {name} (simulated, PyTorch)"] = str(path)
-        for name in ("onnx_fp32", "onnx_int8"):
-            if name in self.state:
-                pair = onnx_pair_in(self.state[name])
-                _, path = run_coco(model=STUDENT, onnx=pair, coco_root=root, out_dir=self.records, config=config)
-                outputs[f"AP {name} (ONNX Runtime)"] = str(path)
+        for target in targets:
+            result, path = run_coco(target, coco_root=self.state["coco_root"], out_dir=self.records, config=config)
+            label = (
+                f"{target.precision} (PyTorch)"
+                if isinstance(target, LoadedModel)
+                else f"{target.pair.precision} (ONNX Runtime)"
+            )
+            outputs[f"AP {result.metrics['ap']:.1f} {label}"] = str(path)
         return outputs
 
     def latency(self) -> dict[str, str]:
@@ -193,14 +184,7 @@ class Demo:
         quantization runs in float and only adds work, so their speed says nothing; the INT8 ONNX
         model is what ships."""
         config = LatencyConfig(warmup=1, repeats=self.config.latency_repeats)
-        pairs = [onnx_pair_in(self.state[n]) for n in ("onnx_fp32", "onnx_int8") if n in self.state]
-        _, notes, path = run_latency(
-            model=STUDENT,
-            checkpoint=self.state.get("checkpoint"),
-            out_dir=self.records,
-            config=config,
-            onnx_pairs=pairs,
-        )
+        _, notes, path = run_latency(self.student(), out_dir=self.records, config=config, onnx_pairs=self.onnx)
         for note in notes:
             print(f"note: {note}")
         return {"latency records (PyTorch float + ONNX Runtime)": str(path)}

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from benchmarks.records import make_record, write_records
-from benchmarks.runs import load_torch_model, stage_api
+from benchmarks.runs import LoadedModel, stage_api
 from student_models.preprocessing import list_image_files
 from student_models.synthetic import synthetic_sample
 
@@ -33,11 +33,9 @@ def everything_images(images: str | os.PathLike | None, max_images: int | None =
 
 
 def run_everything(
+    target: LoadedModel,
     *,
-    model: str,
     out_dir: str | os.PathLike,
-    checkpoint: str | None = None,
-    quantized: str | None = None,
     images: str | os.PathLike | None = None,
     max_images: int | None = None,
     generator_options: dict[str, Any] | None = None,
@@ -51,7 +49,7 @@ def run_everything(
     """
     compare_generators, methods_all = stage_api("hierarchical.compare", "compare_generators", "METHODS")
     GeneratorConfig = stage_api("hierarchical", "GeneratorConfig")
-    loaded = load_torch_model(model, checkpoint, quantized)
+    loaded = target
     config = GeneratorConfig.from_dict(generator_options or {})
     results = compare_generators(
         loaded.sam, everything_images(images, max_images), config, methods=methods or methods_all, progress=progress

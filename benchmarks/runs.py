@@ -98,27 +98,31 @@ def onnx_runner(pair: OnnxPair, num_threads: int | None = None):
     return stage_api("quantize", "OnnxSam")(pair.encoder, pair.decoder, num_threads=num_threads)
 
 
+@dataclass
+class OnnxModel:
+    """An exported pair of a registered model, run by ONNX Runtime."""
+
+    model: str
+    pair: OnnxPair
+
+
 def run_coco(
+    target: LoadedModel | OnnxModel,
     *,
-    model: str,
     coco_root: str | os.PathLike,
     out_dir: str | os.PathLike,
     config: CocoEvalConfig | None = None,
-    checkpoint: str | None = None,
-    quantized: str | None = None,
-    onnx: OnnxPair | None = None,
     progress: bool = True,
 ) -> tuple[CocoEvalResult, Path]:
-    """COCO AP of a PyTorch model, or of an ONNX pair when ``onnx`` is given; one "coco" record."""
+    """COCO AP of a PyTorch model or of an ONNX pair; writes one "coco" record."""
     config = config or CocoEvalConfig()
     predictor: BoxPredictor
-    if onnx is not None:
-        predictor = OnnxBoxPredictor(onnx_runner(onnx), config.chunk_size)
-        name, ckpt, precision = canonical_name(model), str(onnx.encoder.parent), onnx.precision
+    if isinstance(target, OnnxModel):
+        predictor = OnnxBoxPredictor(onnx_runner(target.pair), config.chunk_size)
+        name, ckpt, precision = canonical_name(target.model), str(target.pair.encoder.parent), target.pair.precision
     else:
-        loaded = load_torch_model(model, checkpoint, quantized)
-        predictor = TorchBoxPredictor(loaded.sam, config.chunk_size)
-        name, ckpt, precision = loaded.model, loaded.checkpoint, loaded.precision
+        predictor = TorchBoxPredictor(target.sam, config.chunk_size)
+        name, ckpt, precision = target.model, target.checkpoint, target.precision
     result = evaluate_coco(predictor, coco_root, config, progress)
     record = make_record(
         "coco",
@@ -137,26 +141,23 @@ def run_coco(
 
 
 def run_latency(
+    target: LoadedModel,
     *,
-    model: str,
     out_dir: str | os.PathLike,
     config: LatencyConfig | None = None,
-    checkpoint: str | None = None,
-    quantized: str | None = None,
     onnx_pairs: list[OnnxPair] = (),
     progress: bool = True,
 ) -> tuple[list[dict[str, Any]], list[str], Path]:
-    """Encoder and decoder latency of a model in PyTorch and of its exported ONNX pairs."""
-    loaded = load_torch_model(model, checkpoint, quantized)
+    """Encoder and decoder latency of a PyTorch model and of its exported ONNX pairs."""
     runner_cls = stage_api("quantize", "OnnxSam") if onnx_pairs else None
     records, notes = benchmark_latency(
-        loaded.sam,
-        loaded.model,
+        target.sam,
+        target.model,
         config,
-        checkpoint=loaded.checkpoint,
-        precision=loaded.precision,
+        checkpoint=target.checkpoint,
+        precision=target.precision,
         onnx_pairs=list(onnx_pairs),
         onnx_runner_cls=runner_cls,
         progress=progress,
     )
-    return records, notes, write_records(records, out_dir, f"latency-{loaded.model}-{loaded.precision}")
+    return records, notes, write_records(records, out_dir, f"latency-{target.model}-{target.precision}")
