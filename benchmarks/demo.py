@@ -10,6 +10,7 @@ whose stage API is missing is reported as skipped with the reason, and the demo 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 import time
@@ -22,7 +23,16 @@ from benchmarks.coco_eval import CocoEvalConfig
 from benchmarks.latency import LatencyConfig, OnnxPair
 from benchmarks.records import load_records
 from benchmarks.report import render_report
-from benchmarks.runs import LoadedModel, OnnxModel, StageMissingError, onnx_pair_in, run_coco, run_latency, stage_api
+from benchmarks.runs import (
+    LoadedModel,
+    OnnxModel,
+    StageMissingError,
+    onnx_pair_in,
+    quantized_precision,
+    run_coco,
+    run_latency,
+    stage_api,
+)
 from benchmarks.synthetic_coco import write_synthetic_coco
 from student_models import build_sam
 from student_models.synthetic import synthetic_sample
@@ -38,13 +48,16 @@ class DemoConfig:
         distill_steps: optimiser steps of the distillation (a smoke run, not a trained model).
         coco_images: generated images in the synthetic COCO set (or the first N of ``coco_root``).
         calib_images: generated calibration images for post-training quantization.
-        search_alphas: scale candidates per layer in the quantization search (the paper uses 100).
+        search_method: the quantization scale-search ranking; "mse" (output MSE) is the cheap
+            fallback, "hessian" the paper's metric (several times slower: it back-propagates).
+        search_alphas: scale candidates per layer, searched in one round (the paper: 100, 3 rounds).
         latency_repeats: timed repeats per latency figure.
     """
 
     distill_steps: int = 3
     coco_images: int = 6
     calib_images: int = 2
+    search_method: str = "mse"
     search_alphas: int = 20
     latency_repeats: int = 5
     seed: int = 0
@@ -128,18 +141,31 @@ class Demo:
 
     def quantize(self) -> dict[str, str]:
         PTQConfig, quantize_ = stage_api("quantize", "PTQConfig", "quantize_")
+        save_quantized = getattr(importlib.import_module("quantize"), "save_quantized", None)
         calib = [synthetic_sample(2000 + i)[0] for i in range(self.config.calib_images)]
         outputs = {}
         for bits in (8, 6):
             student = self.student()
-            config = PTQConfig(w_bits=bits, a_bits=bits, num_calib=len(calib), num_alphas=self.config.search_alphas)
+            config = PTQConfig(
+                w_bits=bits,
+                a_bits=bits,
+                method=self.config.search_method,
+                num_alphas=self.config.search_alphas,
+                rounds=1,
+                num_calib=len(calib),
+                max_prompts=2,
+            )
             report = quantize_(student.sam, config, calib)
             name = f"w{bits}a{bits}"
-            self.quantized[name] = LoadedModel(student.sam, STUDENT, student.checkpoint, f"{name}-sim")
-            path = self.out / "quantize" / f"{name}_report.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(dataclasses.asdict(report), indent=1, default=str))
-            outputs[f"W{bits}A{bits} quantization report"] = str(path)
+            self.quantized[name] = LoadedModel(
+                student.sam, STUDENT, student.checkpoint, quantized_precision(student.sam)
+            )
+            folder = self.out / "quantize"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{name}_report.json").write_text(json.dumps(dataclasses.asdict(report), indent=1, default=str))
+            outputs[f"W{bits}A{bits} quantization report"] = str(folder / f"{name}_report.json")
+            if save_quantized is not None:
+                outputs[f"W{bits}A{bits} model (simulated)"] = str(save_quantized(student.sam, folder / f"{name}.pt"))
         return outputs
 
     def export(self) -> dict[str, str]:

@@ -55,18 +55,15 @@ class LoadedModel:
 
 def quantized_precision(sam: Sam) -> str:
     """ "w8a8-sim"-style label of a simulated-quantized model from its recorded config, else "fp32"."""
-    config = getattr(sam, "ptq_config", None) or getattr(sam, "quant_config", None)
-    if config is None:
-        return "fp32"
-    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    return f"w{data['w_bits']}a{data['a_bits']}-sim"
+    config = getattr(sam, "ptq_config", None)  # set by quantize_ and load_quantized
+    return "fp32" if config is None else f"w{config.w_bits}a{config.a_bits}-sim"
 
 
 def load_torch_model(model: str, checkpoint: str | None = None, quantized: str | None = None) -> LoadedModel:
     """A registered model (random init or ``checkpoint``), or a simulated-quantized file."""
     if quantized is not None:
         load_quantized = stage_api("quantize", "load_quantized")
-        sam = load_quantized(quantized)
+        sam = load_quantized(quantized, model_name=model)
         return LoadedModel(sam, canonical_name(model), str(quantized), quantized_precision(sam))
     return LoadedModel(build_sam(model, checkpoint=checkpoint), canonical_name(model), checkpoint, "fp32")
 
