@@ -1,0 +1,49 @@
+"""Loading what to benchmark: ONNX precision detection, missing files and missing stage APIs."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from benchmarks.runs import StageMissingError, load_torch_model, onnx_pair, onnx_pair_in, stage_api
+
+
+def _write_graph(path, quantized: bool) -> None:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    if quantized:
+        scale = helper.make_tensor("s", TensorProto.FLOAT, [], [0.1])
+        zero = helper.make_tensor("z", TensorProto.INT8, [], [0])
+        nodes = [
+            helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+            helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"]),
+        ]
+        graph = helper.make_graph(nodes, "g", [x], [y], initializer=[scale, zero])
+    else:
+        graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    onnx.save(helper.make_model(graph), path)
+
+
+def test_onnx_precision_is_read_from_the_graph(tmp_path):
+    _write_graph(tmp_path / "encoder.onnx", quantized=True)
+    _write_graph(tmp_path / "decoder.onnx", quantized=False)
+    assert onnx_pair_in(tmp_path).precision == "int8"
+    assert onnx_pair(tmp_path / "decoder.onnx", tmp_path / "decoder.onnx").precision == "fp32"
+
+
+def test_missing_onnx_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"encoder.onnx: no such ONNX file \(export one with quantize"):
+        onnx_pair_in(tmp_path)
+
+
+def test_missing_stage_api_is_a_clear_error():
+    with pytest.raises(StageMissingError, match="needs quantize.no_such_function, not found"):
+        stage_api("quantize", "no_such_function")
+    with pytest.raises(StageMissingError, match="needs the `no_such_stage` package"):
+        stage_api("no_such_stage", "anything")
+
+
+def test_load_torch_model_names_the_float_model():
+    loaded = load_torch_model("vit_t")
+    assert (loaded.model, loaded.checkpoint, loaded.precision) == ("tinyvit_5m", None, "fp32")
