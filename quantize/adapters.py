@@ -95,12 +95,10 @@ def fold_batchnorms(model: nn.Module) -> list[str]:
         if not isinstance(seq, nn.Sequential):
             continue
         children = list(seq.named_children())
-        for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
+        for (conv_name, conv), (bn_name, bn) in zip(children, children[1:], strict=False):
             if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)) or not bn.track_running_stats:
                 continue
-            factor = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(
-                bn.running_var + bn.eps
-            )
+            factor = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
             bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
             shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
             conv.weight.mul_(factor.reshape(-1, 1, 1, 1))

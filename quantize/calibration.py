@@ -42,7 +42,9 @@ def random_boxes(height: int, width: int, count: int, rng: np.random.Generator) 
     return np.concatenate([corners, corners + sides], axis=1).astype(np.float32)
 
 
-def prepare_calibration(images: Iterable[np.ndarray | Sample], num_calib: int, max_prompts: int, seed: int) -> list[CalibItem]:
+def prepare_calibration(
+    images: Iterable[np.ndarray | Sample], num_calib: int, max_prompts: int, seed: int
+) -> list[CalibItem]:
     """Up to `num_calib` images -> CalibItems; prompts are the sample's boxes, else random boxes."""
     rng = np.random.default_rng(seed)
     transform = ResizeLongestSide(1024)
@@ -90,9 +92,15 @@ def _selection(layer: QuantLayer, inputs: tuple[torch.Tensor, ...], tokens: int,
     def pick(n: int, k: int) -> torch.Tensor:
         return torch.randperm(n, generator=gen)[: min(n, k)]
 
+    def pick_with_peaks(magnitude: torch.Tensor, k: int) -> torch.Tensor:
+        """k indices: the quarter with the largest `magnitude` (outliers decide clipping), the rest random."""
+        top = magnitude.topk(min(len(magnitude), max(1, k // 4))).indices
+        rest = pick(len(magnitude), k)
+        return torch.cat([top, rest[~torch.isin(rest, top)]])[: min(len(magnitude), k)]
+
     if isinstance(layer, QuantLinear):
         rows = inputs[0].reshape(-1, inputs[0].shape[-1])
-        idx = pick(len(rows), tokens)
+        idx = pick_with_peaks(rows.abs().amax(dim=1), tokens)
         return (rows[idx],), lambda out: out.reshape(-1, out.shape[-1])[idx], layer.float_forward
     if isinstance(layer, QuantConv2d):
         x = inputs[0]
@@ -103,6 +111,10 @@ def _selection(layer: QuantLayer, inputs: tuple[torch.Tensor, ...], tokens: int,
         th, tw = min(side, out_h), min(side, out_w)
         b = int(pick(x.shape[0], 1))
         oy, ox = int(pick(out_h - th + 1, 1)), int(pick(out_w - tw + 1, 1))
+        if int(pick(2, 1)) == 0:  # half of the crops around the input's largest value
+            peak = int(x[b].abs().amax(dim=0).argmax())
+            py, px = (peak // x.shape[3] + ph) // sh, (peak % x.shape[3] + pw) // sw
+            oy, ox = min(max(py - th // 2, 0), out_h - th), min(max(px - tw // 2, 0), out_w - tw)
         padded = F.pad(x[b : b + 1], (pw, pw, ph, ph))
         crop = padded[:, :, oy * sh : oy * sh + (th - 1) * sh + dh * (kh - 1) + 1,
                       ox * sw : ox * sw + (tw - 1) * sw + dw * (kw - 1) + 1]  # fmt: skip
@@ -116,7 +128,9 @@ def _selection(layer: QuantLayer, inputs: tuple[torch.Tensor, ...], tokens: int,
         x = inputs[0]
         b = int(pick(x.shape[0], 1))
         stride = layer.stride
-        exact_crop = tuple(layer.kernel_size) == tuple(stride) and not any(layer.padding) and not any(layer.output_padding)
+        exact_crop = (
+            tuple(layer.kernel_size) == tuple(stride) and not any(layer.padding) and not any(layer.output_padding)
+        )
         if not exact_crop:  # no clean crop: keep one whole batch entry
             return (x[b : b + 1],), lambda out: out[b : b + 1], layer.float_forward
         side = max(1, int(tokens**0.5) // stride[0])
@@ -125,15 +139,19 @@ def _selection(layer: QuantLayer, inputs: tuple[torch.Tensor, ...], tokens: int,
         crop = x[b : b + 1, :, iy : iy + th, ix : ix + tw]
         return (
             (crop,),
-            lambda out: out[b : b + 1, :, iy * stride[0] : (iy + th) * stride[0], ix * stride[1] : (ix + tw) * stride[1]],
+            lambda out: out[
+                b : b + 1, :, iy * stride[0] : (iy + th) * stride[0], ix * stride[1] : (ix + tw) * stride[1]
+            ],
             layer.float_forward,
         )
     a, b_ = torch.broadcast_tensors(inputs[0][..., :1, :1], inputs[1][..., :1, :1])  # common batch shape
     batch = a.shape[:-2]
     a = inputs[0].expand(*batch, *inputs[0].shape[-2:]).reshape(-1, *inputs[0].shape[-2:])
     bm = inputs[1].expand(*batch, *inputs[1].shape[-2:]).reshape(-1, *inputs[1].shape[-2:])
-    rows = pick(a.shape[1], 64)
-    groups = pick(a.shape[0], max(1, tokens // len(rows)))
+    rows = pick_with_peaks(a.abs().amax(dim=(0, 2)), 64)
+    groups = pick_with_peaks(
+        torch.maximum(a.abs().amax(dim=(1, 2)), bm.abs().amax(dim=(1, 2))), max(1, tokens // len(rows))
+    )
     return (
         (a[groups][:, rows], bm[groups]),
         lambda out: out.reshape(-1, *out.shape[-2:])[groups][:, rows],
@@ -160,7 +178,9 @@ class LayerCalibrator:
             calibrator.reset()
         self.inputs, self.grads = [], []
 
-    def collect(self, inputs: tuple[torch.Tensor, ...], output: torch.Tensor, tokens: int, gen: torch.Generator) -> None:
+    def collect(
+        self, inputs: tuple[torch.Tensor, ...], output: torch.Tensor, tokens: int, gen: torch.Generator
+    ) -> None:
         for calibrator, x in zip(self.amax, inputs, strict=True):
             calibrator.collect(x)
         sampled, take_output, self.op = _selection(self.layer, tuple(x.detach() for x in inputs), tokens, gen)
@@ -182,7 +202,9 @@ def fisher_task_loss(masks: torch.Tensor, iou: torch.Tensor, gen: torch.Generato
     return F.binary_cross_entropy_with_logits(masks, pixel_labels) + F.cross_entropy(iou, token)
 
 
-def collect(sam: nn.Module, layers: dict[str, QuantLayer], items: list[CalibItem], with_grads: bool, tokens: int, seed: int) -> dict[str, LayerCalibrator]:
+def collect(
+    sam: nn.Module, layers: dict[str, QuantLayer], items: list[CalibItem], with_grads: bool, tokens: int, seed: int
+) -> dict[str, LayerCalibrator]:
     """Run the float model over `items` with hooks on `layers`; gradients of `fisher_task_loss` if asked."""
     gen = torch.Generator().manual_seed(seed)
     calibrators = {name: LayerCalibrator(layer) for name, layer in layers.items()}

@@ -25,18 +25,23 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
 from segment_anything.modeling import Sam
 
 from quantize.modules import ActQuantizer, QuantLayer, WeightQuantizer
 from quantize.onnx_modules import DecoderForExport, EncoderForExport
 from quantize.onnx_runtime import open_session, session_options
+from quantize.qdq_graph import fold_weight_quantization, prune
 
 OPSET = 17
-# Agreement required between ORT and PyTorch, as max |diff| / max |reference| over the probe outputs.
-# float32: summation-order noise only. int8: rounding of values that sit on a quantization
-# boundary can flip by one step in one of the two runtimes and propagate, so the bound is looser.
-TOLERANCE = {"float32": 1e-3, "int8": 5e-2}
+# Agreement required between ORT and PyTorch, relative to the reference output's scale:
+# rms = RMS(ort - torch) / RMS(torch) and max = max|ort - torch| / max|torch|. float32 differs by
+# summation order only. For int8, a value on a rounding boundary can land one step apart in the two
+# runtimes (summation order differs) and the step propagates; in random-weight models this chaos
+# is large. So an int8 graph passes when its RMS difference is under 2e-2, or under half of the
+# model's own quantization error (RMS of float vs simulated on the same probe): a wrong scale,
+# zero point or layout gives differences of the order of the signal, far above either bound.
+TOLERANCE = {"float32": {"rms": 1e-4, "max": 1e-3}, "int8": {"rms": 2e-2, "max": 1.0}}
+INT8_RELATIVE_TO_QUANT_ERROR = 0.5
 
 
 class ExportCheckError(RuntimeError):
@@ -45,12 +50,12 @@ class ExportCheckError(RuntimeError):
 
 @dataclass
 class ExportCheck:
-    """ORT vs PyTorch on the probe inputs: relative max difference per output, and the bound."""
+    """ORT vs PyTorch on the probe inputs: relative RMS and max difference per output, and the bounds."""
 
     file: str
     precision: str
-    max_rel_diff: dict[str, float]
-    tolerance: float
+    rel_diff: dict[str, float]
+    tolerance: dict[str, float]
     passed: bool
 
 
@@ -87,41 +92,6 @@ def export_mode(sam: Sam, precision: str) -> Iterator[None]:
             q.enabled, q.export_int8 = enabled, export_int8
 
 
-def _fold_weight_quantization(model: onnx.ModelProto) -> onnx.ModelProto:
-    """QuantizeLinear on a constant weight -> an int8 initializer feeding the DequantizeLinear directly."""
-    graph = model.graph
-    inits = {init.name: init for init in graph.initializer}
-    constants = {
-        node.output[0]: node for node in graph.node if node.op_type == "Constant" and node.attribute[0].name == "value"
-    }
-
-    def const(name: str) -> np.ndarray | None:
-        if name in inits:
-            return numpy_helper.to_array(inits[name])
-        if name in constants:
-            return numpy_helper.to_array(constants[name].attribute[0].t)
-        return None
-
-    removed = []
-    for node in graph.node:
-        if node.op_type != "QuantizeLinear":
-            continue
-        weight = const(node.input[0])
-        if weight is None:
-            continue
-        scale, zero_point = const(node.input[1]), const(node.input[2])
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-        shape = [1] * weight.ndim
-        if scale.ndim:
-            shape[axis] = -1
-        q = np.clip(np.rint(weight / scale.reshape(shape)) + zero_point.reshape(shape), -128, 127).astype(np.int8)
-        graph.initializer.append(numpy_helper.from_array(q, node.output[0]))
-        removed.append(node)
-    for node in removed:
-        graph.node.remove(node)
-    return model
-
-
 def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], dynamic) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -130,30 +100,43 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str],
             opset_version=OPSET, dynamo=False, do_constant_folding=True,
         )  # fmt: skip
     model = onnx.load(str(path))
-    model = _fold_weight_quantization(model)
+    fold_weight_quantization(model)
+    prune(model)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
 
 
-def _compare(session, feeds: dict[str, np.ndarray], expected: dict[str, torch.Tensor], name: str, precision: str) -> ExportCheck:
+def _relative_rms(value: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.sqrt(((value - ref) ** 2).mean() / max((ref**2).mean(), 1e-12)))
+
+
+def _compare(session, feeds: dict[str, np.ndarray], expected: dict[str, torch.Tensor], name: str,
+             precision: str, float_outputs: dict[str, torch.Tensor] | None = None) -> ExportCheck:  # fmt: skip
     got = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True))
-    diffs = {}
+    diffs, tolerance = {}, dict(TOLERANCE[precision])
     for key, ref in expected.items():
-        ref = ref.detach().numpy()
-        diffs[key] = float(np.abs(got[key] - ref).max() / max(np.abs(ref).max(), 1e-6))
-    tolerance = TOLERANCE[precision]
-    return ExportCheck(name, precision, diffs, tolerance, all(d <= tolerance for d in diffs.values()))
+        ref = ref.detach().numpy().astype(np.float64)
+        diffs[f"{key}.rms"] = _relative_rms(got[key], ref)
+        diffs[f"{key}.max"] = float(np.abs(got[key] - ref).max() / max(np.abs(ref).max(), 1e-6))
+        if float_outputs is not None:
+            quant_error = _relative_rms(float_outputs[key].numpy(), ref)
+            diffs[f"{key}.quant_error_rms"] = quant_error
+            tolerance[f"{key}.rms"] = max(tolerance["rms"], INT8_RELATIVE_TO_QUANT_ERROR * quant_error)
+    passed = all(
+        value <= tolerance.get(key, tolerance[key.rsplit(".", 1)[1]])
+        for key, value in diffs.items()
+        if not key.endswith("quant_error_rms")
+    )
+    return ExportCheck(name, precision, diffs, tolerance, passed)
 
 
 def count_kernels(path: str | os.PathLike) -> dict[str, int]:
     """Op types of the graph ORT actually runs (after ORT_ENABLE_ALL optimisation), with counts."""
-    import onnxruntime as ort
-
     options = session_options(level="all")
     options.log_severity_level = 3  # the NCHWc note about hardware-specific graphs is expected here
     optimized = str(path) + ".optimized.tmp"
     options.optimized_model_filepath = optimized
-    ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    open_session(path, options=options)
     counts: dict[str, int] = {}
     for node in onnx.load(optimized).graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
@@ -163,13 +146,11 @@ def count_kernels(path: str | os.PathLike) -> dict[str, int]:
 
 def write_ort_format(path: Path) -> Path:
     """Write the ORT-format (.ort) file ONNX Runtime Mobile loads, optimised at the portable "extended" level."""
-    import onnxruntime as ort
-
     target = path.with_suffix(".ort")
     options = session_options(level="extended")
     options.optimized_model_filepath = str(target)
     options.add_session_config_entry("session.save_model_format", "ORT")
-    ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    open_session(path, options=options)
     return target
 
 
@@ -191,12 +172,18 @@ def layer_placement(sam: Sam, precision: str) -> tuple[list[str], list[str], lis
                 layer.weight_axis is None or layer.weight_quant.bits <= 8
             )
             (int8 if precision == "int8" and runs_int8 else simulated).append(name)
-    float_layers = [n for n, m in sam.named_modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d | torch.nn.ConvTranspose2d) and not isinstance(m, QuantLayer)]
+    float_layers = [
+        n
+        for n, m in sam.named_modules()
+        if isinstance(m, torch.nn.Linear | torch.nn.Conv2d | torch.nn.ConvTranspose2d) and not isinstance(m, QuantLayer)
+    ]
     return int8, simulated, float_layers
 
 
 @torch.no_grad()
-def export_onnx(sam: Sam, out_dir: str | os.PathLike, precision: str = "float32", ort_format: bool = True, prefix: str = "") -> ExportResult:
+def export_onnx(
+    sam: Sam, out_dir: str | os.PathLike, precision: str = "float32", ort_format: bool = True, prefix: str = ""
+) -> ExportResult:
     """Write ``{prefix}encoder.onnx`` and ``{prefix}decoder.onnx`` (and .ort files) for `sam` and check them.
 
     Args:
@@ -212,7 +199,14 @@ def export_onnx(sam: Sam, out_dir: str | os.PathLike, precision: str = "float32"
     if precision == "int8":
         if not layers:
             raise ValueError("int8 export needs a quantized model: run quantize_ (or load_quantized) first")
-        wide = sorted({q.bits for m in layers for q in m.modules() if isinstance(q, (ActQuantizer, WeightQuantizer)) and q.bits > 8})
+        wide = sorted(
+            {
+                q.bits
+                for m in layers
+                for q in m.modules()
+                if isinstance(q, (ActQuantizer, WeightQuantizer)) and q.bits > 8
+            }
+        )
         if wide:
             raise ValueError(f"int8 export needs widths <= 8 bits; this model has {wide}-bit quantizers")
     out_dir = Path(out_dir)
@@ -222,15 +216,25 @@ def export_onnx(sam: Sam, out_dir: str | os.PathLike, precision: str = "float32"
     result = ExportResult(precision)
     result.int8_layers, result.simulated_layers, result.float_layers = layer_placement(sam, precision)
     encoder, decoder = EncoderForExport(sam), DecoderForExport(sam)
+    float_enc = float_dec = None
+    if precision == "int8":
+        with export_mode(sam, "float32"):
+            float_emb = encoder(image)
+            float_enc = {"image_embeddings": float_emb}
     with export_mode(sam, precision):
         embedding = encoder(image)
         masks, iou = decoder(embedding, coords, labels)
+    if precision == "int8":
+        with export_mode(sam, "float32"):
+            float_masks, float_iou = decoder(embedding, coords, labels)
+            float_dec = {"low_res_masks": float_masks, "iou_predictions": float_iou}
+    with export_mode(sam, precision):
         enc_path, dec_path = out_dir / f"{prefix}encoder.onnx", out_dir / f"{prefix}decoder.onnx"
         _export(encoder, (image,), enc_path, ["image"], ["image_embeddings"], None)
         dynamic = {"point_coords": {0: "B", 1: "N"}, "point_labels": {0: "B", 1: "N"},
                    "low_res_masks": {0: "B"}, "iou_predictions": {0: "B"}}  # fmt: skip
-        _export(decoder, (embedding, coords, labels), dec_path,
-                ["image_embeddings", "point_coords", "point_labels"], ["low_res_masks", "iou_predictions"], dynamic)  # fmt: skip
+        inputs, outputs = ["image_embeddings", "point_coords", "point_labels"], ["low_res_masks", "iou_predictions"]
+        _export(decoder, (embedding, coords, labels), dec_path, inputs, outputs, dynamic)
     paths = {"encoder": enc_path, "decoder": dec_path}
     if ort_format:
         paths.update({"encoder_ort": write_ort_format(enc_path), "decoder_ort": write_ort_format(dec_path)})
@@ -239,9 +243,10 @@ def export_onnx(sam: Sam, out_dir: str | os.PathLike, precision: str = "float32"
     for key, path in paths.items():
         session = open_session(path)
         if key.startswith("encoder"):
-            check = _compare(session, enc_feeds, {"image_embeddings": embedding}, path.name, precision)
+            check = _compare(session, enc_feeds, {"image_embeddings": embedding}, path.name, precision, float_enc)
         else:
-            check = _compare(session, dec_feeds, {"low_res_masks": masks, "iou_predictions": iou}, path.name, precision)
+            expected = {"low_res_masks": masks, "iou_predictions": iou}
+            check = _compare(session, dec_feeds, expected, path.name, precision, float_dec)
         result.checks.append(check)
         result.files[key] = str(path)
         result.sizes_mb[key] = round(path.stat().st_size / 2**20, 3)
@@ -252,6 +257,6 @@ def export_onnx(sam: Sam, out_dir: str | os.PathLike, precision: str = "float32"
     if failed:
         raise ExportCheckError(
             "ONNX Runtime disagrees with PyTorch: "
-            + "; ".join(f"{c.file}: {c.max_rel_diff} > {c.tolerance}" for c in failed)
+            + "; ".join(f"{c.file}: {c.rel_diff} > {c.tolerance}" for c in failed)
         )
     return result

@@ -54,7 +54,5 @@ class DecoderForExport(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         sparse = self.embed_points(point_coords, point_labels)
         side = self.image_pe.shape[-1]
-        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
-            sparse.shape[0], -1, side, side
-        )
+        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(sparse.shape[0], -1, side, side)
         return self.mask_decoder.predict_masks(image_embeddings, self.image_pe, sparse, dense)

@@ -32,10 +32,30 @@ def session_options(num_threads: int | None = None, level: str = "all") -> ort.S
     return options
 
 
-def open_session(path: str | os.PathLike, num_threads: int | None = None) -> ort.InferenceSession:
-    """An ORT CPU session for an .onnx or .ort file."""
+# ORT's MatMulAddFusion turns MatMul + Add on static-shape 3-D inputs into Reshape -> Gemm, which
+# hides the DQ -> MatMul pattern from the later QDQ fusion and leaves the product in float.
+QDQ_DISABLED_OPTIMIZERS = ["MatMulAddFusion", "MatmulTransposeFusion"]
+
+
+def is_qdq(path: str | os.PathLike) -> bool:
+    """Whether an .onnx file holds DequantizeLinear nodes (False for .ort files, already optimised)."""
+    if not os.fspath(path).endswith(".onnx"):
+        return False
+    import onnx
+
+    return any(node.op_type == "DequantizeLinear" for node in onnx.load(os.fspath(path)).graph.node)
+
+
+def open_session(
+    path: str | os.PathLike, num_threads: int | None = None, options: ort.SessionOptions | None = None
+) -> ort.InferenceSession:
+    """An ORT CPU session for an .onnx or .ort file (QDQ graphs keep their integer MatMuls, see above)."""
+    disabled = QDQ_DISABLED_OPTIMIZERS if is_qdq(path) else []
     return ort.InferenceSession(
-        os.fspath(path), sess_options=session_options(num_threads), providers=["CPUExecutionProvider"]
+        os.fspath(path),
+        sess_options=options or session_options(num_threads),
+        providers=["CPUExecutionProvider"],
+        disabled_optimizers=disabled,
     )
 
 

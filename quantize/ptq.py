@@ -28,6 +28,7 @@ from quantize.config import PTQConfig
 from quantize.modules import QuantLayer, quantized_copy
 from quantize.onnx_modules import DecoderForExport
 from quantize.search import LayerSearchResult, search_layer
+from student_models.checkpoints import guess_model
 from student_models.data import Sample
 from student_models.tiny_vit import MatMul
 
@@ -71,9 +72,7 @@ def prepare_structure(sam: Sam) -> None:
 def find_layers(sam: Sam, config: PTQConfig) -> tuple[list[str], list[str]]:
     """(names to quantize, names kept float by pattern) among the quantizable layers of the chosen parts."""
     prefixes = tuple(PART_PREFIX[part] for part in config.parts)
-    candidates = [
-        name for name, m in sam.named_modules() if isinstance(m, QUANTIZABLE) and name.startswith(prefixes)
-    ]
+    candidates = [name for name, m in sam.named_modules() if isinstance(m, QUANTIZABLE) and name.startswith(prefixes)]
     all_layers = [name for name, m in sam.named_modules() if isinstance(m, QUANTIZABLE)]
     for pattern in config.keep_float:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in all_layers):
@@ -93,7 +92,9 @@ def probe_input_kinds(sam: Sam, names: list[str], item, config: PTQConfig) -> di
     keep_alive = []
     handles = []
     for module in sam.modules():
-        kind = "twin_softmax" if isinstance(module, nn.Softmax) else "twin_gelu" if isinstance(module, nn.GELU) else None
+        kind = (
+            "twin_softmax" if isinstance(module, nn.Softmax) else "twin_gelu" if isinstance(module, nn.GELU) else None
+        )
         if kind is not None:
 
             def remember(mod, inp, out, kind=kind):
@@ -130,7 +131,11 @@ def apply_quantized_layers(sam: Sam, kinds: dict[str, list[str]], config: PTQCon
 
 
 def quantize_(
-    sam: Sam, config: PTQConfig, calib_images: Iterable[np.ndarray | Sample], show_progress: bool = True
+    sam: Sam,
+    config: PTQConfig,
+    calib_images: Iterable[np.ndarray | Sample],
+    show_progress: bool = True,
+    model_name: str | None = None,
 ) -> QuantReport:
     """Quantize `sam` in place (fake-quantized weights and activations) and return a `QuantReport`.
 
@@ -139,9 +144,12 @@ def quantize_(
         config: the `PTQConfig`.
         calib_images: HxWx3 uint8 RGB images, or dataset `Sample`s whose boxes become the
             calibration prompts (random boxes otherwise); the first `config.num_calib` are used.
+        model_name: the `student_models` name the model was built with (recorded for
+            `save_quantized`); found from the state dict's keys and shapes when not given.
     """
     if any(isinstance(m, QuantLayer) for m in sam.modules()):
         raise ValueError("this model is already quantized; build a fresh float model to quantize again")
+    model_name = model_name or guess_model(sam.state_dict())
     items = prepare_calibration(calib_images, config.num_calib, config.max_prompts, config.seed)
     sam.eval()
     prepare_structure(sam)
@@ -168,6 +176,7 @@ def quantize_(
         }
         calibrator.reset()
     report.unused = unused
+    sam.ptq_config, sam.quantized_model_name = config, model_name
     return report
 
 

@@ -1,0 +1,109 @@
+"""CLI: quantize a SAM model, save it, export it to ONNX and summarise.
+
+    python -m quantize --model tinyvit_5m --checkpoint student.pt --w-bits 8 --a-bits 8 \\
+        --calib ../shared/data/coco_val2017_tiny --out runs/q8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from quantize.calibration import prepare_calibration
+from quantize.checkpoint import save_quantized
+from quantize.config import SEARCH_METHODS, PTQConfig
+from quantize.fidelity import TorchSam, fidelity, run_model
+from quantize.onnx_export import export_onnx
+from quantize.ptq import quantize_
+from student_models import build_sam, canonical_name
+from student_models.data import open_dataset
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m quantize", description="Post-training quantization of a SAM model."
+    )
+    parser.add_argument("--model", default="tinyvit_test", help="student_models name (default: tinyvit_test)")
+    parser.add_argument("--checkpoint", default=None, help="float checkpoint (default: random weights)")
+    parser.add_argument("--calib", default=None, help="calibration data for open_dataset (default: synthetic)")
+    parser.add_argument("--out", default="runs/quantize", help="output folder")
+    parser.add_argument("--w-bits", type=int, default=None)
+    parser.add_argument("--a-bits", type=int, default=None)
+    parser.add_argument("--method", choices=SEARCH_METHODS, default=None)
+    parser.add_argument("--alpha-candidates", type=int, default=None, help="candidates per scale search")
+    parser.add_argument("--rounds", type=int, default=None, help="alternating weight/activation rounds")
+    parser.add_argument("--keep-float", nargs="+", default=None, metavar="PATTERN", help="fnmatch layer patterns")
+    parser.add_argument("--num-calib", type=int, default=None)
+    parser.add_argument("--num-eval", type=int, default=2, help="held-out images for the fidelity summary")
+    parser.add_argument("--no-twin", action="store_true", help="plain uniform quantization everywhere")
+    parser.add_argument("--no-export", action="store_true", help="skip the ONNX export")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> PTQConfig:
+    """A PTQConfig with the dataclass defaults, overridden only where the user set a flag."""
+    given = {
+        "w_bits": args.w_bits, "a_bits": args.a_bits, "method": args.method, "num_alphas": args.alpha_candidates,
+        "rounds": args.rounds, "keep_float": args.keep_float, "num_calib": args.num_calib,
+    }  # fmt: skip
+    overrides = {key: value for key, value in given.items() if value is not None}
+    if args.no_twin:
+        overrides.update(twin_softmax=False, twin_gelu=False)
+    return PTQConfig(**overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_parser().parse_args(argv)
+    config = config_from_args(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.checkpoint is None:
+        print(f"WARNING: no --checkpoint: quantizing {args.model} with RANDOM weights (a pipeline demo only)")
+    torch.manual_seed(0)
+    sam = build_sam(args.model, args.checkpoint)
+    float_model = TorchSam(build_sam(args.model, args.checkpoint)) if args.num_eval else None
+    dataset = open_dataset(args.calib)
+    samples = [s for s in (dataset[i] for i in range(min(len(dataset), config.num_calib + args.num_eval))) if s]
+    start = time.time()
+    report = quantize_(sam, config, samples[: config.num_calib], model_name=args.model)
+    summary = {
+        "model": canonical_name(args.model),
+        "checkpoint": args.checkpoint,
+        "calibration": f"{dataset.kind}: {args.calib or 'synthetic'}",
+        "config": config.to_dict(),
+        "quantize_seconds": round(time.time() - start, 1),
+        "report": report.summary(),
+    }
+    checkpoint = save_quantized(sam, out / "quantized.pt", meta={"source_checkpoint": args.checkpoint})
+    summary["quantized_checkpoint"] = {"path": str(checkpoint), "mb": round(checkpoint.stat().st_size / 2**20, 2)}
+    held_out = samples[config.num_calib :]
+    if float_model is not None and held_out:
+        items = prepare_calibration(held_out, len(held_out), config.max_prompts, seed=1)
+        summary["fidelity_vs_float"] = {
+            "images": len(items),
+            **fidelity(run_model(float_model, items), run_model(TorchSam(sam), items)),
+        }
+    if not args.no_export:
+        summary["export"] = {}
+        for precision in ("float32", "int8") if max(config.w_bits, config.a_bits) <= 8 else ("float32",):
+            result = export_onnx(sam, out / precision, precision)
+            summary["export"][precision] = {
+                "files": result.files,
+                "sizes_mb": result.sizes_mb,
+                "checks": [c.__dict__ for c in result.checks],
+                "int8_layers": len(result.int8_layers),
+                "simulated_layers": result.simulated_layers,
+            }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "export")}, indent=2))
+    print(f"wrote {checkpoint}, ONNX files under {out}/float32 and {out}/int8, summary {out / 'summary.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Benchmark: fidelity and ORT CPU latency of our PTQ vs float and vs ORT's quantize_static.
+
+    python -m quantize.bench --model tinyvit_5m --data ../shared/data/coco_val2017_tiny --out runs/quantize_bench
+
+Calibrates on the first `--num-calib` images (GT boxes as prompts), measures on the next
+`--num-eval`, writes `bench.json` and `bench.md` (the tables of docs/bench/quantize.md) to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from quantize.calibration import prepare_calibration
+from quantize.config import PTQConfig
+from quantize.fidelity import TorchSam, fidelity, median_latency_ms, run_model
+from quantize.onnx_export import export_onnx
+from quantize.onnx_runtime import OnnxSam, box_prompts
+from quantize.ort_baseline import ort_quantize_static
+from quantize.ptq import quantize_
+from student_models import build_sam
+from student_models.data import open_dataset
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m quantize.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="tinyvit_5m")
+    parser.add_argument("--checkpoint", default=None, help="float checkpoint (default: random weights)")
+    parser.add_argument("--data", default=None, help="dataset for open_dataset (default: synthetic)")
+    parser.add_argument("--out", default="runs/quantize_bench")
+    parser.add_argument("--num-calib", type=int, default=8)
+    parser.add_argument("--num-eval", type=int, default=4)
+    parser.add_argument("--max-prompts", type=int, default=4)
+    parser.add_argument("--bits", type=int, nargs="+", default=[8, 6])
+    parser.add_argument("--methods", nargs="+", default=["hessian", "mse", "minmax"])
+    parser.add_argument("--ort-methods", nargs="+", default=["minmax", "percentile"])
+    parser.add_argument("--num-alphas", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per latency figure (median)")
+    parser.add_argument("--decoder-prompts", type=int, default=4, help="box prompts per decoder call in timing")
+    return parser
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def _latency(encoder: Path, decoder: Path, threads: int | None, repeats: int, prompts: int) -> dict[str, float]:
+    runner = OnnxSam(encoder, decoder, num_threads=threads)
+    rng = np.random.default_rng(0)
+    image = rng.standard_normal((1, 3, 1024, 1024)).astype(np.float32)
+    embedding = runner.embed(image)
+    corners = np.sort(rng.uniform(0, 1024, size=(prompts, 2, 2)), axis=1).reshape(prompts, 4)
+    coords, labels = box_prompts(corners)
+    return {
+        "encoder_ms": median_latency_ms(lambda: runner.embed(image), repeats),
+        "decoder_ms": median_latency_ms(lambda: runner.decode(embedding, coords, labels), repeats),
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    dataset = open_dataset(args.data)
+    samples = [s for s in (dataset[i] for i in range(len(dataset))) if s is not None]
+    if len(samples) < args.num_calib + args.num_eval:
+        raise ValueError(f"need {args.num_calib + args.num_eval} images, the dataset has {len(samples)}")
+    calib, evaluation = samples[: args.num_calib], samples[args.num_calib : args.num_calib + args.num_eval]
+    eval_items = prepare_calibration(evaluation, args.num_eval, args.max_prompts, seed=1)
+    calib_items = prepare_calibration(calib, args.num_calib, args.max_prompts, seed=0)
+
+    def fresh():
+        torch.manual_seed(0)
+        return build_sam(args.model, args.checkpoint)
+
+    float_sam = fresh()
+    reference = run_model(TorchSam(float_sam), eval_items)
+    records: dict = {
+        "model": args.model,
+        "weights": args.checkpoint or "random (torch.manual_seed(0))",
+        "data": str(args.data or "synthetic"),
+        "num_calib": len(calib),
+        "num_eval": len(evaluation),
+        "prompts_per_image": args.max_prompts,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "git_commit": _git_commit(),
+        "fidelity": [],
+        "latency": [],
+        "sizes_mb": {},
+    }
+    export_onnx(float_sam, out, "float32", prefix="float_")
+    files = {"float32": (out / "float_encoder.onnx", out / "float_decoder.onnx")}
+    records["fidelity"].append(
+        {"name": "float32 ONNX (ORT)", **fidelity(reference, run_model(OnnxSam(*files["float32"]), eval_items))}
+    )
+
+    for bits in args.bits:
+        for method in args.methods:
+            sam = fresh()
+            config = PTQConfig(w_bits=bits, a_bits=bits, method=method, num_calib=args.num_calib,
+                               max_prompts=args.max_prompts, num_alphas=args.num_alphas)  # fmt: skip
+            start = time.time()
+            quantize_(sam, config, calib, model_name=args.model)
+            seconds = time.time() - start
+            row = {"name": f"ours W{bits}A{bits} {method} (PyTorch, simulated)", "quantize_s": round(seconds, 1)}
+            records["fidelity"].append({**row, **fidelity(reference, run_model(TorchSam(sam), eval_items))})
+            if bits == 8 and method in (args.methods[0], "minmax"):  # the first method and the all-int8 baseline
+                result = export_onnx(sam, out, "int8", prefix=f"ours_{method}_")
+                key = f"ours INT8 {method}"
+                files[key] = (Path(result.files["encoder"]), Path(result.files["decoder"]))
+                records[f"export_{method}"] = {
+                    "checks": [c.__dict__ for c in result.checks],
+                    "int8_layers": len(result.int8_layers),
+                    "simulated_layers": result.simulated_layers,
+                    "ort_kernels": result.ort_kernels,
+                }
+                records["fidelity"].append(
+                    {"name": f"{key} (ORT)", **fidelity(reference, run_model(OnnxSam(*files[key]), eval_items))}
+                )
+
+    calib_embeddings = [TorchSam(float_sam).embed(item.image.numpy()) for item in calib_items]
+    for method in args.ort_methods:
+        start = time.time()
+        paths = ort_quantize_static(*files["float32"], calib_items, calib_embeddings, out, method)
+        key = f"ORT quantize_static {method}"
+        files[key] = paths
+        records["fidelity"].append({"name": f"{key} (ORT)", "quantize_s": round(time.time() - start, 1),
+                                    **fidelity(reference, run_model(OnnxSam(*paths), eval_items))})  # fmt: skip
+
+    for threads in (1, None):  # the same run, interleaved per thread count
+        for key, (encoder, decoder) in files.items():
+            timing = _latency(encoder, decoder, threads, args.repeats, args.decoder_prompts)
+            records["latency"].append({"name": key, "threads": threads or os.cpu_count(), **timing})
+    for key, (encoder, decoder) in files.items():
+        records["sizes_mb"][key] = {"encoder": round(encoder.stat().st_size / 2**20, 2),
+                                    "decoder": round(decoder.stat().st_size / 2**20, 2)}  # fmt: skip
+    records["total_s"] = round(time.time() - started, 1)
+    (out / "bench.json").write_text(json.dumps(records, indent=2))
+    (out / "bench.md").write_text(to_markdown(records))
+    return records
+
+
+def to_markdown(records: dict) -> str:
+    lines = [
+        "| model | SQNR embedding (dB) | SQNR mask logits (dB) | mask IoU | quantize time (s) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in records["fidelity"]:
+        lines.append(f"| {r['name']} | {r['sqnr_embedding_db']:.1f} | {r['sqnr_mask_logits_db']:.1f} | "
+                     f"{r['mask_iou']:.3f} | {r.get('quantize_s', '')} |")  # fmt: skip
+    lines += [
+        "",
+        "| model | threads | encoder (ms) | decoder (ms) | encoder speed-up vs float32 |",
+        "|---|---|---|---|---|",
+    ]
+    base = {r["threads"]: r["encoder_ms"] for r in records["latency"] if r["name"] == "float32"}
+    for r in records["latency"]:
+        lines.append(f"| {r['name']} | {r['threads']} | {r['encoder_ms']:.0f} | {r['decoder_ms']:.0f} | "
+                     f"{base[r['threads']] / r['encoder_ms']:.2f}x |")  # fmt: skip
+    lines += ["", "| model | encoder.onnx (MB) | decoder.onnx (MB) |", "|---|---|---|"]
+    for key, size in records["sizes_mb"].items():
+        lines.append(f"| {key} | {size['encoder']} | {size['decoder']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_parser().parse_args(argv)
+    records = run(args)
+    print(to_markdown(records))
+    print(f"results in {args.out}/bench.json and bench.md ({records['total_s']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

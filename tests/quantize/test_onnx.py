@@ -1,0 +1,74 @@
+"""ONNX export: ORT vs PyTorch for float32 and INT8, integer kernels, and the OnnxSam runner."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from quantize import OnnxSam, box_prompts, export_onnx, point_prompts
+from quantize.fidelity import TorchSam
+from quantize.onnx_export import TOLERANCE
+from tests.helpers import tiny_model
+
+
+@pytest.fixture(scope="module")
+def exports(quantized_tinyvit, tmp_path_factory):
+    sam, _ = quantized_tinyvit
+    out = tmp_path_factory.mktemp("onnx")
+    float_result = export_onnx(sam, out, "float32", ort_format=False, prefix="float_")
+    return sam, float_result, export_onnx(sam, out, "int8")
+
+
+def test_float_export_matches_pytorch(exports):
+    _, result, _ = exports
+    assert {c.file for c in result.checks} == {"float_encoder.onnx", "float_decoder.onnx"}
+    for check in result.checks:
+        assert check.passed and all(v <= TOLERANCE["float32"]["max"] for k, v in check.rel_diff.items()), check
+
+
+def test_int8_export_matches_simulated_model_and_uses_integer_kernels(exports):
+    _, float_result, result = exports
+    assert {c.file for c in result.checks} == {"encoder.onnx", "decoder.onnx", "encoder.ort", "decoder.ort"}
+    assert all(check.passed for check in result.checks), result.checks
+    encoder_ops = result.ort_kernels["encoder"]
+    decoder_ops = result.ort_kernels["decoder"]
+    integer_ops = ("QLinearMatMul", "MatMulIntegerToFloat", "ConvInteger", "QLinearConv", "MatMulInteger")
+    assert sum(encoder_ops.get(op, 0) for op in integer_ops) >= 10, encoder_ops
+    assert decoder_ops.get("MatMulIntegerToFloat", 0) >= 20, decoder_ops
+    assert result.sizes_mb["decoder"] < 0.5 * float_result.sizes_mb["decoder"]  # int8 weights
+    assert any("av_matmul" in name for name in result.simulated_layers)  # twin-softmax stays simulated
+
+
+def test_onnx_sam_dynamic_prompts(exports, tmp_path):
+    sam, result, _ = exports
+    runner = OnnxSam(result.files["encoder"], result.files["decoder"], num_threads=1)
+    reference = TorchSam(tiny_model("tinyvit_test"))
+    image = np.random.default_rng(0).standard_normal((1, 3, 1024, 1024)).astype(np.float32)
+    embedding = runner.embed(image)
+    np.testing.assert_allclose(embedding, reference.embed(image), atol=1e-3)
+    for coords, labels in (
+        box_prompts(np.array([[10, 20, 400, 500], [100, 100, 900, 800], [0, 0, 50, 60]])),  # B=3 boxes
+        point_prompts(np.array([[[300, 200], [310, 600]]]), np.array([[1, 0]])),  # 1 prompt, 2 points + pad
+    ):
+        masks, iou = runner.decode(embedding, coords, labels)
+        assert masks.shape == (len(coords), 4, 256, 256) and iou.shape == (len(coords), 4)
+        ref_masks, ref_iou = reference.decode(embedding, coords, labels)
+        np.testing.assert_allclose(masks, ref_masks, atol=1e-3)
+    with pytest.raises(ValueError, match="expects point_coords BxNx2 and point_labels BxN"):
+        runner.decode(embedding, np.zeros((2, 2)), np.zeros((2,)))
+
+
+def test_decoder_graph_equals_sam_prompt_encoder_and_decoder():
+    from quantize.onnx_modules import DecoderForExport
+
+    sam = tiny_model("sam_vit_test")
+    embedding = torch.randn(1, 256, 64, 64)
+    boxes = torch.tensor([[10.0, 20, 400, 500], [0, 0, 1000, 700]])
+    coords, labels = (torch.from_numpy(a) for a in box_prompts(boxes.numpy()))
+    with torch.no_grad():
+        masks, iou = DecoderForExport(sam)(embedding, coords, labels)
+        sparse, dense = sam.prompt_encoder(points=None, boxes=boxes, masks=None)
+        ref_masks, ref_iou = sam.mask_decoder.predict_masks(embedding, sam.prompt_encoder.get_dense_pe(), sparse, dense)
+    torch.testing.assert_close(masks, ref_masks, rtol=0, atol=1e-5)
+    torch.testing.assert_close(iou, ref_iou, rtol=0, atol=1e-5)

@@ -1,0 +1,71 @@
+"""quantize_ end to end on a tiny model: structure, fidelity, save/load, and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quantize import PTQConfig, load_quantized, quantize_, quantized_layers, save_quantized
+from quantize.calibration import prepare_calibration
+from quantize.fidelity import TorchSam, fidelity, run_model
+from student_models import CheckpointError, save_checkpoint
+from tests.helpers import synthetic_image, tiny_model
+from tests.quantize.conftest import FAST
+
+
+def test_quantized_model_layers_and_fidelity(quantized_tinyvit):
+    sam, report = quantized_tinyvit
+    layers = quantized_layers(sam)
+    assert "image_encoder.layers.1.blocks.0.attn.qk_matmul" in layers
+    assert "mask_decoder.transformer.layers.0.cross_attn_token_to_image.av_matmul" in layers
+    assert "mask_decoder.output_upscaling.0" in layers  # ConvTranspose2d
+    kinds = report.summary()["input_quantizers"]
+    assert kinds["twin_softmax"] > 0 and kinds["twin_gelu"] > 0
+    assert layers["image_encoder.layers.1.blocks.0.attn.av_matmul"].input_quants[0].kind == "twin_softmax"
+    assert report.unused == ["image_encoder.head"]  # TinyViT's classification head is never called
+    items = prepare_calibration([synthetic_image(5)[0]], 1, 2, seed=3)
+    scores = fidelity(run_model(TorchSam(tiny_model("tinyvit_test")), items), run_model(TorchSam(sam), items))
+    assert scores["sqnr_embedding_db"] > 12 and scores["mask_iou"] > 0.8, scores
+
+
+def test_hessian_method_on_sam_vit_decoder_keep_float():
+    sam = tiny_model("sam_vit_test")
+    config = PTQConfig(method="hessian", parts=("decoder",), keep_float=("mask_decoder.iou_prediction_head.*",), **FAST)
+    report = quantize_(sam, config, [synthetic_image(1)[0]], show_progress=False)
+    names = list(quantized_layers(sam))
+    assert names and all(n.startswith("mask_decoder.") for n in names)
+    assert not any(n.startswith("mask_decoder.iou_prediction_head") for n in names)
+    assert len(report.kept_float) == 3
+    searched = [info for info in report.layers.values() if info["error_minmax"] > 0]
+    assert searched and all(info["error"] <= info["error_minmax"] for info in searched)
+
+
+def test_save_load_round_trip(quantized_tinyvit, tmp_path):
+    sam, _ = quantized_tinyvit
+    path = save_quantized(sam, tmp_path / "q.pt")
+    payload = torch.load(path, weights_only=True)  # plain tensors and dicts only
+    assert payload["model_name"] == "tinyvit_test"
+    loaded = load_quantized(path)
+    x = torch.randn(1, 3, 1024, 1024)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.image_encoder(x), sam.image_encoder(x), rtol=0, atol=0)
+    for name, layer in quantized_layers(sam).items():
+        other = quantized_layers(loaded)[name]
+        assert [q.kind for q in other.input_quants] == [q.kind for q in layer.input_quants]
+
+
+def test_bad_input_messages(quantized_tinyvit, tmp_path):
+    with pytest.raises(ValueError, match="needs at least one calibration image"):
+        quantize_(tiny_model(), PTQConfig(**FAST), [])
+    with pytest.raises(ValueError, match="keep_float pattern 'encoder.nothing.\\*' matches no quantizable layer"):
+        quantize_(tiny_model(), PTQConfig(keep_float=("encoder.nothing.*",), **FAST), [synthetic_image(0)[0]])
+    sam, _ = quantized_tinyvit
+    path = save_quantized(sam, tmp_path / "q.pt")
+    with pytest.raises(CheckpointError, match="holds a quantized 'tinyvit_test' model, not 'sam_vit_test'"):
+        load_quantized(path, model_name="sam_vit_test")
+    float_path = tmp_path / "float.pt"
+    save_checkpoint(tiny_model(), "tinyvit_test", float_path)
+    with pytest.raises(CheckpointError, match="is not a quantized checkpoint"):
+        load_quantized(float_path)
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_(sam, PTQConfig(**FAST), [synthetic_image(0)[0]])
