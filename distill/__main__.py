@@ -42,6 +42,7 @@ def get_parser() -> argparse.ArgumentParser:
     add("--seed", type=int)
     add("--num-workers", type=int)
     add("--amp", choices=("bf16", "none"), help="autocast dtype on CUDA")
+    add("--deterministic", action=switch, help="deterministic kernels (bit-exact resume on CPU; default on)")
     add("--resume", action="store_true", help="continue from <out>/checkpoints/last.pt")
     add("--cache-only", action="store_true", help="only fill the teacher-embedding cache (resumable), then stop")
     add("--checkpoint-every", type=int, help="steps between checkpoints")

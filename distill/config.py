@@ -80,6 +80,7 @@ class DistillConfig:
     seed: int = 0
     num_workers: int = 2
     amp: str = "bf16"  # autocast dtype on CUDA; CPU runs always use float32
+    deterministic: bool = True  # deterministic kernels: bit-exact resume on CPU (on CUDA: best effort, slower)
 
     # losses: L = a*emb + b*token + c*sum_i H_i*out_i (+ ground-truth terms)
     embedding_weight: float = 1.0

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,9 +66,16 @@ class DistillResult:
 def distill(config: DistillConfig) -> DistillResult:
     """Distil `config.student` from `config.teacher`; see the module docstring. Works under torchrun."""
     runtime = setup_runtime()
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    if config.deterministic:
+        # Some CPU backward kernels (e.g. in TinyViT) otherwise differ in the last bits from run to run.
+        if runtime.device.type == "cuda":
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=runtime.device.type == "cuda")
     try:
         return _distill(config, runtime)
     finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         teardown_runtime(runtime)
 
 
