@@ -21,6 +21,16 @@ from benchmarks.records import IDENTITY_FIELDS, RECORD_KINDS, load_records
 PLOT_NAME = "ap_vs_latency.png"
 REPORT_NAME = "report.md"
 _HIDDEN = {*IDENTITY_FIELDS, "config", "timestamp"}
+_EVERYTHING_ORDER = (
+    "image",
+    "method",
+    "seconds",
+    "encoder_s",
+    "decoder_s",
+    "postprocess_s",
+    "points_prompted",
+    "masks",
+)
 _LABEL_OFFSETS = {"MobileSAM": (5, -11), "Q-TinySAM": (-20, 7)}  # points that share a latency
 
 
@@ -38,7 +48,9 @@ def _cell(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) >= 1000 or abs(value) < 0.01 and value != 0 else f"{value:.2f}"
+        if abs(value) >= 100:
+            return f"{value:.0f}"
+        return f"{value:.3g}" if 0 < abs(value) < 0.01 else f"{value:.2f}"
     return str(value)
 
 
@@ -62,7 +74,8 @@ def _with_derived(record: dict[str, Any]) -> dict[str, Any]:
         row["mparams"] = record["params"] / 1e6
     if record.get("onnx_bytes") is not None:
         row["onnx_mb"] = record["onnx_bytes"] / 2**20
-    row["checkpoint"] = Path(record["checkpoint"]).name if record.get("checkpoint") else "random init"
+    # The last two parts of a path say enough (e.g. "onnx/int8", "distill/student.pt").
+    row["checkpoint"] = "/".join(Path(record["checkpoint"]).parts[-2:]) if record.get("checkpoint") else "random init"
     return row
 
 
@@ -127,7 +140,14 @@ def render_plot(points: list[PlotPoint], path: str | os.PathLike, device: str = 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    # Our points are numbered on the plot and named in a key below it: they often share an AP
+    # (e.g. ~0 with random weights), where text labels would pile up.
+    key_lines = [f"{i}: {p.label}, {p.latency_ms:.0f} ms, AP {p.ap:.1f}" for i, p in enumerate(points, 1)]
+    # Layout in inches under the axes: x label, legend (2 lines), key, caption (3 lines).
+    label_in, legend_in, line_in = 0.55, 0.4, 0.13
+    bottom_in = label_in + legend_in + line_in * (len(key_lines) + 3) + 0.15
+    height = 4.6 + bottom_in
+    fig, ax = plt.subplots(figsize=(8.5, height))
     ax.scatter(
         [p.latency_ms for p in PUBLISHED_POINTS],
         [p.ap for p in PUBLISHED_POINTS],
@@ -135,7 +155,7 @@ def render_plot(points: list[PlotPoint], path: str | os.PathLike, device: str = 
         facecolors="none",
         edgecolors="gray",
         s=60,
-        label="published (TinySAM paper): ViTDet-H boxes, T4 TensorRT",
+        label=f"published, not comparable: {PUBLISHED_SOURCE}",
     )
     for p in PUBLISHED_POINTS:
         offset = _LABEL_OFFSETS.get(p.name, (5, 4))
@@ -146,29 +166,34 @@ def render_plot(points: list[PlotPoint], path: str | os.PathLike, device: str = 
             [p.ap for p in points],
             marker="o",
             color="tab:blue",
-            s=50,
-            label=f"ours (measured): {boxes}, {device or 'this machine'}",
+            s=40,
+            label=f"ours, measured: {boxes}, {device or 'this machine'}",
         )
-        for p in points:
-            ax.annotate(p.label, (p.latency_ms, p.ap), textcoords="offset points", xytext=(5, -10), fontsize=7)
+        for i, p in enumerate(points, 1):
+            offset = (4, 5 + 9 * ((i - 1) % 3))  # stagger numbers of points that share an AP
+            ax.annotate(
+                str(i), (p.latency_ms, p.ap), textcoords="offset points", xytext=offset, fontsize=7, color="tab:blue"
+            )
     ax.set_xscale("log")
     latencies = [p.latency_ms for p in (*PUBLISHED_POINTS, *points)]
-    ax.set_xlim(min(latencies) / 1.6, max(latencies) * 2.2)
+    ax.set_xlim(min(latencies) / 1.6, max(latencies) * 1.8)
     ax.set_xlabel("image encoder latency (ms, log scale)")
     ax.set_ylabel("COCO mask AP (%)")
-    ax.set_ylim(bottom=min([0.0, *[p.ap for p in points]]) - 2, top=max([50.0, *[p.ap for p in points]]) + 2)
+    ax.set_ylim(bottom=min([0.0, *[p.ap for p in points]]) - 3, top=max([50.0, *[p.ap for p in points]]) + 3)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
     ax.set_title("Mask AP vs image-encoder latency")
-    fig.text(
-        0.01,
-        0.01,
-        "Grey squares: published figures (another protocol and hardware), not comparable with ours.\n"
-        "Blue dots: measured here; compare only within one group.",
-        fontsize=7,
-        color="dimgray",
-    )
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.subplots_adjust(left=0.09, right=0.97, top=1 - 0.35 / height, bottom=bottom_in / height)
+    handles, labels = ax.get_legend_handles_labels()
+    legend_top = (bottom_in - label_in) / height
+    fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(0.02, legend_top), fontsize=7, frameon=False)
+    caption = [
+        *key_lines,
+        "",
+        "Grey squares: published figures from another protocol (ViTDet-H boxes) and hardware (T4, TensorRT).",
+        "Blue dots: measured here, at the encoder latency of the same model/precision/runtime. Compare within a group.",
+    ]
+    text_top = (bottom_in - label_in - legend_in) / height
+    fig.text(0.025, text_top, "\n".join(caption), fontsize=7, color="dimgray", va="top", linespacing=1.3)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
