@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.records import make_record, write_records
+from benchmarks.records import git_commit, make_record, write_records
 from benchmarks.runs import LoadedModel, stage_api
 from student_models.preprocessing import list_image_files
 from student_models.synthetic import synthetic_sample
@@ -50,6 +50,7 @@ def run_everything(
     compare_generators, methods_all = stage_api("hierarchical.compare", "compare_generators", "METHODS")
     GeneratorConfig = stage_api("hierarchical", "GeneratorConfig")
     loaded = target
+    git_commit()  # pinned before measuring
     config = GeneratorConfig.from_dict(generator_options or {})
     results = compare_generators(
         loaded.sam, everything_images(images, max_images), config, methods=methods or methods_all, progress=progress

@@ -52,14 +52,19 @@ def device_name(device: str | torch.device = "cpu") -> str:
 
 @cache
 def git_commit() -> str:
-    """The short commit of the repository this package lives in, with ``+dirty`` for local edits."""
+    """The short commit of this repository when first asked (cached for the process), ``+dirty`` when
+    tracked files differ from it. Benchmarks call it before measuring, so it names the code that ran."""
     root = Path(__file__).resolve().parents[1]
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "benchmarks"], cwd=root, capture_output=True, text=True, check=True
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
