@@ -13,7 +13,9 @@ of the order of work, never by approximating:
    resolution logits, stability scores and binary masks are the same numbers;
 3. binary masks of the candidates are kept instead of run-length encoding each one; only the masks
    that survive NMS are encoded, once, straight into the requested output form (SAM encodes every
-   candidate to RLE and decodes the survivors again for `binary_mask` output).
+   candidate to RLE and decodes the survivors again for `binary_mask` output). The price is
+   memory: a crop's candidates are held as KxHxW bool (one byte per pixel) until its NMS, e.g.
+   768 candidates of a 640x480 image = 236 MB with every filter off.
 
 Hierarchical mode (TinySAM, SPEC section 4), per crop: a sparse round on a
 `sparse_points_per_side` grid with the same filters; pixels where any mask that passed the
