@@ -39,6 +39,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=None, help="alternating weight/activation rounds")
     parser.add_argument("--keep-float", nargs="+", default=None, metavar="PATTERN", help="fnmatch layer patterns")
     parser.add_argument("--num-calib", type=int, default=None)
+    parser.add_argument("--max-prompts", type=int, default=None, help="box prompts per calibration image")
     parser.add_argument("--num-eval", type=int, default=2, help="held-out images for the fidelity summary")
     parser.add_argument("--no-twin", action="store_true", help="plain uniform quantization everywhere")
     parser.add_argument("--no-export", action="store_true", help="skip the ONNX export")
@@ -50,6 +51,7 @@ def config_from_args(args: argparse.Namespace) -> PTQConfig:
     given = {
         "w_bits": args.w_bits, "a_bits": args.a_bits, "method": args.method, "num_alphas": args.alpha_candidates,
         "rounds": args.rounds, "keep_float": args.keep_float, "num_calib": args.num_calib,
+        "max_prompts": args.max_prompts,
     }  # fmt: skip
     overrides = {key: value for key, value in given.items() if value is not None}
     if args.no_twin:

@@ -41,9 +41,10 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-prompts", type=int, default=4)
     parser.add_argument("--bits", type=int, nargs="+", default=[8, 6])
     parser.add_argument("--methods", nargs="+", default=["hessian", "mse", "minmax"])
-    parser.add_argument("--ort-methods", nargs="+", default=["minmax", "percentile"])
+    parser.add_argument("--ort-methods", nargs="*", default=["minmax", "percentile"])
     parser.add_argument("--num-alphas", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per latency figure (median)")
+    parser.add_argument("--skip-latency", action="store_true", help="fidelity only")
     parser.add_argument("--decoder-prompts", type=int, default=4, help="box prompts per decoder call in timing")
     return parser
 
@@ -138,7 +139,7 @@ def run(args: argparse.Namespace) -> dict:
         records["fidelity"].append({"name": f"{key} (ORT)", "quantize_s": round(time.time() - start, 1),
                                     **fidelity(reference, run_model(OnnxSam(*paths), eval_items))})  # fmt: skip
 
-    for threads in (1, None):  # the same run, interleaved per thread count
+    for threads in () if args.skip_latency else (1, None):  # the same run, interleaved per thread count
         for key, (encoder, decoder) in files.items():
             timing = _latency(encoder, decoder, threads, args.repeats, args.decoder_prompts)
             records["latency"].append({"name": key, "threads": threads or os.cpu_count(), **timing})
@@ -164,7 +165,7 @@ def to_markdown(records: dict) -> str:
         "| model | threads | encoder (ms) | decoder (ms) | encoder speed-up vs float32 |",
         "|---|---|---|---|---|",
     ]
-    base = {r["threads"]: r["encoder_ms"] for r in records["latency"] if r["name"] == "float32"}
+    base = {r["threads"]: r["encoder_ms"] for r in records["latency"] if r["name"] == "float32"}  # same run
     for r in records["latency"]:
         lines.append(f"| {r['name']} | {r['threads']} | {r['encoder_ms']:.0f} | {r['decoder_ms']:.0f} | "
                      f"{base[r['threads']] / r['encoder_ms']:.2f}x |")  # fmt: skip

@@ -8,7 +8,7 @@ from quantize import PTQConfig, quantize_
 from tests.helpers import synthetic_image, tiny_model
 
 # Small search settings keep the suite within its CPU budget; the algorithm is the same.
-FAST = dict(num_calib=1, max_prompts=1, num_alphas=8, rounds=1, max_split_exponent=6, search_tokens=32)
+FAST = dict(num_calib=1, max_prompts=1, num_alphas=6, rounds=1, max_split_exponent=6, search_tokens=16)
 
 
 @pytest.fixture(scope="session")

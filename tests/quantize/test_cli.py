@@ -1,0 +1,31 @@
+"""The CLI: flags reach the config, and a 6-bit run writes a loadable checkpoint and a summary."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from quantize import load_quantized, quantized_layers
+from quantize.__main__ import config_from_args, get_parser, main
+
+
+def test_cli_passes_only_given_flags():
+    args = get_parser().parse_args(["--w-bits", "6", "--keep-float", "mask_decoder.*", "--no-twin"])
+    config = config_from_args(args)
+    assert (config.w_bits, config.a_bits, config.keep_float) == (6, 8, ("mask_decoder.*",))
+    assert not config.twin_softmax and config.num_alphas == 100  # untouched fields keep the dataclass defaults
+    with pytest.raises(ValueError, match="a_bits must be an integer between 2 and 16, got 1"):
+        config_from_args(get_parser().parse_args(["--a-bits", "1"]))
+
+
+def test_cli_w6a6_run(tmp_path, capsys):
+    argv = ["--model", "sam_vit_test", "--w-bits", "6", "--a-bits", "6", "--method", "minmax", "--num-calib", "1",
+            "--max-prompts", "1", "--num-eval", "0", "--no-export", "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    assert "RANDOM weights" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["config"]["w_bits"] == 6 and summary["report"]["quantized_layers"] > 0
+    layers = quantized_layers(load_quantized(tmp_path / "quantized.pt"))
+    assert len(layers) == summary["report"]["quantized_layers"]
+    assert all(layer.input_quants[0].bits == 6 for layer in layers.values())
