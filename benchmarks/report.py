@@ -223,9 +223,8 @@ def render_report(records: list[dict[str, Any]], out_dir: str | os.PathLike) -> 
     if rows["latency"]:
         parts += ["## Latency (warm, median of repeats)", "", markdown_table(LATENCY_COLUMNS, rows["latency"]), ""]
     if rows["everything"]:
-        keys = sorted(
-            {k for r in rows["everything"] for k in r if k not in _HIDDEN and not isinstance(r[k], dict | list)}
-        )
+        found = {k for r in rows["everything"] for k, v in r.items() if k not in _HIDDEN and _is_scalar(v)}
+        keys = [k for k in _EVERYTHING_ORDER if k in found] + sorted(found - set(_EVERYTHING_ORDER))
         columns = [("model", "model"), ("precision", "precision"), ("threads", "threads"), *[(k, k) for k in keys]]
         parts += ["## Everything mode (hierarchical vs dense)", "", markdown_table(columns, rows["everything"]), ""]
     parts += [
