@@ -43,6 +43,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", nargs="+", default=["hessian", "mse", "minmax"])
     parser.add_argument("--ort-methods", nargs="*", default=["minmax", "percentile"])
     parser.add_argument("--num-alphas", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per latency figure (median)")
     parser.add_argument("--skip-latency", action="store_true", help="fidelity only")
     parser.add_argument("--decoder-prompts", type=int, default=4, help="box prompts per decoder call in timing")
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> dict:
         for method in args.methods:
             sam = fresh()
             config = PTQConfig(w_bits=bits, a_bits=bits, method=method, num_calib=args.num_calib,
-                               max_prompts=args.max_prompts, num_alphas=args.num_alphas)  # fmt: skip
+                               max_prompts=args.max_prompts, num_alphas=args.num_alphas, rounds=args.rounds)  # fmt: skip
             start = time.time()
             quantize_(sam, config, calib, model_name=args.model)
             seconds = time.time() - start
