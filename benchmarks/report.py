@@ -125,6 +125,8 @@ def plot_points(records: list[dict[str, Any]]) -> tuple[list[PlotPoint], list[st
         if rec["kind"] != "coco" or rec.get("ap") is None:
             continue
         label = f"{rec['model']} {rec['precision']} ({rec['runtime']})"
+        if not rec.get("checkpoint"):
+            label += " [random init]"
         match = latency.get((rec["model"], rec["precision"], rec["runtime"]))
         if match is None:
             unmatched.append(label)

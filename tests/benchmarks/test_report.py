@@ -55,7 +55,10 @@ def test_report_writes_tables_and_png(tmp_path):
     assert "| tinyvit_test | encoder | int8 | onnxruntime | 2 | 20.00 | 1.00 |" in text
     assert "2.00" in text  # GMACs column
     assert PUBLISHED_SOURCE in text
-    assert "Not plotted (no encoder latency record of the same model/precision/runtime): sam_vit_test fp32" in text
+    assert (
+        "Not plotted (no encoder latency record of the same model/precision/runtime): sam_vit_test fp32 (pytorch) [random init]"
+        in text
+    )
     pixels = mpimg.imread(plot)
     assert pixels.shape[0] > 400 and pixels.shape[1] > 600
     assert pixels[..., :3].std() > 0.05  # not a blank canvas
@@ -64,10 +67,10 @@ def test_report_writes_tables_and_png(tmp_path):
 def test_plot_points_use_the_encoder_latency_with_most_threads():
     points, unmatched = plot_points(_records())
     by_label = {p.label: p for p in points}
-    assert by_label["tinyvit_test fp32 (pytorch)"].latency_ms == 50.0
-    assert by_label["tinyvit_test fp32 (pytorch)"].threads == 2
-    assert by_label["tinyvit_test int8 (onnxruntime)"].ap == 11.0
-    assert unmatched == ["sam_vit_test fp32 (pytorch)"]
+    assert by_label["tinyvit_test fp32 (pytorch) [random init]"].latency_ms == 50.0
+    assert by_label["tinyvit_test fp32 (pytorch) [random init]"].threads == 2
+    assert by_label["tinyvit_test int8 (onnxruntime) [random init]"].ap == 11.0
+    assert unmatched == ["sam_vit_test fp32 (pytorch) [random init]"]
 
 
 def test_bad_records_are_errors(tmp_path):
