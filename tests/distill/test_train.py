@@ -40,6 +40,7 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("teacher_cache")
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_student_moves_towards_teacher(tmp_path):
     """`python -m distill` on real COCO images (generated ones without ../shared) beats the untrained student.
 
@@ -70,6 +71,7 @@ def test_cli_end_to_end_student_moves_towards_teacher(tmp_path):
     assert sam.mask_decoder.iou_token.weight.shape == (1, 256)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_identical_weights(tmp_path, cache_dir):
     args = [*SMALL, "--num-synthetic", "3", "--val-images", "0", "--steps", "4", "--batch-size", "1"]
     args += ["--checkpoint-every", "2", "--cache-dir", str(cache_dir)]
@@ -104,6 +106,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_torchrun_two_gloo_processes_match_one_process(tmp_path, cache_dir):
     """2 ranks x 1 image per step == 1 rank x 2 images (BatchNorm frozen: gloo has no SyncBatchNorm)."""
     args = [*SMALL, "--num-synthetic", "5", "--val-images", "1", "--steps", "2", "--freeze-bn"]
