@@ -36,7 +36,7 @@ from torch import nn
 from tqdm import tqdm
 
 from student_models import EMBED_DIM, EMBED_SIDE, IMAGE_SIZE, assemble_sam, atomic_torch_save, build_sam
-from student_models.checkpoints import _sha256, resolve_checkpoint
+from student_models.checkpoints import resolve_checkpoint, sha256_file
 from student_models.data import SegmentationDataset, SyntheticDataset
 from student_models.preprocessing import PIXEL_MEAN, PIXEL_STD, prepare_image
 
@@ -53,7 +53,7 @@ def checkpoint_identity(checkpoint: str | None, seed: int) -> str:
     """What identifies the teacher's weights: the file's sha256, or the seed of random weights."""
     if checkpoint is None:
         return f"random-init(seed={seed})"
-    return f"sha256:{_sha256(resolve_checkpoint(checkpoint))}"
+    return f"sha256:{sha256_file(resolve_checkpoint(checkpoint))}"
 
 
 def data_identity(dataset: SegmentationDataset) -> str:

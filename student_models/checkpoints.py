@@ -99,7 +99,7 @@ def _known_by_name_or_filename(checkpoint: str | os.PathLike) -> KnownCheckpoint
     return None
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -111,7 +111,7 @@ def verify_hash(path: Path, known: KnownCheckpoint) -> None:
     """Check a file against its published sha256 prefix (no-op where none is published)."""
     if known.sha256_prefix is None:
         return
-    actual = _sha256(path)
+    actual = sha256_file(path)
     if not actual.startswith(known.sha256_prefix):
         raise CheckpointError(
             f"{path}: sha256 {actual[:12]}... does not start with {known.sha256_prefix}, the published hash of "
