@@ -110,8 +110,10 @@ def run(args: argparse.Namespace) -> dict:
     for bits in args.bits:
         for method in args.methods:
             sam = fresh()
-            config = PTQConfig(w_bits=bits, a_bits=bits, method=method, num_calib=args.num_calib,
-                               max_prompts=args.max_prompts, num_alphas=args.num_alphas, rounds=args.rounds)  # fmt: skip
+            config = PTQConfig(
+                w_bits=bits, a_bits=bits, method=method, num_calib=args.num_calib, max_prompts=args.max_prompts,
+                num_alphas=args.num_alphas, rounds=args.rounds,
+            )  # fmt: skip
             start = time.time()
             quantize_(sam, config, calib, model_name=args.model)
             seconds = time.time() - start
