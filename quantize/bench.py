@@ -3,7 +3,8 @@
     python -m quantize.bench --model tinyvit_5m --data ../shared/data/coco_val2017_tiny --out runs/quantize_bench
 
 Calibrates on the first `--num-calib` images (GT boxes as prompts), measures on the next
-`--num-eval`, writes `bench.json` and `bench.md` (the tables of the quantization section of docs/BENCHMARKS.md) to `--out`.
+`--num-eval`, writes `bench.json` and `bench.md` (the tables of the quantization section of
+docs/BENCHMARKS.md) to `--out`.
 """
 
 from __future__ import annotations
