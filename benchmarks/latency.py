@@ -203,7 +203,7 @@ class _Job:
     threads: int | None
     device: torch.device
     make_targets: Callable[[], dict[str, Callable[[], Any]]]
-    file_bytes: dict[str, int] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)  # ONNX file per component, for the record
 
 
 def _torch_targets(sam: Sam, inputs: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype | None):
@@ -266,8 +266,8 @@ def benchmark_latency(
         jobs.append(_Job("pytorch", precision, threads, cpu, partial(_torch_targets, sam, inputs, cpu, None)))
         for pair in onnx_pairs:
             make = partial(_onnx_targets, pair, threads, inputs, onnx_runner_cls)
-            sizes = {"encoder": onnx_file_bytes(pair.encoder), "decoder": onnx_file_bytes(pair.decoder)}
-            jobs.append(_Job("onnxruntime", pair.precision, threads, cpu, make, sizes))
+            files = {"encoder": Path(pair.encoder), "decoder": Path(pair.decoder)}
+            jobs.append(_Job("onnxruntime", pair.precision, threads, cpu, make, files))
     if config.cuda and torch.cuda.is_available():
         cuda = torch.device("cuda")
         for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
@@ -297,7 +297,8 @@ def benchmark_latency(
                         component=component,
                         params=params[component],
                         macs=macs[component],
-                        onnx_bytes=job.file_bytes.get(component),
+                        onnx_file=str(job.files[component]) if component in job.files else None,
+                        onnx_bytes=onnx_file_bytes(job.files[component]) if component in job.files else None,
                         **timing.to_figures(),
                     )
                 )

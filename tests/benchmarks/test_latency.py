@@ -77,3 +77,29 @@ def test_config_round_trips_and_validates():
         LatencyConfig(threads=(0,))
     with pytest.raises(ValueError, match="components must be among"):
         LatencyConfig(components=("neck",))
+
+
+def test_onnx_records_name_the_file_they_timed(tmp_path):
+    encoder, decoder = tmp_path / "encoder.onnx", tmp_path / "decoder.onnx"
+    encoder.write_bytes(b"e" * 10)
+    decoder.write_bytes(b"d" * 20)
+
+    class FakeRunner:  # stands in for quantize.OnnxSam: only the timing plumbing is under test
+        def __init__(self, encoder_path, decoder_path, num_threads=None):
+            pass
+
+        def embed(self, image):
+            return image
+
+        def decode(self, embedding, coords, labels):
+            return coords, labels
+
+    config = LatencyConfig(warmup=0, repeats=1, threads=(1,), components=("encoder", "decoder"), cuda=False)
+    pair = latency.OnnxPair(encoder, decoder, "int8")
+    records, _ = benchmark_latency(
+        tiny_model(), "tinyvit_test", config, onnx_pairs=[pair], onnx_runner_cls=FakeRunner, progress=False
+    )
+    onnx = {r["component"]: r for r in records if r["runtime"] == "onnxruntime"}
+    assert (onnx["encoder"]["onnx_file"], onnx["encoder"]["onnx_bytes"]) == (str(encoder), 10)
+    assert (onnx["decoder"]["onnx_file"], onnx["decoder"]["onnx_bytes"]) == (str(decoder), 20)
+    assert all(r["onnx_file"] is None for r in records if r["runtime"] == "pytorch")
