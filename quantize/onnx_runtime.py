@@ -16,6 +16,13 @@ import os
 import numpy as np
 import onnxruntime as ort
 
+# ORT rewrites DequantizeLinear(int8 weight) -> MatMul with a float input (our twin-uniform inputs) into
+# MatMulNBits, whose default accuracy level 4 quantizes that float input again, per block of 32 values,
+# on the fly: an extra rounding the simulated model does not have (it made 10-24% of the next layer's
+# int8 inputs differ by up to 2 steps on tinyvit_test). Level 1 keeps the input in float32.
+MATMULNBITS_ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"
+MATMULNBITS_FP32 = "1"
+
 
 def session_options(num_threads: int | None = None, level: str = "all") -> ort.SessionOptions:
     """CPU session options: graph optimisation `level` ("basic", "extended", "all"); threads or ORT's default."""
@@ -26,6 +33,7 @@ def session_options(num_threads: int | None = None, level: str = "all") -> ort.S
     }
     options = ort.SessionOptions()
     options.graph_optimization_level = levels[level]
+    options.add_session_config_entry(MATMULNBITS_ACCURACY_KEY, MATMULNBITS_FP32)
     if num_threads is not None:
         options.intra_op_num_threads = num_threads
         options.inter_op_num_threads = 1
