@@ -1,0 +1,98 @@
+"""The INT8 export check, layer by layer: ORT's graph must compute what the simulated layers compute."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+import quantize.onnx_runtime
+from quantize.modules import ActQuantizer, WeightQuantizer, quantized_copy
+from quantize.onnx_export import _export, check_int8, count_kernels, export_mode
+
+
+class Block(nn.Module):
+    """fc1 (uniform int8 input) -> GELU -> fc2 (twin-uniform input, float product) -> fc3 (uniform int8 input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = quantized_copy(nn.Linear(32, 128), 8, 8, ["uniform"])
+        self.act = nn.GELU()
+        self.fc2 = quantized_copy(nn.Linear(128, 32), 8, 8, ["twin_gelu"])
+        self.fc3 = quantized_copy(nn.Linear(32, 16), 8, 8, ["uniform"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(self.fc2(self.act(self.fc1(x))))
+
+
+@torch.no_grad()
+def calibrated_block(x: torch.Tensor) -> Block:
+    """Min/max scales from one float pass over `x`, quantizers on."""
+    block = Block().eval()
+    seen: dict[ActQuantizer, float] = {}
+    hooks = [
+        q.register_forward_hook(lambda q, i, o: seen.__setitem__(q, float(i[0].abs().max())))
+        for q in block.modules()
+        if isinstance(q, ActQuantizer)
+    ]
+    block(x)
+    for hook in hooks:
+        hook.remove()
+    for quantizer, amax in seen.items():
+        quantizer.scale.fill_(amax / 127)
+        quantizer.enabled = True
+    for layer in (block.fc1, block.fc2, block.fc3):
+        layer.weight_quant.scale.copy_(layer.weight.abs().amax(dim=1) / 127)
+        layer.weight_quant.enabled = True
+    assert all(q.enabled for q in block.modules() if isinstance(q, (ActQuantizer, WeightQuantizer)))
+    return block
+
+
+@pytest.fixture()
+def exported_block(tmp_path):
+    x = torch.randn(4, 64, 32, generator=torch.Generator().manual_seed(1))
+    block = calibrated_block(x)
+    path = tmp_path / "block.onnx"
+    with torch.no_grad():
+        with export_mode(block, "float32"):
+            float_out = block(x)
+        with export_mode(block, "int8"):
+            out = block(x)
+            _export(block, (x,), path, ["x"], ["y"], None)
+    return block, path, x, {"y": out}, {"y": float_out}
+
+
+def test_int8_layers_agree_with_simulation(exported_block):
+    block, path, x, expected, float_out = exported_block
+    check = check_int8(block, path, (x,), ["x"], expected, float_out)
+    assert check.passed, check
+    assert check.info["forced_quantizers"] == 3
+    assert check.rel_diff["y.rms"] < 1e-5 and check.rel_diff["rounding_max_steps"] <= 1.001
+    kernels = count_kernels(path)
+    assert kernels.get("MatMulIntegerToFloat", 0) == 2, kernels  # fc1, fc3: integer kernels
+
+
+def test_check_catches_matmulnbits_requantizing_a_float_input(exported_block, monkeypatch):
+    """ORT's default MatMulNBits accuracy level quantizes fc2's float (twin-uniform) input again."""
+    block, path, x, expected, float_out = exported_block
+    monkeypatch.setattr(quantize.onnx_runtime, "MATMULNBITS_FP32", "4")
+    if count_kernels(path).get("MatMulNBits", 0) == 0:
+        pytest.skip("this ONNX Runtime does not rewrite DQ -> MatMul into MatMulNBits")
+    check = check_int8(block, path, (x,), ["x"], expected, float_out)
+    assert not check.passed
+    assert check.info["worst_rounding_quantizer"] == "fc3.input_quants.0"
+    assert check.rel_diff["rounding_mismatch"] > 1e-2
+
+
+def test_check_catches_a_wrong_activation_scale(exported_block):
+    block, path, x, expected, float_out = exported_block
+    model = onnx.load(str(path))
+    init = next(i for i in model.graph.initializer if i.name == "fc3.input_quants.0.scale")
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.01, init.name))
+    onnx.save(model, str(path))
+    check = check_int8(block, path, (x,), ["x"], expected, float_out)
+    assert not check.passed
+    assert check.rel_diff["y.rms"] > 1e-3
