@@ -4,7 +4,8 @@
 box prompts. `collect` runs the float model over them once with hooks on every quantizable layer
 and fills each layer's `LayerCalibrator`: the running max of every input (`MaxCalibrator`), and a
 small random selection of input values with, for the Hessian metric, the gradient of the task
-loss at the matching output positions.
+loss at the matching output positions. `collect_outputs` runs the quantized model once more for the
+output quantizers of convolutions (their input depends on the layer's own quantized input and weight).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 from tqdm import tqdm
 
-from quantize.modules import QuantConv2d, QuantConvTranspose2d, QuantLayer, QuantLinear
+from quantize.modules import ActQuantizer, QuantConv2d, QuantConvTranspose2d, QuantLayer, QuantLinear
 from quantize.onnx_modules import DecoderForExport
 from quantize.onnx_runtime import box_prompts
 from student_models.data import Sample
@@ -232,3 +233,30 @@ def collect(
             p.grad = None
             p.requires_grad_(flag)
     return calibrators
+
+
+@torch.no_grad()
+def collect_outputs(
+    sam: nn.Module, quantizers: dict[str, ActQuantizer], items: list[CalibItem], samples: int, seed: int
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Run the (quantized) model over `items` and return, per output quantizer, (max|x|, up to
+    `samples` values per call drawn at random) of the tensor it receives."""
+    gen = torch.Generator().manual_seed(seed)
+    amax = {name: MaxCalibrator() for name in quantizers}
+    values: dict[str, list[torch.Tensor]] = {name: [] for name in quantizers}
+
+    def record(name: str, x: torch.Tensor) -> None:
+        amax[name].collect(x)
+        flat = x.detach().flatten()
+        pick = torch.randperm(flat.numel(), generator=gen)[:samples]
+        values[name].append(flat[pick])
+
+    handles = [q.register_forward_pre_hook(lambda m, inp, n=name: record(n, inp[0])) for name, q in quantizers.items()]
+    decoder = DecoderForExport(sam)
+    try:
+        for item in items:
+            decoder(sam.image_encoder(item.image), item.coords, item.labels)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: (amax[name].compute_amax(), torch.cat(values[name])) for name in quantizers if values[name]}

@@ -22,6 +22,10 @@ class PTQConfig:
         alpha_min, alpha_max, num_alphas: the candidate grid s = alpha * max|x| / (2^(b-1) - 1).
         rounds: alternating weight/activation search rounds.
         twin_softmax, twin_gelu: two-range quantization of post-softmax / post-GELU inputs.
+        conv_outputs: also quantize the output of each non-pointwise convolution whose input is
+            uniformly quantized (one more rounding per such layer; scale by output MSE over the
+            alpha grid, min/max for "minmax"), so that ONNX Runtime runs it as an integer
+            QLinearConv; without it these convolutions compute in float on int8-stored weights.
         max_split_exponent: twin-softmax splits searched over 2^-k, k = 0..max_split_exponent.
         keep_float: fnmatch patterns of layer names (e.g. "mask_decoder.iou_prediction_head.*")
             left in float; a pattern that matches no quantizable layer is an error.
@@ -44,6 +48,7 @@ class PTQConfig:
     rounds: int = 3
     twin_softmax: bool = True
     twin_gelu: bool = True
+    conv_outputs: bool = True
     max_split_exponent: int = 12
     keep_float: tuple[str, ...] = ()
     num_calib: int = 8

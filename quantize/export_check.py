@@ -16,7 +16,8 @@ values in place of its own rounding (teacher forcing). Then, with the rounding d
   simulation computes; a layer that does not (a different scale, layout, or an extra rounding
   inside a fused kernel) shows up as a large fraction or a difference of more than one step;
 - the outputs agree to float precision;
-- the shipped file gives the same outputs as the instrumented one (same kernels, checked by op count).
+- the shipped file gives the same outputs as the instrumented one, which runs the same compute
+  kernels (checked by op count; exposing tensors adds only Transpose and Q/DQ re-encodings).
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ from torch import nn
 from quantize.modules import ActQuantizer
 from quantize.onnx_runtime import open_session
 
-# Scope-named nodes of the TorchScript exporter: ".../input_quants.0/QuantizeLinear" (uniform) or
-# ".../input_quants.0/Where" (twin-uniform); repeated calls get "_1", "_2"... suffixes.
-_QUANT_NODE = re.compile(r"^/(.*/input_quants\.\d+)/(QuantizeLinear|Where)(_\d+)?$")
+# Scope-named nodes of the TorchScript exporter: ".../input_quants.0/QuantizeLinear" (uniform),
+# ".../input_quants.0/Where" (twin-uniform) or ".../output_quant/QuantizeLinear" (a convolution's
+# output); repeated calls get "_1", "_2"... suffixes.
+_QUANT_NODE = re.compile(r"^/(.*/(?:input_quants\.\d+|output_quant))/(QuantizeLinear|Where)(_\d+)?$")
 ZERO_POINT = 128  # activations are uint8 with zero point 128 (see quantize.modules)
 
 

@@ -133,6 +133,19 @@ class QuantLinear(QuantLayer, nn.Linear):
 
 
 class QuantConv2d(QuantLayer, nn.Conv2d):
+    """Conv2d with a quantized input and weight, and optionally a quantized output (``output_quant``).
+
+    With an output quantizer the bias is rounded to the int32 grid of input scale x weight scale,
+    as ONNX Runtime's QLinearConv adds it, so the simulated layer is the integer one.
+    """
+
+    def init_quantizers(self, w_bits: int, a_bits: int, input_kinds: list[str]) -> None:
+        super().init_quantizers(w_bits, a_bits, input_kinds)
+        self.output_quant: ActQuantizer | None = None
+
+    def add_output_quantizer(self, bits: int) -> None:
+        self.output_quant = ActQuantizer(bits)
+
     @property
     def is_pointwise(self) -> bool:
         """A 1x1, stride-1, ungrouped, unpadded convolution: a matrix product over channels."""
@@ -143,7 +156,17 @@ class QuantConv2d(QuantLayer, nn.Conv2d):
             and self.padding in ((0, 0), "valid")
         )
 
+    def quantized_bias(self) -> torch.Tensor | None:
+        """The bias on the int32 grid (input scale x per-channel weight scale) when both quantizers are on."""
+        if self.bias is None or not (self.input_quants[0].enabled and self.weight_quant.enabled):
+            return self.bias
+        step = self.input_quants[0].scale * self.weight_quant.scale
+        return torch.round(self.bias / step) * step
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.output_quant is not None:
+            x, weight = self.input_quants[0](x), self.weight_quant(self.weight)
+            return self.output_quant(self._conv_forward(x, weight, self.quantized_bias()))
         if not (self.weight_quant.export_int8 and self.is_pointwise):
             return super().forward(x)
         # Exported as Reshape/Transpose -> MatMul with a 2-D per-channel weight, so ORT runs DQ -> MatMul
@@ -186,8 +209,24 @@ def _copy_params(source: nn.Module, target: nn.Module) -> nn.Module:
     return target
 
 
-def quantized_copy(module: nn.Module, w_bits: int, a_bits: int, input_kinds: list[str]) -> QuantLayer:
-    """A quantized layer sharing `module`'s parameters (Linear, Conv2d, ConvTranspose2d or a MatMul)."""
+def wants_output_quantizer(layer: QuantLayer, conv_outputs: bool) -> bool:
+    """Whether `layer` gets an output quantizer: a non-pointwise Conv2d with int8-runnable input and weight."""
+    return (
+        conv_outputs
+        and isinstance(layer, QuantConv2d)
+        and not layer.is_pointwise
+        and all(q.runs_int8 for q in layer.input_quants)
+        and layer.weight_quant.bits <= 8
+    )
+
+
+def quantized_copy(
+    module: nn.Module, w_bits: int, a_bits: int, input_kinds: list[str], conv_outputs: bool = False
+) -> QuantLayer:
+    """A quantized layer sharing `module`'s parameters (Linear, Conv2d, ConvTranspose2d or a MatMul).
+
+    `conv_outputs`: give a non-pointwise Conv2d with uniform input an output quantizer (disabled until calibrated).
+    """
     if isinstance(module, nn.Linear):
         layer: QuantLayer = QuantLinear(module.in_features, module.out_features, bias=module.bias is not None)
     elif isinstance(module, nn.ConvTranspose2d):
@@ -206,4 +245,6 @@ def quantized_copy(module: nn.Module, w_bits: int, a_bits: int, input_kinds: lis
         layer = QuantMatMul()
     _copy_params(module, layer)
     layer.init_quantizers(w_bits, a_bits, input_kinds)
+    if wants_output_quantizer(layer, conv_outputs):
+        layer.add_output_quantizer(a_bits)
     return layer

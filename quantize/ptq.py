@@ -23,11 +23,12 @@ from torch import nn
 from tqdm import tqdm
 
 from quantize.adapters import fold_batchnorms, install_attention_adapters, set_submodule
-from quantize.calibration import collect, prepare_calibration
+from quantize.calibration import collect, collect_outputs, prepare_calibration
 from quantize.config import PTQConfig
+from quantize.core import int_range
 from quantize.modules import QuantLayer, quantized_copy
 from quantize.onnx_modules import DecoderForExport
-from quantize.search import LayerSearchResult, search_layer
+from quantize.search import LayerSearchResult, search_layer, search_output_scale
 from student_models.checkpoints import guess_model
 from student_models.data import Sample
 from student_models.tiny_vit import MatMul
@@ -124,7 +125,7 @@ def apply_quantized_layers(sam: Sam, kinds: dict[str, list[str]], config: PTQCon
     """Swap each named layer for a quantized copy with the given input kinds; returns them by name."""
     layers = {}
     for name, input_kinds in kinds.items():
-        layer = quantized_copy(sam.get_submodule(name), config.w_bits, config.a_bits, input_kinds)
+        layer = quantized_copy(sam.get_submodule(name), config.w_bits, config.a_bits, input_kinds, config.conv_outputs)
         set_submodule(sam, name, layer)
         layers[name] = layer
     return layers
@@ -175,9 +176,30 @@ def quantize_(
             "error": result.error,
         }
         calibrator.reset()
+    calibrate_output_quantizers(sam, report, items, config)
     report.unused = unused
     sam.ptq_config, sam.quantized_model_name = config, model_name
     return report
+
+
+@torch.no_grad()
+def calibrate_output_quantizers(sam: Sam, report: QuantReport, items: list, config: PTQConfig) -> None:
+    """Set the scales of the convolutions' output quantizers from one pass of the quantized model."""
+    quantizers = {
+        name: layer.output_quant
+        for name, layer in quantized_layers(sam).items()
+        if getattr(layer, "output_quant", None) is not None
+    }
+    stats = collect_outputs(sam, quantizers, items, config.search_tokens * 1024, config.seed)
+    qmax = int_range(config.a_bits)[1]
+    for name, quantizer in quantizers.items():
+        if name not in stats:
+            continue
+        amax, values = stats[name]
+        alpha = search_output_scale(amax, values, quantizer.bits, config)
+        quantizer.scale.copy_(alpha * amax / qmax)
+        quantizer.enabled = True
+        report.layers[name]["output_alpha"] = alpha
 
 
 def quantized_layers(sam: nn.Module) -> dict[str, QuantLayer]:

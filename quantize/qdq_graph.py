@@ -2,6 +2,9 @@
 
 - `fold_weight_quantization`: QuantizeLinear on a constant float weight -> an int8 initializer
   (the file then stores int8 weights, and ORT sees the DQ(int8 constant) pattern it fuses).
+- `quantize_conv_bias`: the float bias of a DQ -> Conv -> Q convolution -> DequantizeLinear of an
+  int32 initializer on the input scale x weight scale grid, the form ORT fuses into QLinearConv
+  (the simulated layer already rounds its bias to that grid, `QuantConv2d.quantized_bias`).
 - `prune`: drop nodes whose outputs nobody reads and initializers no node reads.
 """
 
@@ -52,6 +55,46 @@ def fold_weight_quantization(model: onnx.ModelProto) -> onnx.ModelProto:
         q = np.rint(weight / scale.reshape(shape)) + zero_point.reshape(shape)
         g.add_init(np.clip(q, -128, 127).astype(np.int8), node.output[0])
         g.graph.node.remove(node)
+    return model
+
+
+def quantize_conv_bias(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Turn the float bias of each DQ(activation) -> Conv <- DQ(int8 weight), Conv -> Q only, into DQ(int32 bias)."""
+    g = _Graph(model)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in g.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    inserted: dict[str, onnx.NodeProto] = {}  # by the Conv's output name
+    for node in g.graph.node:
+        if node.op_type != "Conv" or len(node.input) < 3:
+            continue
+        x_dq, w_dq = g.producers.get(node.input[0]), g.producers.get(node.input[1])
+        after = consumers.get(node.output[0], [])
+        if not (x_dq and w_dq and x_dq.op_type == w_dq.op_type == "DequantizeLinear"):
+            continue
+        if len(after) != 1 or after[0].op_type != "QuantizeLinear":
+            continue
+        bias, x_scale, w_scale = g.const(node.input[2]), g.const(x_dq.input[1]), g.const(w_dq.input[1])
+        if bias is None or x_scale is None or w_scale is None or x_scale.size != 1:
+            continue
+        step = (x_scale.astype(np.float32) * w_scale.astype(np.float32)).reshape(-1) * np.ones_like(bias)
+        name = f"{node.output[0]}_bias_int32"
+        g.add_init(np.rint(bias / step).astype(np.int32), name)
+        g.add_init(step.astype(np.float32), f"{name}_scale")
+        g.add_init(np.zeros(bias.shape, np.int32), f"{name}_zero_point")
+        dq = onnx.helper.make_node(
+            "DequantizeLinear", [name, f"{name}_scale", f"{name}_zero_point"], [f"{name}_dq"], name=f"{name}_DQ", axis=0
+        )
+        inserted[node.output[0]] = dq
+        node.input[2] = f"{name}_dq"
+    nodes = []
+    for node in g.graph.node:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        nodes += [inserted[node.output[0]], copy] if node.output and node.output[0] in inserted else [copy]
+    del g.graph.node[:]
+    g.graph.node.extend(nodes)
     return model
 
 

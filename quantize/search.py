@@ -138,3 +138,20 @@ def search_layer(calibrator: LayerCalibrator, config: PTQConfig) -> LayerSearchR
             quantizer.split.copy_(split)
             quantizer.enabled = True
     return result
+
+
+def search_output_scale(amax: torch.Tensor, values: torch.Tensor, bits: int, config: PTQConfig) -> float:
+    """Alpha of an output quantizer's scale alpha * amax / qmax: min/max (1.0) for "minmax", else the
+    candidate with the lowest MSE on the sampled output values (the output's own error; no layer
+    after it is simulated here, so "hessian" ranks by MSE too). Returns the alpha."""
+    if config.method == "minmax":
+        return 1.0
+    qmax = int_range(bits)[1]
+    alphas = torch.linspace(config.alpha_min, config.alpha_max, config.num_alphas).tolist()
+    best, best_alpha = float("inf"), 1.0
+    for alpha in [1.0, *alphas]:
+        scale = alpha * amax / qmax
+        err = float((torch.clamp(torch.round(values / scale), -qmax - 1, qmax) * scale - values).pow(2).mean())
+        if err < best:
+            best, best_alpha = err, alpha
+    return best_alpha

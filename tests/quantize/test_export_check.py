@@ -9,8 +9,22 @@ from onnx import numpy_helper
 from torch import nn
 
 import quantize.onnx_runtime
-from quantize.modules import ActQuantizer, WeightQuantizer, quantized_copy
+from quantize.modules import ActQuantizer, QuantLayer, WeightQuantizer, quantized_copy
 from quantize.onnx_export import _export, check_int8, count_kernels, export_mode
+
+
+class ConvBlock(nn.Module):
+    """3x3 conv (uniform input, quantized output: QLinearConv) -> GELU -> depthwise 3x3 conv (the same)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = quantized_copy(nn.Conv2d(8, 16, 3, stride=2, padding=1), 8, 8, ["uniform"], conv_outputs=True)
+        self.act = nn.GELU()
+        self.conv2 = quantized_copy(nn.Conv2d(16, 16, 3, padding=1, groups=16), 8, 8, ["uniform"], conv_outputs=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.act(self.conv1(x)))
 
 
 class Block(nn.Module):
@@ -29,9 +43,9 @@ class Block(nn.Module):
 
 
 @torch.no_grad()
-def calibrated_block(x: torch.Tensor) -> Block:
+def calibrated_block(x: torch.Tensor, block: nn.Module | None = None) -> nn.Module:
     """Min/max scales from one float pass over `x`, quantizers on."""
-    block = Block().eval()
+    block = (block or Block()).eval()
     seen: dict[ActQuantizer, float] = {}
     hooks = [
         q.register_forward_hook(lambda q, i, o: seen.__setitem__(q, float(i[0].abs().max())))
@@ -44,18 +58,15 @@ def calibrated_block(x: torch.Tensor) -> Block:
     for quantizer, amax in seen.items():
         quantizer.scale.fill_(amax / 127)
         quantizer.enabled = True
-    for layer in (block.fc1, block.fc2, block.fc3):
-        layer.weight_quant.scale.copy_(layer.weight.abs().amax(dim=1) / 127)
+    for layer in (m for m in block.modules() if isinstance(m, QuantLayer)):
+        layer.weight_quant.scale.copy_(layer.weight.flatten(1).abs().amax(dim=1) / 127)
         layer.weight_quant.enabled = True
     assert all(q.enabled for q in block.modules() if isinstance(q, (ActQuantizer, WeightQuantizer)))
     return block
 
 
-@pytest.fixture()
-def exported_block(tmp_path):
-    x = torch.randn(4, 64, 32, generator=torch.Generator().manual_seed(1))
-    block = calibrated_block(x)
-    path = tmp_path / "block.onnx"
+def export_block(block: nn.Module, x: torch.Tensor, path):
+    """(the block, the int8 graph's path, x, {"y": simulated output}, {"y": float output})."""
     with torch.no_grad():
         with export_mode(block, "float32"):
             float_out = block(x)
@@ -63,6 +74,12 @@ def exported_block(tmp_path):
             out = block(x)
             _export(block, (x,), path, ["x"], ["y"], None)
     return block, path, x, {"y": out}, {"y": float_out}
+
+
+@pytest.fixture()
+def exported_block(tmp_path):
+    x = torch.randn(4, 64, 32, generator=torch.Generator().manual_seed(1))
+    return export_block(calibrated_block(x), x, tmp_path / "block.onnx")
 
 
 def test_int8_layers_agree_with_simulation(exported_block):
@@ -96,3 +113,15 @@ def test_check_catches_a_wrong_activation_scale(exported_block):
     check = check_int8(block, path, (x,), ["x"], expected, float_out)
     assert not check.passed
     assert check.rel_diff["y.rms"] > 1e-3
+
+
+def test_convolutions_with_output_quantizer_run_as_qlinearconv(tmp_path):
+    x = torch.randn(1, 8, 32, 32, generator=torch.Generator().manual_seed(2))
+    block = calibrated_block(x, ConvBlock())
+    # Output quantizers are calibrated like inputs here: min/max of the float conv outputs.
+    assert block.conv1.output_quant is not None and block.conv1.output_quant.enabled
+    block, path, x, expected, float_out = export_block(block, x, tmp_path / "conv.onnx")
+    check = check_int8(block, path, (x,), ["x"], expected, float_out)
+    assert check.passed, check
+    assert check.info["forced_quantizers"] == 4  # two inputs, two outputs
+    assert count_kernels(path).get("QLinearConv", 0) == 2
