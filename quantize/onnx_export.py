@@ -35,7 +35,7 @@ from quantize.onnx_modules import DecoderForExport, EncoderForExport
 from quantize.onnx_runtime import open_session, session_options
 from quantize.qdq_graph import fold_weight_quantization, prune, quantize_conv_bias
 
-OPSET = 17
+OPSET = 20
 # Agreement required between ORT and PyTorch, relative to the reference output's scale:
 # rms = RMS(ort - torch) / RMS(torch) and max = max|ort - torch| / max|torch|. float32 differs by
 # summation order only. An int8 graph is checked against the simulated-quantized PyTorch model with
