@@ -3,13 +3,17 @@
 Names follow `segment_anything.SamAutomaticMaskGenerator` where SAM has the setting; the three
 hierarchy settings are TinySAM's (SPEC section 4): `hierarchical`, `sparse_points_per_side` (default
 a quarter of `points_per_side`, i.e. 8x8 = 1/16 of the points) and `high_score_thresh` (a mask
-*logit*, not an IoU: pixels above it count as covered).
+*logit*, not an IoU: pixels above it count as covered). `decoder_micro_batch` is ours too: how many
+prompts the mask decoder takes at a time inside each `points_per_batch` batch (see
+`hierarchical/decoder.py`; it changes the speed, not the output).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 from typing import Any
+
+from hierarchical.decoder import MIN_MICRO_BATCH
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 
@@ -37,14 +41,23 @@ class GeneratorConfig:
     hierarchical: bool = True
     sparse_points_per_side: int | None = None
     high_score_thresh: float = 8.5
+    decoder_micro_batch: int = 4
 
     def __post_init__(self) -> None:
         if self.sparse_points_per_side is None:
             self.sparse_points_per_side = max(1, self.points_per_side // 4)
-        for name in ("points_per_side", "points_per_batch", "sparse_points_per_side", "crop_n_points_downscale_factor"):
+        positive = ("points_per_side", "points_per_batch", "sparse_points_per_side", "crop_n_points_downscale_factor")
+        for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.decoder_micro_batch, bool) or not isinstance(self.decoder_micro_batch, int):
+            raise ConfigError(f"decoder_micro_batch must be an integer, got {self.decoder_micro_batch!r}")
+        if self.decoder_micro_batch < MIN_MICRO_BATCH:
+            raise ConfigError(
+                f"decoder_micro_batch must be >= {MIN_MICRO_BATCH} (fewer prompts per decoder call change the "
+                f"outputs' last bits), got {self.decoder_micro_batch}"
+            )
         for name in ("crop_n_layers", "min_mask_region_area"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -86,5 +99,5 @@ class GeneratorConfig:
 
     def sam_kwargs(self) -> dict[str, Any]:
         """The subset that `segment_anything.SamAutomaticMaskGenerator` accepts, for side-by-side runs."""
-        ours = {"hierarchical", "sparse_points_per_side", "high_score_thresh"}
+        ours = {"hierarchical", "sparse_points_per_side", "high_score_thresh", "decoder_micro_batch"}
         return {k: v for k, v in self.to_dict().items() if k not in ours}

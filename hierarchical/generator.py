@@ -5,8 +5,10 @@ Dense mode (`hierarchical=False`) returns exactly what `segment_anything.SamAuto
 returns for the same model, image and settings (same masks, order, scores). It is faster because
 of the order of work, never by approximating:
 
-1. the crop is encoded once and the decoder is called on SAM's own `points_per_batch` chunks (so
-   its numbers are bit-identical to SAM's);
+1. the crop is encoded once; the decoder's image-side work shared by all prompts is done once per
+   crop, and the rest runs on micro-batches of a few prompts that fit in the CPU caches
+   (`hierarchical/decoder.py`: SAM's operations on the same values, bit-identical outputs);
+   filtering still follows SAM's own `points_per_batch` batches;
 2. masks failing the predicted-IoU filter are dropped on the 256x256 logits, *before* the bilinear
    upsampling to full resolution that dominates SAM's cost (SAM upsamples all 3 masks of every
    point first); bilinear upsampling treats every mask plane on its own, so the survivors' full
@@ -50,6 +52,7 @@ from segment_anything.utils.amg import (
 from torchvision.ops.boxes import batched_nms, box_area
 
 from hierarchical.config import ConfigError, GeneratorConfig
+from hierarchical.decoder import SharedImageDecoder
 from hierarchical.encoding import build_records, encode_masks
 from hierarchical.grid import coverage_from_logits, layer_point_grids, reprompt_points, scale_points
 from student_models.preprocessing import to_rgb
@@ -130,14 +133,13 @@ class HierarchicalMaskGenerator:
         )
         self.last_timing: GenerationTiming | None = None
         self._timing = GenerationTiming()
-        self._dense_pe: torch.Tensor | None = None
+        self._decoder: SharedImageDecoder | None = None
 
     @torch.no_grad()
     def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
         """HxWx3 uint8 image -> list of SAM mask records (see the class docstring)."""
         image = to_rgb(image)
         self._timing = GenerationTiming()
-        self._dense_pe = self.model.prompt_encoder.get_dense_pe()
         data, masks = self._generate_masks(image)
         start = time.perf_counter()
         if self.config.min_mask_region_area > 0:
@@ -192,6 +194,16 @@ class HierarchicalMaskGenerator:
         start = time.perf_counter()
         self.predictor.set_image(crop)
         self._timing.encoder_s += time.perf_counter() - start
+        start = time.perf_counter()
+        _, no_mask_dense = self.model.prompt_encoder(points=None, boxes=None, masks=None)
+        self._decoder = SharedImageDecoder(
+            self.model.mask_decoder,
+            self.predictor.features,
+            self.model.prompt_encoder.get_dense_pe(),
+            no_mask_dense,
+            micro_batch=self.config.decoder_micro_batch,
+        )
+        self._timing.decoder_s += time.perf_counter() - start
 
         dense_points = scale_points(self.dense_grids[layer_idx], crop_size)
         if self.config.hierarchical:
@@ -205,6 +217,7 @@ class HierarchicalMaskGenerator:
         batches += self._prompt(dense_points, crop_box, orig_size)
         self._timing.dense_points += len(dense_points)
         self.predictor.reset_image()
+        self._decoder = None
 
         start = time.perf_counter()
         data = _concat(batches)
@@ -248,14 +261,8 @@ class HierarchicalMaskGenerator:
         transformed = self.predictor.transform.apply_coords(points, self.predictor.original_size)
         coords = torch.as_tensor(transformed, device=self.predictor.device)
         labels = torch.ones(coords.shape[0], dtype=torch.int, device=coords.device)
-        sparse, dense = self.model.prompt_encoder(points=(coords[:, None, :], labels[:, None]), boxes=None, masks=None)
-        return self.model.mask_decoder(
-            image_embeddings=self.predictor.features,
-            image_pe=self._dense_pe,
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=True,
-        )
+        sparse, _ = self.model.prompt_encoder(points=(coords[:, None, :], labels[:, None]), boxes=None, masks=None)
+        return self._decoder(sparse, multimask_output=True)
 
     def _filter_batch(
         self,

@@ -26,6 +26,7 @@ def test_defaults_are_the_papers_and_round_trip():
         ({"min_mask_region_area": -1}, "min_mask_region_area must be a non-negative integer"),
         ({"points_per_side": 2, "crop_n_layers": 1, "crop_n_points_downscale_factor": 4}, "crop layer 1 would get no"),
         ({"hierarchical": "yes"}, "hierarchical must be True or False"),
+        ({"decoder_micro_batch": 2}, "decoder_micro_batch must be >= 4"),
     ],
 )
 def test_bad_settings_are_named(settings, message):
@@ -40,6 +41,6 @@ def test_unknown_setting_is_named():
 
 def test_sam_kwargs_are_accepted_by_sams_generator(tiny_sam):
     kwargs = GeneratorConfig(points_per_side=4).sam_kwargs()
-    assert "hierarchical" not in kwargs and "high_score_thresh" not in kwargs
+    assert not {"hierarchical", "high_score_thresh", "decoder_micro_batch"} & set(kwargs)
     generator = SamAutomaticMaskGenerator(tiny_sam, **kwargs)
     assert len(generator.point_grids[0]) == 16

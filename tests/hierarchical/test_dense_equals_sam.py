@@ -94,3 +94,14 @@ def test_dense_mode_equals_sams_generator_on_sam_vit():
     image, _ = synthetic_image(3, (64, 48))
     reference = SamAutomaticMaskGenerator(sam, **settings).generate(image)
     assert_same(reference, HierarchicalMaskGenerator(sam, hierarchical=False, **settings).generate(image))
+
+
+def test_dense_mode_equals_sams_generator_across_micro_batches(tiny_sam):
+    """25 points in SAM batches of 11, 11, 3: decoder micro-batches of 4 and 7, and a short batch SAM decodes."""
+    settings = dict(points_per_side=5, points_per_batch=11, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    settings["box_nms_thresh"] = 1.0
+    image, _ = synthetic_image(4, (72, 96))
+    reference = SamAutomaticMaskGenerator(tiny_sam, **settings).generate(image)
+    ours = HierarchicalMaskGenerator(tiny_sam, hierarchical=False, decoder_micro_batch=4, **settings).generate(image)
+    assert len(reference) == 75
+    assert_same(reference, ours)

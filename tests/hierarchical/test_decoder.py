@@ -1,0 +1,44 @@
+"""SharedImageDecoder returns bit for bit what SAM's MaskDecoder returns for the same prompts."""
+
+import pytest
+import torch
+
+from hierarchical.decoder import SharedImageDecoder
+
+
+def _prompts(sam, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    points = torch.rand(count, 1, 2, generator=generator) * 1024
+    labels = torch.ones(count, 1, dtype=torch.int)
+    return sam.prompt_encoder(points=(points, labels), boxes=None, masks=None)
+
+
+@pytest.fixture(scope="module")
+def image_embedding():
+    return torch.randn(1, 256, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(
+    "count, micro_batch, multimask",
+    # a SAM batch smaller than a micro-batch; exact micro-batches; short tails merged; single-mask output
+    [(1, 4, True), (3, 4, True), (8, 4, True), (13, 5, True), (30, 8, True), (13, 4, False)],
+)
+def test_equals_sams_decoder_bit_for_bit(tiny_sam, image_embedding, count, micro_batch, multimask):
+    sparse, dense = _prompts(tiny_sam, count, seed=count)
+    image_pe = tiny_sam.prompt_encoder.get_dense_pe()
+    reference = tiny_sam.mask_decoder(image_embedding, image_pe, sparse, dense, multimask)
+    decoder = SharedImageDecoder(tiny_sam.mask_decoder, image_embedding, image_pe, dense[:1], micro_batch)
+    masks, iou_pred = decoder(sparse, multimask_output=multimask)
+    assert masks.shape == reference[0].shape and iou_pred.shape == reference[1].shape
+    assert torch.equal(masks, reference[0])
+    assert torch.equal(iou_pred, reference[1])
+
+
+def test_rejects_batched_images_and_bad_micro_batch(tiny_sam, image_embedding):
+    image_pe = tiny_sam.prompt_encoder.get_dense_pe()
+    _, dense = _prompts(tiny_sam, 2, seed=0)
+    with pytest.raises(ValueError, match="one image"):
+        SharedImageDecoder(tiny_sam.mask_decoder, image_embedding.expand(2, -1, -1, -1), image_pe, dense[:1])
+    with pytest.raises(ValueError, match="micro_batch must be >= 4"):
+        SharedImageDecoder(tiny_sam.mask_decoder, image_embedding, image_pe, dense[:1], micro_batch=3)
