@@ -42,6 +42,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-prompts", type=int, default=None, help="box prompts per calibration image")
     parser.add_argument("--num-eval", type=int, default=2, help="held-out images for the fidelity summary")
     parser.add_argument("--no-twin", action="store_true", help="plain uniform quantization everywhere")
+    parser.add_argument(
+        "--no-conv-outputs", action="store_true", help="leave convolution outputs unquantized (float Conv in ONNX)"
+    )
     parser.add_argument("--no-export", action="store_true", help="skip the ONNX export")
     return parser
 
@@ -56,6 +59,8 @@ def config_from_args(args: argparse.Namespace) -> PTQConfig:
     overrides = {key: value for key, value in given.items() if value is not None}
     if args.no_twin:
         overrides.update(twin_softmax=False, twin_gelu=False)
+    if args.no_conv_outputs:
+        overrides.update(conv_outputs=False)
     return PTQConfig(**overrides)
 
 

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -58,17 +59,26 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def _latency(encoder: Path, decoder: Path, threads: int | None, repeats: int, prompts: int) -> dict[str, float]:
-    runner = OnnxSam(encoder, decoder, num_threads=threads)
+def _latency(
+    files: dict[str, tuple[Path, Path]], threads: int | None, repeats: int, prompts: int
+) -> dict[str, dict[str, float]]:
+    """Median encoder/decoder ms per model, the models interleaved within each repeat (on a shared
+    machine, load changes then hit every model alike, so their ratios stay comparable)."""
+    runners = {key: OnnxSam(encoder, decoder, num_threads=threads) for key, (encoder, decoder) in files.items()}
     rng = np.random.default_rng(0)
     image = rng.standard_normal((1, 3, 1024, 1024)).astype(np.float32)
-    embedding = runner.embed(image)
     corners = np.sort(rng.uniform(0, 1024, size=(prompts, 2, 2)), axis=1).reshape(prompts, 4)
     coords, labels = box_prompts(corners)
-    return {
-        "encoder_ms": median_latency_ms(lambda: runner.embed(image), repeats),
-        "decoder_ms": median_latency_ms(lambda: runner.decode(embedding, coords, labels), repeats),
-    }
+    embeddings = {key: runner.embed(image) for key, runner in runners.items()}  # warm-up, both parts
+    for key, runner in runners.items():
+        runner.decode(embeddings[key], coords, labels)
+    times: dict[str, dict[str, list[float]]] = {key: {"encoder_ms": [], "decoder_ms": []} for key in runners}
+    for _ in range(repeats):
+        for key, runner in runners.items():
+            times[key]["encoder_ms"].append(median_latency_ms(lambda r=runner: r.embed(image), 1, warmup=0))
+            decode = lambda r=runner, e=embeddings[key]: r.decode(e, coords, labels)  # noqa: E731
+            times[key]["decoder_ms"].append(median_latency_ms(decode, 1, warmup=0))
+    return {key: {name: statistics.median(values) for name, values in parts.items()} for key, parts in times.items()}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -143,9 +153,8 @@ def run(args: argparse.Namespace) -> dict:
         records["fidelity"].append({"name": f"{key} (ORT)", "quantize_s": round(time.time() - start, 1),
                                     **fidelity(reference, run_model(OnnxSam(*paths), eval_items))})  # fmt: skip
 
-    for threads in () if args.skip_latency else (1, None):  # the same run, interleaved per thread count
-        for key, (encoder, decoder) in files.items():
-            timing = _latency(encoder, decoder, threads, args.repeats, args.decoder_prompts)
+    for threads in () if args.skip_latency else (1, None):  # the same run, models interleaved per repeat
+        for key, timing in _latency(files, threads, args.repeats, args.decoder_prompts).items():
             records["latency"].append({"name": key, "threads": threads or os.cpu_count(), **timing})
     for key, (encoder, decoder) in files.items():
         records["sizes_mb"][key] = {"encoder": round(encoder.stat().st_size / 2**20, 2),
