@@ -44,6 +44,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bits", type=int, nargs="+", default=[8, 6])
     parser.add_argument("--methods", nargs="+", default=["hessian", "mse", "minmax"])
     parser.add_argument("--ort-methods", nargs="*", default=["minmax", "percentile"])
+    parser.add_argument("--keep-float", nargs="+", default=[], metavar="PATTERN", help="fnmatch layer patterns")
     parser.add_argument("--num-alphas", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per latency figure (median)")
@@ -123,7 +124,7 @@ def run(args: argparse.Namespace) -> dict:
             sam = fresh()
             config = PTQConfig(
                 w_bits=bits, a_bits=bits, method=method, num_calib=args.num_calib, max_prompts=args.max_prompts,
-                num_alphas=args.num_alphas, rounds=args.rounds,
+                num_alphas=args.num_alphas, rounds=args.rounds, keep_float=tuple(args.keep_float),
             )  # fmt: skip
             start = time.time()
             quantize_(sam, config, calib, model_name=args.model)
