@@ -36,6 +36,7 @@ _SETTINGS = {
     "min_mask_region_area": int,
     "sparse_points_per_side": int,
     "high_score_thresh": float,
+    "decoder_micro_batch": int,
 }
 
 
@@ -52,6 +53,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", choices=("hierarchical", "dense"), default="hierarchical")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N images")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights when no --checkpoint is given")
     parser.add_argument("--compare", action="store_true", default=False, help="benchmark SAM vs dense vs hierarchical")
     for name, kind in _SETTINGS.items():
         parser.add_argument("--" + name.replace("_", "-"), type=kind, help=f"GeneratorConfig.{name}")
@@ -69,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         if args["threads"] is not None:
             torch.set_num_threads(args["threads"])
         if args["checkpoint"] is None:
-            print(f"note: no --checkpoint, {args['model']} has random weights", file=sys.stderr)
+            print(f"note: no --checkpoint, {args['model']} has random weights (seed {args['seed']})", file=sys.stderr)
+        torch.manual_seed(args["seed"])  # random weights, and so coverage and timings, repeat from run to run
         model = build_sam(args["model"], checkpoint=args["checkpoint"])
     except (ConfigError, ImageError, CheckpointError, KeyError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -43,6 +43,16 @@ def test_dense_mode_flag(tmp_path):
     assert payload["config"]["hierarchical"] is False and payload["timing"]["sparse_points"] == 0
 
 
+def test_random_weights_repeat_with_the_seed(tmp_path):
+    path = tmp_path / "one.png"
+    Image.fromarray(synthetic_image(9, (32, 40))[0]).save(path)
+    runs = {}
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        assert main([str(path), "--out", str(tmp_path / name), "--mode", "dense", "--seed", seed, *FAST]) == 0
+        runs[name] = [r["predicted_iou"] for r in json.loads((tmp_path / name / "one.json").read_text())["annotations"]]
+    assert runs["a"] == runs["b"] != runs["c"]
+
+
 def test_argument_errors_are_clear(tmp_path, capsys):
     assert main([str(tmp_path / "missing.png"), "--out", str(tmp_path / "o")]) == 2
     assert "missing.png: no such file or folder" in capsys.readouterr().err
