@@ -55,7 +55,7 @@ class GeneratorConfig:
             raise ConfigError(f"decoder_micro_batch must be an integer, got {self.decoder_micro_batch!r}")
         if self.decoder_micro_batch < MIN_MICRO_BATCH:
             raise ConfigError(
-                f"decoder_micro_batch must be >= {MIN_MICRO_BATCH} (fewer prompts per decoder call change the "
+                f"decoder_micro_batch must be >= {MIN_MICRO_BATCH} (a single prompt per decoder call changes the "
                 f"outputs' last bits), got {self.decoder_micro_batch}"
             )
         for name in ("crop_n_layers", "min_mask_region_area"):

@@ -27,10 +27,10 @@ import torch
 from segment_anything.modeling.mask_decoder import MaskDecoder
 from segment_anything.modeling.transformer import Attention
 
-# Fewer prompts than this give the token products (7 rows a prompt) so few rows that the CPU GEMM
-# takes another path whose results differ in the last bits (measured on torch 2.14, 1 and 2
-# threads); a SAM batch this small is decoded by SAM's own code instead.
-MIN_MICRO_BATCH = 4
+# One prompt alone sends the decoder's per-prompt products down other CPU kernel paths whose
+# results differ in the last bits (measured on torch 2.14, 1 and 2 threads; 2 or more prompts match
+# SAM's batch of 64 bit for bit); a SAM batch smaller than the micro-batch goes to SAM's own code.
+MIN_MICRO_BATCH = 2
 
 
 def _project_like_sam(linear: torch.nn.Linear, tokens: torch.Tensor) -> torch.Tensor:
@@ -69,8 +69,8 @@ class SharedImageDecoder:
             raise ValueError("SharedImageDecoder takes one image: 1xCxHxW embeddings and dense prompt embedding")
         if micro_batch < MIN_MICRO_BATCH:
             raise ValueError(
-                f"micro_batch must be >= {MIN_MICRO_BATCH}, got {micro_batch}: with fewer prompts the "
-                "token products take other CPU kernels and the outputs stop matching SAM's"
+                f"micro_batch must be >= {MIN_MICRO_BATCH}, got {micro_batch}: a single prompt takes other CPU "
+                "kernels and the outputs stop matching SAM's"
             )
         self.decoder = decoder
         self.micro_batch = micro_batch

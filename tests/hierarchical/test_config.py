@@ -26,7 +26,7 @@ def test_defaults_are_the_papers_and_round_trip():
         ({"min_mask_region_area": -1}, "min_mask_region_area must be a non-negative integer"),
         ({"points_per_side": 2, "crop_n_layers": 1, "crop_n_points_downscale_factor": 4}, "crop layer 1 would get no"),
         ({"hierarchical": "yes"}, "hierarchical must be True or False"),
-        ({"decoder_micro_batch": 2}, "decoder_micro_batch must be >= 4"),
+        ({"decoder_micro_batch": 1}, "decoder_micro_batch must be >= 2"),
     ],
 )
 def test_bad_settings_are_named(settings, message):

@@ -22,7 +22,7 @@ def image_embedding():
 @pytest.mark.parametrize(
     "count, micro_batch, multimask",
     # a SAM batch smaller than a micro-batch; exact micro-batches; short tails merged; single-mask output
-    [(1, 4, True), (3, 4, True), (8, 4, True), (13, 5, True), (30, 8, True), (13, 4, False)],
+    [(1, 4, True), (3, 4, True), (8, 4, True), (13, 5, True), (30, 8, True), (13, 4, False), (7, 2, True)],
 )
 def test_equals_sams_decoder_bit_for_bit(tiny_sam, image_embedding, count, micro_batch, multimask):
     sparse, dense = _prompts(tiny_sam, count, seed=count)
@@ -40,5 +40,5 @@ def test_rejects_batched_images_and_bad_micro_batch(tiny_sam, image_embedding):
     _, dense = _prompts(tiny_sam, 2, seed=0)
     with pytest.raises(ValueError, match="one image"):
         SharedImageDecoder(tiny_sam.mask_decoder, image_embedding.expand(2, -1, -1, -1), image_pe, dense[:1])
-    with pytest.raises(ValueError, match="micro_batch must be >= 4"):
-        SharedImageDecoder(tiny_sam.mask_decoder, image_embedding, image_pe, dense[:1], micro_batch=3)
+    with pytest.raises(ValueError, match="micro_batch must be >= 2"):
+        SharedImageDecoder(tiny_sam.mask_decoder, image_embedding, image_pe, dense[:1], micro_batch=1)
