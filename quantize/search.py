@@ -18,7 +18,7 @@ import torch
 
 from quantize.calibration import LayerCalibrator
 from quantize.config import PTQConfig
-from quantize.core import int_range
+from quantize.core import int_range, quantize_symmetric
 
 
 def _stack(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -78,12 +78,17 @@ class LayerSearch:
         return total / max(self.count, 1)
 
 
+def _alpha_grid(config: PTQConfig) -> list[float]:
+    """The scale multipliers searched: `num_alphas` values from `alpha_min` to `alpha_max`."""
+    return torch.linspace(config.alpha_min, config.alpha_max, config.num_alphas).tolist()
+
+
 def search_layer(calibrator: LayerCalibrator, config: PTQConfig) -> LayerSearchResult:
     """Set the layer's quantizer buffers to the chosen scales and return what was chosen."""
     layer = calibrator.layer
     qmax = int_range(config.a_bits)[1]
     wqmax = int_range(config.w_bits)[1]
-    alphas = torch.linspace(config.alpha_min, config.alpha_max, config.num_alphas).tolist()
+    alphas = _alpha_grid(config)
     splits = [2.0**-k for k in range(config.max_split_exponent + 1)]
     amax = [c.compute_amax() for c in calibrator.amax]
     w_max = None
@@ -147,11 +152,9 @@ def search_output_scale(amax: torch.Tensor, values: torch.Tensor, bits: int, con
     if config.method == "minmax":
         return 1.0
     qmax = int_range(bits)[1]
-    alphas = torch.linspace(config.alpha_min, config.alpha_max, config.num_alphas).tolist()
     best, best_alpha = float("inf"), 1.0
-    for alpha in [1.0, *alphas]:
-        scale = alpha * amax / qmax
-        err = float((torch.clamp(torch.round(values / scale), -qmax - 1, qmax) * scale - values).pow(2).mean())
+    for alpha in [1.0, *_alpha_grid(config)]:
+        err = float((quantize_symmetric(values, alpha * amax / qmax, bits) - values).pow(2).mean())
         if err < best:
             best, best_alpha = err, alpha
     return best_alpha
