@@ -41,6 +41,7 @@ from distill.prompts import (
     to_input_coords,
     valid_lowres_region,
 )
+from student_models import IMAGE_SIZE
 
 
 class DistillError(RuntimeError):
@@ -210,25 +211,40 @@ def validation_prompts(item: DistillItem, max_prompts: int) -> PromptSet:
     return PromptSet(to_input_coords(yx)[:, None], np.ones((len(yx), 1), np.float32), None)
 
 
+def image_blind_embedding(embedding: torch.Tensor, input_size: tuple[int, int]) -> torch.Tensor:
+    """1xCxHxW -> the embedding's mean over the image's cells (padding excluded), repeated at every cell."""
+    stride = IMAGE_SIZE // embedding.shape[-1]
+    height, width = (-(-s // stride) for s in input_size)
+    mean = embedding[..., :height, :width].mean((2, 3), keepdim=True)
+    return mean.expand_as(embedding).contiguous()
+
+
 @torch.no_grad()
 def agreement(student: Sam, teacher_heads: Sam, items: Sequence[DistillItem], max_prompts: int) -> dict[str, float]:
     """Sums over validation prompts/images of student-teacher agreement, for the caller to reduce and average.
 
-    Returns {"iou": sum of mask IoU (token 0, logits > 0, image area only), "logit_l1": sum of the mean
-    |student - teacher| token-0 logit gap in the image area, "prompts": count, "embedding_l1": sum of
-    per-image mean |student - teacher| embedding gap, "images": count}. Mask IoU is the headline; the L1
-    gaps also move when the masks are not confident (e.g. random-weight test teachers, whose logits sit near 0).
+    Returns {"iou": sum of mask IoU (token 0, logits > 0, image area only), "blind_iou": the same for an
+    image-blind student, "logit_l1": sum of the mean |student - teacher| token-0 logit gap in the image area,
+    "prompts": count, "embedding_l1": sum of per-image mean |student - teacher| embedding gap, "images":
+    count}. Mask IoU is the headline; the L1 gaps also move when the masks are not confident (e.g.
+    random-weight test teachers, whose logits sit near 0).
+
+    The image-blind student gives every position the teacher embedding's mean over the image, so it knows
+    the image's average but nothing of its layout; its agreement comes from the prompts and the decoder
+    alone, and is the floor that a student's agreement should be read against.
     """
     device = next(student.parameters()).device
-    sums = dict.fromkeys(("iou", "logit_l1", "prompts", "embedding_l1", "images"), 0.0)
+    sums = dict.fromkeys(("iou", "blind_iou", "logit_l1", "prompts", "embedding_l1", "images"), 0.0)
     for item in items:
         student_emb = student.image_encoder(item.image[None].to(device)).float()
         teacher_emb = item.teacher_embedding[None].to(device)
         prompts = validation_prompts(item, max_prompts)
         s_logits = decode(student, student_emb, prompts).masks[:, 0]
         t_logits = decode(teacher_heads, teacher_emb, prompts).masks[:, 0]
+        blind_logits = decode(teacher_heads, image_blind_embedding(teacher_emb, item.input_size), prompts).masks[:, 0]
         valid = torch.from_numpy(valid_lowres_region(item.input_size)).to(device)
         sums["iou"] += float(mask_iou((s_logits > 0) & valid, (t_logits > 0) & valid).sum())
+        sums["blind_iou"] += float(mask_iou((blind_logits > 0) & valid, (t_logits > 0) & valid).sum())
         sums["logit_l1"] += float(((s_logits - t_logits).abs() * valid).flatten(1).sum(1).sum() / valid.sum())
         sums["prompts"] += prompts.num_prompts
         sums["embedding_l1"] += float((student_emb - teacher_emb).abs().mean())

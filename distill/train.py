@@ -204,6 +204,7 @@ def _distill(cfg: DistillConfig, rt: Runtime) -> DistillResult:
         model.train()
         scores = {
             "val_agreement": sums["iou"] / max(sums["prompts"], 1),
+            "val_agreement_blind": sums["blind_iou"] / max(sums["prompts"], 1),
             "val_logit_l1": sums["logit_l1"] / max(sums["prompts"], 1),
             "val_embedding_l1": sums["embedding_l1"] / max(sums["images"], 1),
         }
@@ -213,7 +214,8 @@ def _distill(cfg: DistillConfig, rt: Runtime) -> DistillResult:
         log.write({"event": "val", "step": step, "epoch": epoch, **scores})
         say(
             f"epoch {epoch}: on {len(val_set)} held-out images, student-teacher mask IoU "
-            f"{scores['val_agreement']:.3f}, logit L1 {scores['val_logit_l1']:.4f}, "
+            f"{scores['val_agreement']:.3f} (image-blind {scores['val_agreement_blind']:.3f}), "
+            f"logit L1 {scores['val_logit_l1']:.4f}, "
             f"embedding L1 {scores['val_embedding_l1']:.4f}"
         )
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 from distill.config import DistillConfig
 from distill.data import DistillItem, lowres_masks
-from distill.model import DistillStep, decode
+from distill.model import DistillStep, agreement, decode, image_blind_embedding
 from distill.prompts import PromptSet
 from student_models.preprocessing import prepare_image
 from tests.helpers import synthetic_image, tiny_model
@@ -66,3 +68,19 @@ def test_decode_returns_all_tokens(item_and_models):
     assert out.tokens.shape == (2, 5 + 2, 256)  # iou + 4 mask tokens + the point + SAM's padding point
     logits, iou = out.chosen(multimask=True)
     assert logits.shape == (2, 256, 256) and torch.equal(iou, out.iou[:, 1:].max(1).values)
+
+
+def test_agreement_counts_an_identical_student_as_perfect_and_reports_the_image_blind_floor(item_and_models):
+    student, _, item = item_and_models  # the item's teacher embedding is this student's own
+    sums = agreement(student, student, [item], max_prompts=4)
+    assert sums["iou"] == sums["prompts"] > 0 and sums["embedding_l1"] == 0 and sums["images"] == 1
+    assert 0 <= sums["blind_iou"] < sums["prompts"]  # the image's average alone does not give its masks
+    flat = replace(item, teacher_embedding=image_blind_embedding(item.teacher_embedding[None], item.input_size)[0])
+    assert agreement(student, student, [flat], max_prompts=4)["blind_iou"] == sums["prompts"]
+
+
+def test_image_blind_embedding_is_the_mean_over_the_image_cells_only():
+    embedding = torch.randn(1, 8, 64, 64)
+    blind = image_blind_embedding(embedding, (500, 1024))  # ceil(500 / 16) = 32 rows of cells hold the image
+    assert blind.shape == embedding.shape and torch.equal(blind[..., 0, 0], blind[..., 63, 63])
+    torch.testing.assert_close(blind[..., 0, 0], embedding[..., :32, :].mean((2, 3)))
