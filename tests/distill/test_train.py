@@ -18,7 +18,7 @@ import torch
 import distill.model as distill_model
 from distill import DistillConfig, DistillError, distill
 from distill.__main__ import main
-from student_models import ModelSpec, build_sam, read_checkpoint, registry
+from student_models import ModelSpec, build_sam, read_checkpoint, registry, save_checkpoint
 from tests.helpers import COCO_ROOT, synthetic_image
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,6 +34,39 @@ def _steps(out: Path) -> list[dict]:
     return [r for r in _log(out) if "loss" in r]
 
 
+def learnable_test_teacher(path: Path) -> Path:
+    """Write `sam_vit_test` with seeded random weights but for two changes, so that agreement can rise.
+
+    With all weights random, a few dozen CPU steps cannot teach a student the teacher's masks, and the masks
+    barely depend on the image anyway (measured on held-out COCO images: the image-blind student, which
+    sees only the image's mean teacher embedding, agrees 0.63 with the teacher, and a 60-step student 0.58):
+    - the 16x16 random patch filters respond to pixel-level texture that a student with another stem
+      cannot reproduce quickly; they become the 32 lowest-frequency 2-D DCT waves over R, G and B, smooth
+      filters like a trained ViT's;
+    - the decoder's random 2x2 transposed-conv kernels give each sub-pixel position its own kernel, which
+      paints a fixed checkerboard that sets most mask signs whatever the image; each kernel is pulled
+      halfway towards the top-left one (nearest-neighbour upsampling), which lets the image show through.
+    """
+    torch.manual_seed(0)
+    teacher = build_sam("sam_vit_test")
+    with torch.no_grad():
+        proj = teacher.image_encoder.patch_embed.proj
+        side = proj.kernel_size[0]
+        rows = torch.arange(side) + 0.5
+        waves = sorted(((u, v) for u in range(side) for v in range(side)), key=lambda f: (f[0] + f[1], f[0]))
+        filters = torch.zeros_like(proj.weight)
+        for index in range(len(filters)):
+            u, v = waves[index // 3]
+            filters[index, index % 3] = torch.outer(
+                torch.cos(torch.pi * rows * u / side), torch.cos(torch.pi * rows * v / side)
+            )
+        filters /= filters.flatten(1).norm(dim=1)[:, None, None, None]
+        proj.weight.copy_(filters * proj.weight.flatten(1).norm(dim=1).mean())
+        for conv in teacher.mask_decoder.output_upscaling[0], teacher.mask_decoder.output_upscaling[3]:
+            conv.weight.copy_((conv.weight + conv.weight[:, :, :1, :1]) / 2)
+    return save_checkpoint(teacher, "sam_vit_test", path)
+
+
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory) -> Path:
     """One teacher cache (tiny teacher, generated images) shared by the runs below."""
@@ -41,48 +74,42 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    not (COCO_ROOT / "annotations").is_dir(),
-    reason="on generated shapes the student fits its 7 training images but not the 3 held-out ones (measured: "
-    "held-out embedding L1 1.152 -> 1.065, logit L1 0.0639 -> 0.0623, mask IoU 0.451 -> 0.320)",
-    strict=True,
-)
-def test_cli_end_to_end_student_moves_towards_teacher(tmp_path):
-    """`python -m distill` on real COCO images (generated ones without ../shared) beats the untrained student.
+def test_cli_end_to_end_student_agreement_rises(tmp_path):
+    """`python -m distill` on real COCO images (generated ones without ../shared): the student learns the masks.
 
-    On held-out images the student's embeddings and mask logits get much closer to the teacher's. The
-    embedding bound (0.65x) is below what an all-zero embedding would score: the teacher's embedding is
-    layer-normalised per pixel, so zeros give L1 ~0.80 against ~1.16 for the untrained student (0.69x).
+    On 4 held-out images the student-teacher mask IoU must rise well above the untrained student's, and on
+    COCO also above the image-blind floor (the teacher's decoder fed the image's mean teacher embedding), so
+    the student has learnt the images' layout, not just their average. Measured with this teacher
+    (`learnable_test_teacher`), as final (initial) / floor: these settings 0.597 (0.214) / 0.461; the same
+    with the decoder frozen 0.630, and frozen with warm-up 2 for seeds 0, 1, 2: 0.661 (0.214) / 0.461,
+    0.645 (0.450) / 0.447, 0.638 (0.426) / 0.479. The floor margin (0.05) leaves room for the +-0.05 that
+    small changes of the run move the final figure by. Generated shapes are mostly flat colour, so their
+    average says much: the floor there is 0.691 and the student reaches 0.631 (0.446), so only the rise is
+    checked, and the embedding L1 ends at 0.65x (the COCO bound's reason does not carry over).
 
-    The student-teacher mask IoU (the issue's agreement) is logged but not asserted, because with these
-    random-weight tiny models it does not yet measure what the student learnt. Measured on this run's 3
-    held-out COCO images with 16 GT-box prompts each: the teacher's mask logits sit within about +-0.1 of
-    zero and their sign pattern is set mostly by the prompt and the decoder's upsampling, not by the image
-    (the teacher's own decoder fed a constant embedding, the image's mean teacher embedding, agrees 0.64-0.74
-    per image with the teacher; the untrained student 0.47 on average); and after these 12 steps the
-    embedding L1 has fallen mostly where it is easy (the padding and the mean vector), while inside the
-    image the student's per-pixel cosine with the teacher's embedding stays at 0.12-0.17, so agreement
-    does not rise.
-
-    Without ../shared the same run on generated shapes does not even meet the L1 bounds (see the xfail
-    reason; strict, so the marker must go once it passes): the student's training loss falls, but its
-    held-out embeddings barely move.
+    The encoder's lr is 10x the default so that 40 steps suffice; the decoder keeps the default's lr (1e-4, a
+    0.01 scale): at 1e-3 it drifts from the teacher's and the final agreement falls to 0.565.
     """
-    if (COCO_ROOT / "annotations").is_dir():
-        data = ["--data", str(COCO_ROOT), "--teacher", "sam_vit_test", "--student", "tinyvit_test"]
-        data += ["--max-images", "10"]
-    else:  # a fresh clone: same run on generated shapes (the demo defaults pick the tiny models)
-        data = ["--num-synthetic", "10"]
+    on_coco = (COCO_ROOT / "annotations").is_dir()
+    data = ["--data", str(COCO_ROOT), "--max-images", "24"] if on_coco else ["--num-synthetic", "24"]
+    teacher = learnable_test_teacher(tmp_path / "teacher.pt")
     out = tmp_path / "run"
-    args = [*data, *SMALL, "--out", str(out), "--steps", "12", "--batch-size", "2", "--val-images", "3"]
-    args += ["--lr", "1e-2", "--val-prompts-per-image", "4", "--checkpoint-every", "100"]
+    args = [*data, "--teacher", "sam_vit_test", "--teacher-checkpoint", str(teacher), "--student", "tinyvit_test"]
+    args += [*SMALL, "--out", str(out), "--steps", "40", "--batch-size", "2", "--lr", "1e-2"]
+    args += ["--decoder-lr-scale", "0.01", "--val-images", "4", "--val-prompts-per-image", "8"]
     done = subprocess.run([sys.executable, "-m", "distill", *args], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"student checkpoint: {out / 'student.pt'}" in done.stdout
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["val_embedding_l1"] < 0.65 * metrics["val_embedding_l1_initial"], metrics
+    if on_coco:
+        assert metrics["val_agreement"] > metrics["val_agreement_initial"] + 0.2, metrics
+        assert metrics["val_agreement"] > metrics["val_agreement_blind"] + 0.05, metrics
+        # An all-zero embedding scores 0.69x (the teacher's is layer-normalised per pixel), so 0.65x means learning.
+        assert metrics["val_embedding_l1"] < 0.65 * metrics["val_embedding_l1_initial"], metrics
+    else:
+        assert metrics["val_agreement"] > metrics["val_agreement_initial"] + 0.1, metrics
+        assert metrics["val_embedding_l1"] < 0.8 * metrics["val_embedding_l1_initial"], metrics
     assert metrics["val_logit_l1"] < 0.9 * metrics["val_logit_l1_initial"], metrics
-    assert 0.0 <= metrics["val_agreement"] <= 1.0 and "val_agreement_initial" in metrics
     terms = _steps(out)[-1]
     assert {"embedding", "token", "output", "hmw_mean", "lr", "images_per_second"} <= set(terms)
     sam = build_sam("tinyvit_test", checkpoint=out / "student.pt")  # the result loads by name
