@@ -2,7 +2,7 @@
 
 The report has one table per record kind (COCO AP, latency, everything mode), every row with
 its device and git commit. The plot puts each of our COCO results at its image-encoder latency
-(the record of the same model, precision and runtime, most threads) and draws the paper's
+(the record of the same model, precision, runtime and ONNX folder, most threads) and draws the paper's
 published points beside them with their own marker, legend entry and caption: they come from
 another protocol (ViTDet-H boxes) and other hardware (T4 TensorRT).
 """
@@ -108,15 +108,27 @@ LATENCY_COLUMNS = [
 ]
 
 
+def _onnx_folder(rec: dict[str, Any]) -> str | None:
+    """The folder of an ONNX Runtime record's model (coco: its checkpoint; latency: its file), else None."""
+    if rec["runtime"] != "onnxruntime":
+        return None
+    if rec["kind"] == "latency":
+        return str(Path(rec["onnx_file"]).parent) if rec.get("onnx_file") else None
+    return rec.get("checkpoint")
+
+
 def plot_points(records: list[dict[str, Any]]) -> tuple[list[PlotPoint], list[str]]:
     """Pair each COCO record with the encoder latency of the same model/precision/runtime.
 
+    ONNX records pair only within the same folder: two INT8 exports of one model (ours and ONNX
+    Runtime's quantize_static, say) are different graphs with different latencies. PyTorch records
+    pair across checkpoints, since weights do not change PyTorch's speed.
     Returns (points, labels of COCO records that have no matching latency record).
     """
     latency = {}
     for rec in records:
         if rec["kind"] == "latency" and rec.get("component") == "encoder":
-            key = (rec["model"], rec["precision"], rec["runtime"])
+            key = (rec["model"], rec["precision"], rec["runtime"], _onnx_folder(rec))
             best = latency.get(key)
             if best is None or (rec["threads"] or 0) > (best["threads"] or 0):
                 latency[key] = rec
@@ -124,10 +136,11 @@ def plot_points(records: list[dict[str, Any]]) -> tuple[list[PlotPoint], list[st
     for rec in records:
         if rec["kind"] != "coco" or rec.get("ap") is None:
             continue
-        label = f"{rec['model']} {rec['precision']} ({rec['runtime']})"
+        folder = _onnx_folder(rec)
+        label = f"{rec['model']} {rec['precision']} ({rec['runtime']}{f', {Path(folder).name}' if folder else ''})"
         if not rec.get("checkpoint"):
             label += " [random init]"
-        match = latency.get((rec["model"], rec["precision"], rec["runtime"]))
+        match = latency.get((rec["model"], rec["precision"], rec["runtime"], folder))
         if match is None:
             unmatched.append(label)
         else:
@@ -236,7 +249,7 @@ def render_report(records: list[dict[str, Any]], out_dir: str | os.PathLike) -> 
         "",
         f"Grey squares are published figures ({PUBLISHED_SOURCE}); they come from another protocol and "
         "hardware and are drawn for orientation only. Blue dots are ours, at the image-encoder latency of the "
-        "same model, precision and runtime (most threads measured).",
+        "same model, precision, runtime and ONNX folder (most threads measured).",
     ]
     if unmatched:
         parts += [

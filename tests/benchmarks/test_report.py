@@ -71,6 +71,43 @@ def test_plot_points_use_the_encoder_latency_with_most_threads():
     assert unmatched == ["sam_vit_test fp32 (pytorch) [random init]"]
 
 
+def test_onnx_results_pair_with_the_latency_of_their_own_folder():
+    """Two INT8 exports of one model are different graphs: each AP goes with its own file's latency."""
+    records = []
+    for folder, ms, ap in [("/x/ours-int8", 20.0, 11.0), ("/x/ort-int8", 25.0, 4.0)]:
+        common = dict(model="tinyvit_test", precision="int8", runtime="onnxruntime", config={})
+        records.append(make_record("coco", checkpoint=folder, threads=None, ap=ap, **common))
+        records.append(
+            make_record(
+                "latency",
+                checkpoint=None,
+                threads=2,
+                component="encoder",
+                median_ms=ms,
+                onnx_file=f"{folder}/encoder.onnx",
+                **common,
+            )
+        )
+    records.append(
+        make_record(
+            "coco",
+            model="tinyvit_test",
+            precision="int8",
+            runtime="onnxruntime",
+            checkpoint="/y",
+            threads=None,
+            config={},
+            ap=1.0,
+        )
+    )
+    points, unmatched = plot_points(records)
+    assert {(p.label, p.latency_ms, p.ap) for p in points} == {
+        ("tinyvit_test int8 (onnxruntime, ours-int8)", 20.0, 11.0),
+        ("tinyvit_test int8 (onnxruntime, ort-int8)", 25.0, 4.0),
+    }
+    assert unmatched == ["tinyvit_test int8 (onnxruntime, y)"]
+
+
 def test_bad_records_are_errors(tmp_path):
     with pytest.raises(RecordError, match="no such folder of records"):
         load_records(tmp_path / "missing")
