@@ -32,6 +32,7 @@ def _add_model_args(parser: argparse.ArgumentParser, onnx: bool) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", help="float checkpoint (path or known name); default: random init")
     source.add_argument("--quantized", help="simulated-quantized model file written by quantize.save_quantized")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights when no checkpoint is given")
     if onnx:
         source.add_argument("--onnx-encoder", help="ONNX encoder (with --onnx-decoder): run ONNX Runtime instead")
         parser.add_argument("--onnx-decoder", help="ONNX decoder exported with the encoder")
@@ -93,7 +94,7 @@ def _coco(args: argparse.Namespace) -> None:
     if args.onnx_encoder:
         target = OnnxModel(args.model, onnx_pair(args.onnx_encoder, args.onnx_decoder))
     else:
-        target = load_torch_model(args.model, args.checkpoint, args.quantized)
+        target = load_torch_model(args.model, args.checkpoint, args.quantized, args.seed)
     result, path = run_coco(target, coco_root=args.coco_root, out_dir=args.out, config=config)
     metrics = ", ".join(f"{k}={v}" for k, v in result.metrics.items())
     print(f"COCO segm on {result.num_images} images, {result.num_prompts} box prompts: {metrics}")
@@ -113,7 +114,7 @@ def _latency(args: argparse.Namespace) -> None:
         )
     )
     records, notes, path = run_latency(
-        load_torch_model(args.model, args.checkpoint, args.quantized),
+        load_torch_model(args.model, args.checkpoint, args.quantized, args.seed),
         out_dir=args.out,
         config=config,
         onnx_pairs=[onnx_pair_in(d) for d in args.onnx_dir],
@@ -133,7 +134,7 @@ def _everything(args: argparse.Namespace) -> None:
     from benchmarks.runs import load_torch_model
 
     records, path = run_everything(
-        load_torch_model(args.model, args.checkpoint, args.quantized),
+        load_torch_model(args.model, args.checkpoint, args.quantized, args.seed),
         images=args.images,
         max_images=args.max_images,
         out_dir=args.out,

@@ -205,7 +205,7 @@ def render_plot(points: list[PlotPoint], path: str | os.PathLike, device: str = 
         *key_lines,
         "",
         "Grey squares: published figures from another protocol (ViTDet-H boxes) and hardware (T4, TensorRT).",
-        "Blue dots: measured here, at the encoder latency of the same model/precision/runtime. Compare within a group.",
+        "Blue dots: measured here, at the encoder latency of the same model/precision/runtime (ONNX: same folder).",
     ]
     text_top = (bottom_in - label_in - legend_in) / height
     fig.text(0.025, text_top, "\n".join(caption), fontsize=7, color="dimgray", va="top", linespacing=1.3)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from segment_anything.modeling import Sam
 
 from benchmarks.coco_eval import CocoEvalConfig, CocoEvalResult, evaluate_coco
@@ -59,12 +60,19 @@ def quantized_precision(sam: Sam) -> str:
     return "fp32" if config is None else f"w{config.w_bits}a{config.a_bits}-sim"
 
 
-def load_torch_model(model: str, checkpoint: str | None = None, quantized: str | None = None) -> LoadedModel:
-    """A registered model (random init or ``checkpoint``), or a simulated-quantized file."""
+def load_torch_model(
+    model: str, checkpoint: str | None = None, quantized: str | None = None, seed: int = 0
+) -> LoadedModel:
+    """A registered model (``checkpoint``, else random weights drawn from ``seed``), or a simulated-quantized file.
+
+    Seeding makes a random-weight AP reproducible, and equal to that of an ONNX export of the same seed.
+    """
     if quantized is not None:
         load_quantized = stage_api("quantize", "load_quantized")
         sam = load_quantized(quantized, model_name=model)
         return LoadedModel(sam, canonical_name(model), str(quantized), quantized_precision(sam))
+    if checkpoint is None:
+        torch.manual_seed(seed)
     return LoadedModel(build_sam(model, checkpoint=checkpoint), canonical_name(model), checkpoint, "fp32")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import onnx
 import pytest
+import torch
 from onnx import TensorProto, helper
 
 from benchmarks.runs import StageMissingError, load_torch_model, onnx_pair, onnx_pair_in, stage_api
@@ -47,3 +48,9 @@ def test_missing_stage_api_is_a_clear_error():
 def test_load_torch_model_names_the_float_model():
     loaded = load_torch_model("vit_t")
     assert (loaded.model, loaded.checkpoint, loaded.precision) == ("tinyvit_5m", None, "fp32")
+
+
+def test_random_weights_are_drawn_from_the_seed():
+    first, again, other = (load_torch_model("tinyvit_test", seed=seed).sam.state_dict() for seed in (0, 0, 1))
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first["image_encoder.neck.0.weight"], other["image_encoder.neck.0.weight"])
