@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from quantize.modules import ActQuantizer
-from quantize.onnx_runtime import open_session
+from quantize.onnx_runtime import count_kernels, open_session, write_ort_format
 
 # Scope-named nodes of the TorchScript exporter: ".../input_quants.0/QuantizeLinear" (uniform),
 # ".../input_quants.0/Where" (twin-uniform) or ".../output_quant/QuantizeLinear" (a convolution's
@@ -137,8 +137,6 @@ def run_instrumented(
     Returns (all outputs by name, quantizer tensors, op counts of the shipped and the instrumented
     graphs as ORT runs them).
     """
-    from quantize.onnx_export import count_kernels, write_ort_format
-
     source = path.with_suffix(".onnx")
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / source.name

@@ -1,4 +1,5 @@
-"""`OnnxSam`: run an exported SAM (encoder.onnx + decoder.onnx) with ONNX Runtime on CPU.
+"""ONNX Runtime on CPU: the session settings our graphs need, and `OnnxSam`, an exported SAM
+(encoder.onnx + decoder.onnx) run with them.
 
 The files follow the contract written by `quantize.export_onnx`:
 - encoder: "image" (1x3x1024x1024 float32, normalised and padded as `prepare_image` does)
@@ -12,8 +13,10 @@ The files follow the contract written by `quantize.export_onnx`:
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 # ORT rewrites DequantizeLinear(int8 weight) -> MatMul with a float input (our twin-uniform inputs) into
@@ -22,6 +25,15 @@ import onnxruntime as ort
 # int8 inputs differ by up to 2 steps on tinyvit_test). Level 1 keeps the input in float32.
 MATMULNBITS_ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"
 MATMULNBITS_FP32 = "1"
+
+# On x86 CPUs without VNNI (AVX2, and AVX-512 before Cascade Lake) ORT's u8 x s8 kernels (MatMulIntegerToFloat,
+# QLinearMatMul, QLinearConv) add pairs of products with VPMADDUBSW, which saturates at int16: two uint8
+# activations near 255 times int8 weights near 127 overflow. In tests/quantize's fixture block, under QEMU's
+# Haswell model (AVX2, no VNNI), 1.2% of fc1's pairs saturated and moved its outputs by up to 30% of their range
+# (0.12 relative RMS at the block's output, as on a 2-core AMD EPYC; 1e-7 with this entry). The entry makes ORT
+# store int8 weights as uint8 on those CPUs only (its u8 x u8 kernels widen to int16 first: no saturation); on
+# VNNI CPUs it changes nothing.
+X64_QUANT_PRECISION_KEY = "session.x64quantprecision"
 
 
 def session_options(num_threads: int | None = None, level: str = "all") -> ort.SessionOptions:
@@ -34,6 +46,7 @@ def session_options(num_threads: int | None = None, level: str = "all") -> ort.S
     options = ort.SessionOptions()
     options.graph_optimization_level = levels[level]
     options.add_session_config_entry(MATMULNBITS_ACCURACY_KEY, MATMULNBITS_FP32)
+    options.add_session_config_entry(X64_QUANT_PRECISION_KEY, "1")
     if num_threads is not None:
         options.intra_op_num_threads = num_threads
         options.inter_op_num_threads = 1
@@ -49,8 +62,6 @@ def is_qdq(path: str | os.PathLike) -> bool:
     """Whether an .onnx file holds DequantizeLinear nodes (False for .ort files, already optimised)."""
     if not os.fspath(path).endswith(".onnx"):
         return False
-    import onnx
-
     return any(node.op_type == "DequantizeLinear" for node in onnx.load(os.fspath(path)).graph.node)
 
 
@@ -65,6 +76,30 @@ def open_session(
         providers=["CPUExecutionProvider"],
         disabled_optimizers=disabled,
     )
+
+
+def count_kernels(path: str | os.PathLike) -> dict[str, int]:
+    """Op types of the graph ORT actually runs (after ORT_ENABLE_ALL optimisation), with counts."""
+    options = session_options(level="all")
+    options.log_severity_level = 3  # the NCHWc note about hardware-specific graphs is expected here
+    optimized = str(path) + ".optimized.tmp"
+    options.optimized_model_filepath = optimized
+    open_session(path, options=options)
+    counts: dict[str, int] = {}
+    for node in onnx.load(optimized).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    os.remove(optimized)
+    return dict(sorted(counts.items()))
+
+
+def write_ort_format(path: Path) -> Path:
+    """Write the ORT-format (.ort) file ONNX Runtime Mobile loads, optimised at the portable "extended" level."""
+    target = path.with_suffix(".ort")
+    options = session_options(level="extended")
+    options.optimized_model_filepath = str(target)
+    options.add_session_config_entry("session.save_model_format", "ORT")
+    open_session(path, options=options)
+    return target
 
 
 def box_prompts(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

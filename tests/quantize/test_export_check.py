@@ -10,7 +10,8 @@ from torch import nn
 
 import quantize.onnx_runtime
 from quantize.modules import ActQuantizer, QuantLayer, WeightQuantizer, quantized_copy
-from quantize.onnx_export import _export, check_int8, count_kernels, export_mode
+from quantize.onnx_export import _export, check_int8, export_mode
+from quantize.onnx_runtime import count_kernels
 
 
 class ConvBlock(nn.Module):
