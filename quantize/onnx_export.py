@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -32,7 +34,7 @@ from segment_anything.modeling import Sam
 from quantize.export_check import forced_quantizers, run_instrumented
 from quantize.modules import ActQuantizer, QuantConv2d, QuantConvTranspose2d, QuantLayer, WeightQuantizer
 from quantize.onnx_modules import DecoderForExport, EncoderForExport
-from quantize.onnx_runtime import open_session, session_options
+from quantize.onnx_runtime import count_kernels, open_session, write_ort_format
 from quantize.qdq_graph import fold_weight_quantization, prune, quantize_conv_bias
 
 OPSET = 20
@@ -194,30 +196,6 @@ def check_int8(
     return ExportCheck(path.name, "int8", diffs, bounds, passed, info)
 
 
-def count_kernels(path: str | os.PathLike) -> dict[str, int]:
-    """Op types of the graph ORT actually runs (after ORT_ENABLE_ALL optimisation), with counts."""
-    options = session_options(level="all")
-    options.log_severity_level = 3  # the NCHWc note about hardware-specific graphs is expected here
-    optimized = str(path) + ".optimized.tmp"
-    options.optimized_model_filepath = optimized
-    open_session(path, options=options)
-    counts: dict[str, int] = {}
-    for node in onnx.load(optimized).graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    os.remove(optimized)
-    return dict(sorted(counts.items()))
-
-
-def write_ort_format(path: Path) -> Path:
-    """Write the ORT-format (.ort) file ONNX Runtime Mobile loads, optimised at the portable "extended" level."""
-    target = path.with_suffix(".ort")
-    options = session_options(level="extended")
-    options.optimized_model_filepath = str(target)
-    options.add_session_config_entry("session.save_model_format", "ORT")
-    open_session(path, options=options)
-    return target
-
-
 def probe_inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A 1x3x1024x1024 image-like tensor, and 2 prompts of 3 points (point, point, padding) for the decoder."""
     gen = torch.Generator().manual_seed(seed)
@@ -260,6 +238,10 @@ def export_onnx(
 ) -> ExportResult:
     """Write ``{prefix}encoder.onnx`` and ``{prefix}decoder.onnx`` (and .ort files) for `sam` and check them.
 
+    Files are written and checked in a hidden staging folder inside `out_dir` and moved into place only
+    when every check passes, so `out_dir` never holds a graph that failed. A failed export is kept, with
+    its ``export_{precision}.json``, in ``{prefix}{precision}.failed/`` for debugging.
+
     Args:
         sam: a float or quantized SAM model.
         precision: "float32", or "int8" (the QDQ graph; needs a model quantized to <= 8 bits).
@@ -285,6 +267,37 @@ def export_onnx(
             raise ValueError(f"int8 export needs widths <= 8 bits; this model has {wide}-bit quantizers")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    staging_prefix = f".{prefix}export_{precision}-"
+    for stale in out_dir.glob(f"{staging_prefix}*"):  # left by an export that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=staging_prefix, dir=out_dir))
+    kept = out_dir / f"{prefix}{precision}.failed"
+    try:
+        result = _write_and_check(sam, staging, precision, ort_format, prefix)
+        report = f"{prefix}export_{precision}.json"
+        (staging / report).write_text(json.dumps(result.to_dict(), indent=2))
+        failed = [c for c in result.checks if not c.passed]
+        shutil.rmtree(kept, ignore_errors=True)  # an earlier failure's graphs, now out of date either way
+        if failed:
+            staging.rename(kept)
+            raise ExportCheckError(
+                "ONNX Runtime disagrees with PyTorch: "
+                + "; ".join(f"{c.file}: {c.rel_diff} > {c.tolerance}" for c in failed)
+                + f". Nothing was written to {out_dir}; the failed graphs are in {kept} for debugging."
+            )
+        for name in [*(Path(f).name for f in result.files.values()), report]:
+            os.replace(staging / name, out_dir / name)
+        result.files = {key: str(out_dir / Path(f).name) for key, f in result.files.items()}
+        return result
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_and_check(sam: Sam, out_dir: Path, precision: str, ort_format: bool, prefix: str) -> ExportResult:
+    """`export_onnx`'s work in `out_dir`: export both graphs, check them in ORT, count kernels.
+
+    A failed check is recorded in the result, not raised: the caller decides where the files go.
+    """
     sam.eval()
     image, coords, labels = probe_inputs()
     result = ExportResult(precision)
@@ -329,11 +342,4 @@ def export_onnx(
         result.sizes_mb[key] = round(path.stat().st_size / 2**20, 3)
     for key in ("encoder", "decoder"):
         result.ort_kernels[key] = count_kernels(paths[key])
-    (out_dir / f"{prefix}export_{precision}.json").write_text(json.dumps(result.to_dict(), indent=2))
-    failed = [c for c in result.checks if not c.passed]
-    if failed:
-        raise ExportCheckError(
-            "ONNX Runtime disagrees with PyTorch: "
-            + "; ".join(f"{c.file}: {c.rel_diff} > {c.tolerance}" for c in failed)
-        )
     return result

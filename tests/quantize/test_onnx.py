@@ -72,3 +72,23 @@ def test_decoder_graph_equals_sam_prompt_encoder_and_decoder():
         ref_masks, ref_iou = sam.mask_decoder.predict_masks(embedding, sam.prompt_encoder.get_dense_pe(), sparse, dense)
     torch.testing.assert_close(masks, ref_masks, rtol=0, atol=1e-5)
     torch.testing.assert_close(iou, ref_iou, rtol=0, atol=1e-5)
+
+
+def test_failed_export_leaves_no_shippable_file(exports, tmp_path, monkeypatch):
+    """A check that fails writes nothing into the output folder; the graphs wait in `<precision>.failed/`."""
+    import quantize.onnx_export
+    from quantize.onnx_export import ExportCheckError
+
+    sam, _, _ = exports
+    monkeypatch.setitem(quantize.onnx_export.TOLERANCE, "float32", {"rms": -1.0, "max": -1.0})
+    with pytest.raises(ExportCheckError, match=r"Nothing was written to .*float32\.failed for debugging"):
+        export_onnx(sam, tmp_path, "float32", ort_format=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["float32.failed"]
+    kept = tmp_path / "float32.failed"
+    assert sorted(p.name for p in kept.iterdir()) == ["decoder.onnx", "encoder.onnx", "export_float32.json"]
+    assert '"passed": false' in (kept / "export_float32.json").read_text()
+
+    monkeypatch.undo()
+    result = export_onnx(sam, tmp_path, "float32", ort_format=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["decoder.onnx", "encoder.onnx", "export_float32.json"]
+    assert result.files == {"encoder": str(tmp_path / "encoder.onnx"), "decoder": str(tmp_path / "decoder.onnx")}
