@@ -4,7 +4,9 @@ distill (a few steps, tiny teacher -> tiny student) -> quantize W8A8 and W6A6 (s
 ONNX export (float32 and INT8) -> hierarchical everything mode on a generated image -> COCO-style
 AP of float / W8A8 / W6A6 / ONNX models on a generated COCO-format set (or on ``coco_root``) ->
 latency -> report with the AP-vs-latency plot. Each step calls its stage's library API. A step
-whose stage API is missing is reported as skipped with the reason, and the demo exits non-zero.
+whose stage API is missing is reported as skipped with the reason; a step that raises is reported
+as failed, the steps that need its output are skipped, the others still run, and the summary names
+what failed. The demo exits non-zero unless every step ran.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import importlib
 import json
 import os
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,16 +93,26 @@ class Demo:
         self.quantized: dict[str, LoadedModel] = {}  # "w8a8" / "w6a6": simulated-quantized students
         self.onnx: list[OnnxPair] = []
 
-    def step(self, name: str, fn: Callable[[], dict[str, str]]) -> DemoStep:
+    def step(self, name: str, fn: Callable[[], dict[str, str]], needs: tuple[str, ...] = ()) -> DemoStep:
+        """Run `fn` as step `name`, unless a step it `needs` failed; a failure is recorded, not raised."""
         step = DemoStep(name)
+        status = {s.name: s.status for s in self.steps}
         self.steps.append(step)
         print(f"\n== {name}", flush=True)
+        failed = [need for need in needs if status[need] == "failed"]
+        if failed:
+            step.status, step.note = "skipped", f"needs {', '.join(failed)}, which failed"
+            print(f"-- {name}: {step.status}: {step.note}", flush=True)
+            return step
         start = time.perf_counter()
         try:
             step.outputs = fn()
             step.status = "done"
         except StageMissingError as exc:
             step.status, step.note = "skipped", str(exc)
+        except Exception as exc:  # one stage failing must not hide what the others measure
+            traceback.print_exc()
+            step.status, step.note = "failed", f"{type(exc).__name__}: {exc}"
         step.seconds = time.perf_counter() - start
         print(f"-- {name}: {step.status} in {step.seconds:.1f} s {step.note}", flush=True)
         return step
@@ -225,17 +238,19 @@ class Demo:
     def run(self) -> bool:
         """Run every step; print where everything went; True when no step was skipped."""
         start = time.perf_counter()
-        for name, fn in [
-            ("data", self.data),
-            ("distill", self.distill),
-            ("quantize W8A8 + W6A6", self.quantize),
-            ("ONNX export", self.export),
-            ("hierarchical everything mode", self.everything),
-            ("COCO-style AP", self.coco),
-            ("latency", self.latency),
-            ("report", self.report),
+        # Later steps use what earlier ones left (quantized models, ONNX pairs, records) when it is there;
+        # `needs` lists only the steps without which a step has nothing to run on.
+        for name, fn, needs in [
+            ("data", self.data, ()),
+            ("distill", self.distill, ()),
+            ("quantize W8A8 + W6A6", self.quantize, ("distill",)),
+            ("ONNX export", self.export, ("distill",)),
+            ("hierarchical everything mode", self.everything, ("distill",)),
+            ("COCO-style AP", self.coco, ("data", "distill")),
+            ("latency", self.latency, ("distill",)),
+            ("report", self.report, ()),
         ]:
-            self.step(name, fn)
+            self.step(name, fn, needs)
         print(f"\nDemo finished in {time.perf_counter() - start:.0f} s. Where everything went:")
         for step in self.steps:
             print(f"  [{step.status}] {step.name} ({step.seconds:.1f} s){': ' + step.note if step.note else ''}")
@@ -245,6 +260,9 @@ class Demo:
             "\nThe demo's models are tiny and trained for a few steps: an AP near 0 is expected. The demo shows the "
             "pipeline end to end; run `python -m benchmarks coco` with real checkpoints for meaningful AP."
         )
+        failed = [step.name for step in self.steps if step.status == "failed"]
+        if failed:
+            print(f"\nFAILED: {', '.join(failed)} (errors above; the other steps ran where they could)")
         return all(step.status == "done" for step in self.steps)
 
 
