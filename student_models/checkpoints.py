@@ -1,9 +1,12 @@
-"""Checkpoints: the official files we know, fetching them, and strict loading.
+"""Checkpoints: the official files we know, fetching and verifying them, and strict loading.
 
 A checkpoint argument is either a path or the name of a known official checkpoint. Known
 names resolve to a file in the cache directory (``$TORCH_HOME/hub/checkpoints``), downloaded
-with a progress bar and a hash check when the network allows. Loading never unpickles
-Python objects (``weights_only=True``) and fails on any missing, unexpected or mis-shaped key.
+with a progress bar when the network allows. A known file, wherever it lies, is verified by its
+published size (before hashing, so a truncated 2.5 GB download fails at once) and its full
+SHA-256, which is remembered per file version (`student_models.hashing`) so a teacher is hashed
+once, not on every run and rank. Loading never unpickles Python objects (``weights_only=True``)
+and fails on any missing, unexpected or mis-shaped key.
 
 Checkpoints written by this project are dicts with ``format == CHECKPOINT_FORMAT`` that carry
 the registered model name and its encoder config, so they can be rebuilt by name alone.
@@ -11,7 +14,6 @@ the registered model name and its encoder config, so they can be rebuilt by name
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 from collections.abc import Mapping
@@ -22,13 +24,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from student_models.hashing import sha256_file
 from student_models.registry import assemble_sam, canonical_name, get_spec, list_models
 
 CHECKPOINT_FORMAT = "sam-compress/checkpoint-v1"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be found, read or matched to the model."""
+    """A checkpoint that cannot be found, read, verified or matched to the model."""
 
 
 @dataclass(frozen=True)
@@ -36,36 +39,44 @@ class KnownCheckpoint:
     model: str
     filename: str
     url: str
-    sha256_prefix: str | None  # None where the publisher gives no hash
+    sha256: str | None  # full hex digest; None where none is published
+    size: int | None = None  # bytes; None where none is published
     loadable: bool = True
     note: str = ""
 
 
+# SHA-256 and sizes: ../shared/docs/SPEC.md section 1, which records the values published for these
+# files; the sizes of vit_l and mobile_sam are those of the same files in independent public
+# download manifests. SAM's file-name suffix (4b8939...) is the start of the file's MD5, not of its
+# SHA-256. TinySAM's releases publish no hash, so its files are loaded unverified (keys still strict).
 KNOWN_CHECKPOINTS: dict[str, KnownCheckpoint] = {
-    # SAM's file names end in the first hex digits of the file's sha256 (torch.hub style).
     "sam_vit_h_4b8939": KnownCheckpoint(
         "vit_h",
         "sam_vit_h_4b8939.pth",
         "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
-        "4b8939",
+        "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
+        2_564_550_879,
     ),
     "sam_vit_l_0b3195": KnownCheckpoint(
         "vit_l",
         "sam_vit_l_0b3195.pth",
         "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
-        "0b3195",
+        "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
+        1_249_524_607,
     ),
     "sam_vit_b_01ec64": KnownCheckpoint(
         "vit_b",
         "sam_vit_b_01ec64.pth",
         "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
-        "01ec64",
+        "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
+        375_042_383,
     ),
     "mobile_sam": KnownCheckpoint(
         "tinyvit_5m",
         "mobile_sam.pt",
         "https://github.com/ChaoningZhang/MobileSAM/raw/master/weights/mobile_sam.pt",
-        None,
+        "6dbb90523a35330fedd7f1d3dfc66f995213d81b29a5ca8108dbcdd4e37d6c2f",
+        40_728_226,
     ),
     "tinysam_42.3": KnownCheckpoint(
         "tinyvit_5m",
@@ -99,35 +110,44 @@ def _known_by_name_or_filename(checkpoint: str | os.PathLike) -> KnownCheckpoint
     return None
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _fetch_advice(known: KnownCheckpoint) -> str:
+    return (
+        f"Download it again from {known.url} and put it at {cache_dir() / known.filename}, "
+        f"or pass the path of a good copy."
+    )
 
 
-def verify_hash(path: Path, known: KnownCheckpoint) -> None:
-    """Check a file against its published sha256 prefix (no-op where none is published)."""
-    if known.sha256_prefix is None:
+def verify_checkpoint(path: Path, known: KnownCheckpoint) -> None:
+    """Check a file against its published size, then its published SHA-256 (where published).
+
+    The digest is remembered per file version, so a file that passed is not hashed again.
+    """
+    if known.size is not None:
+        size = path.stat().st_size
+        if size != known.size:
+            raise CheckpointError(
+                f"{path} is {size:,} bytes, but the official {known.filename} is {known.size:,} bytes: "
+                f"it is truncated (an interrupted download?) or another file. {_fetch_advice(known)}"
+            )
+    if known.sha256 is None:
         return
     actual = sha256_file(path)
-    if not actual.startswith(known.sha256_prefix):
+    if actual != known.sha256:
         raise CheckpointError(
-            f"{path}: sha256 {actual[:12]}... does not start with {known.sha256_prefix}, the published hash of "
-            f"{known.filename}. The file is corrupt or truncated: delete it and download it again from {known.url}"
+            f"{path} is not the official {known.filename}: its SHA-256 is\n  {actual}\nbut the published "
+            f"SHA-256 is\n  {known.sha256}\nThe file is corrupt or another version. {_fetch_advice(known)}"
         )
 
 
 def resolve_checkpoint(checkpoint: str | os.PathLike) -> Path:
-    """A local path for a checkpoint given as a path or a known name, fetching it if needed."""
+    """A local, verified path for a checkpoint given as a path or a known name, fetching it if needed."""
     path = Path(checkpoint).expanduser()
     known = _known_by_name_or_filename(checkpoint)
     if known is not None and not known.loadable:
         raise CheckpointError(f"{known.filename} is not supported: {known.note}.")
     if path.is_file():
         if known is not None:
-            verify_hash(path, known)
+            verify_checkpoint(path, known)
         return path
     if known is None:
         names = ", ".join(KNOWN_CHECKPOINTS)
@@ -136,17 +156,25 @@ def resolve_checkpoint(checkpoint: str | os.PathLike) -> Path:
             f"({names}). Pass the path of the file you downloaded."
         )
     cached = cache_dir() / known.filename
-    if not cached.is_file():
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            torch.hub.download_url_to_file(known.url, str(cached), hash_prefix=None, progress=True)
-        except Exception as exc:  # no network, HTTP error, disk full: one message for all
-            raise CheckpointError(
-                f"could not download {known.filename} from {known.url} ({type(exc).__name__}: {exc}). "
-                f"Download it on a machine with internet access and either put it at {cached} "
-                f"or pass its path, e.g. --checkpoint /path/to/{known.filename}"
-            ) from exc
-    verify_hash(cached, known)
+    if cached.is_file():
+        verify_checkpoint(cached, known)
+        return cached
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    try:  # torch.hub writes a temporary file and renames it: a failed download leaves nothing at `cached`
+        torch.hub.download_url_to_file(known.url, str(cached), hash_prefix=None, progress=True)
+    except Exception as exc:  # no network, HTTP error, disk full: one message for all
+        raise CheckpointError(
+            f"could not download {known.filename} from {known.url} ({type(exc).__name__}: {exc}). "
+            f"Download it on a machine with internet access and either put it at {cached} "
+            f"or pass its path, e.g. --checkpoint /path/to/{known.filename}"
+        ) from exc
+    try:
+        verify_checkpoint(cached, known)
+    except CheckpointError as exc:  # delete what we fetched, so the next run does not trust it
+        cached.unlink(missing_ok=True)
+        raise CheckpointError(
+            f"the download from {known.url} was deleted because it failed verification. {exc}"
+        ) from None
     return cached
 
 

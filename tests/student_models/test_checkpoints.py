@@ -1,11 +1,26 @@
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
 import student_models.checkpoints as checkpoints
-from student_models import CheckpointError, build_sam, load_sam, read_checkpoint, save_checkpoint
+from student_models import (
+    KNOWN_CHECKPOINTS,
+    CheckpointError,
+    build_sam,
+    hashing,
+    load_sam,
+    read_checkpoint,
+    save_checkpoint,
+)
+from student_models.checkpoints import KnownCheckpoint
 from tests.helpers import tiny_model
+
+OLD_NS = 1_600_000_000 * 10**9  # a modification time well in the past, so the hash memo keeps it
 
 
 def test_round_trip_of_our_checkpoint_rebuilds_by_name(tmp_path):
@@ -94,13 +109,6 @@ def test_known_checkpoint_for_another_model_is_refused():
         build_sam("vit_b", checkpoint="mobile_sam")
 
 
-def test_official_file_with_wrong_hash_is_refused(tmp_path):
-    path = tmp_path / "sam_vit_b_01ec64.pth"
-    torch.save({"x": torch.zeros(1)}, path)
-    with pytest.raises(CheckpointError, match=r"does not start with 01ec64.*corrupt or truncated.*download it again"):
-        build_sam("vit_b", checkpoint=path)
-
-
 def test_load_sam_rebuilds_from_the_checkpoint_alone(tmp_path):
     ours = save_checkpoint(tiny_model("tinyvit_test", seed=2), "tinyvit_test", tmp_path / "ours.pth")
     torch.save(tiny_model("sam_vit_test").state_dict(), tmp_path / "foreign.pth")
@@ -109,3 +117,100 @@ def test_load_sam_rebuilds_from_the_checkpoint_alone(tmp_path):
     torch.save({"something.else": torch.zeros(2)}, tmp_path / "odd.pth")
     with pytest.raises(CheckpointError, match=r"odd\.pth names no model and matches no registered one"):
         load_sam(tmp_path / "odd.pth")
+
+
+# --- known checkpoints: published size and SHA-256 ------------------------------------------------
+
+
+def test_sam_table_holds_the_published_sha256_and_sizes():
+    # The values of ../shared/docs/SPEC.md section 1, spelled out here independently of the table.
+    published = {
+        "sam_vit_h_4b8939": ("a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e", 2_564_550_879),
+        "sam_vit_l_0b3195": ("3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622", 1_249_524_607),
+        "sam_vit_b_01ec64": ("ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912", 375_042_383),
+        "mobile_sam": ("6dbb90523a35330fedd7f1d3dfc66f995213d81b29a5ca8108dbcdd4e37d6c2f", 40_728_226),
+    }
+    for name, (sha256, size) in published.items():
+        assert (KNOWN_CHECKPOINTS[name].sha256, KNOWN_CHECKPOINTS[name].size) == (sha256, size), name
+        assert KNOWN_CHECKPOINTS[name].filename.startswith(name)
+    # SAM's file-name suffix is the start of the MD5, not of the SHA-256: it must not be mistaken for it.
+    for name in ("sam_vit_h_4b8939", "sam_vit_l_0b3195", "sam_vit_b_01ec64"):
+        assert not KNOWN_CHECKPOINTS[name].sha256.startswith(name.rsplit("_", 1)[1])
+    assert KNOWN_CHECKPOINTS["tinysam_42.3"].sha256 is None  # TinySAM publishes no hash
+
+
+@pytest.fixture
+def hash_calls(monkeypatch):
+    """Counts the files actually read and hashed (hash-memo hits do not count)."""
+    calls = []
+    real = hashing._hash_file
+
+    def counting(path):
+        calls.append(path)
+        return real(path)
+
+    monkeypatch.setattr(hashing, "_hash_file", counting)
+    return calls
+
+
+@pytest.fixture
+def known_tiny(tmp_path, monkeypatch):
+    """A tiny checkpoint registered as a known file with its own size and SHA-256."""
+    path = tmp_path / "tiny_official.pth"
+    torch.save(tiny_model("tinyvit_test", seed=4).state_dict(), path)
+    os.utime(path, ns=(OLD_NS, OLD_NS))
+    data = path.read_bytes()
+    known = KnownCheckpoint(
+        "tinyvit_test", path.name, "https://example.org/tiny_official.pth", hashlib.sha256(data).hexdigest(), len(data)
+    )
+    monkeypatch.setitem(KNOWN_CHECKPOINTS, "tiny_official", known)
+    return path, known
+
+
+def test_a_file_with_its_published_hash_loads_and_is_hashed_once(known_tiny, hash_calls):
+    path, _ = known_tiny
+    first = build_sam("tinyvit_test", checkpoint=path)
+    second = build_sam("tinyvit_test", checkpoint=path)
+    assert torch.equal(first.mask_decoder.iou_token.weight, second.mask_decoder.iou_token.weight)
+    assert len(hash_calls) == 1, "the second load hashed the file again"
+
+
+def test_a_one_byte_change_fails_naming_both_hashes(known_tiny, hash_calls):
+    path, known = known_tiny
+    build_sam("tinyvit_test", checkpoint=path)  # passes, and its hash is remembered
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # torch.load would accept this file: only the hash can tell
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as info:
+        build_sam("tinyvit_test", checkpoint=path)
+    message = str(info.value)
+    assert f"{path} is not the official tiny_official.pth" in message
+    assert hashlib.sha256(bytes(data)).hexdigest() in message and known.sha256 in message
+    assert known.url in message and str(checkpoints.cache_dir() / "tiny_official.pth") in message
+    assert len(hash_calls) == 2
+
+
+def test_a_wrong_size_fails_before_hashing(tmp_path, monkeypatch):
+    def no_hashing(path):
+        raise AssertionError("hashed a file whose size already shows it is wrong")
+
+    monkeypatch.setattr(hashing, "_hash_file", no_hashing)
+    path = tmp_path / "sam_vit_h_4b8939.pth"  # the official name, as a cut-off download would have
+    path.write_bytes(b"\0" * 1000)
+    with pytest.raises(CheckpointError) as info:
+        build_sam("vit_h", checkpoint=path)
+    message = str(info.value)
+    assert f"{path} is 1,000 bytes, but the official sam_vit_h_4b8939.pth is 2,564,550,879 bytes" in message
+    assert "truncated" in message and "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth" in message
+
+
+def test_a_download_that_fails_verification_is_deleted(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoints, "cache_dir", lambda: tmp_path)
+
+    def cut_off_download(url, dst, **kwargs):
+        Path(dst).write_bytes(b"\0" * 10)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", cut_off_download)
+    with pytest.raises(CheckpointError, match=r"download from .*sam_vit_b_01ec64\.pth was deleted.*is 10 bytes"):
+        build_sam("vit_b", checkpoint="sam_vit_b_01ec64")
+    assert not (tmp_path / "sam_vit_b_01ec64.pth").exists()
