@@ -5,7 +5,8 @@ names resolve to a file in the cache directory (``$TORCH_HOME/hub/checkpoints``)
 with a progress bar when the network allows. A known file, wherever it lies, is verified by its
 published size (before hashing, so a truncated 2.5 GB download fails at once) and its full
 SHA-256, which is remembered per file version (`student_models.hashing`) so a teacher is hashed
-once, not on every run and rank. Loading never unpickles Python objects (``weights_only=True``)
+once, not on every run and rank. Loading never unpickles Python objects (``weights_only=True``),
+says what is wrong with a file that cannot be read (not a checkpoint, truncated, or pickled code),
 and fails on any missing, unexpected or mis-shaped key.
 
 Checkpoints written by this project are dicts with ``format == CHECKPOINT_FORMAT`` that carry
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,6 +180,60 @@ def resolve_checkpoint(checkpoint: str | os.PathLike) -> Path:
     return cached
 
 
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
+_LEGACY_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)  # older torch.save files
+
+
+def _unreadable(path: Path, exc: Exception) -> CheckpointError:
+    """Why torch.load failed on `path`, told from the file's bytes rather than torch's exception."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(len(_LEGACY_MAGIC))
+    except OSError as os_error:
+        return CheckpointError(f"cannot read {path}: {os_error.strerror or os_error}")
+    again = "Save, copy or download it again."
+    if size == 0:
+        return CheckpointError(f"{path} is empty (0 bytes): an interrupted save, copy or download. {again}")
+    if not (head.startswith(_ZIP_MAGIC) or head.startswith(_LEGACY_MAGIC)):
+        return CheckpointError(
+            f"{path} is not a PyTorch checkpoint (its bytes are neither torch.save's zip archive nor its "
+            f"older format): a corrupt file or the wrong file. Check the path, or {again.lower()}"
+        )
+    if head.startswith(_ZIP_MAGIC) and not zipfile.is_zipfile(path):
+        return CheckpointError(
+            f"{path} is a truncated PyTorch checkpoint ({size:,} bytes; its zip archive has no end): "
+            f"an interrupted save, copy or download. {again}"
+        )
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    unsafe = [line for line in lines if "unsupported global" in line.lower()]
+    if isinstance(exc, pickle.UnpicklingError) and unsafe:
+        return CheckpointError(
+            f"{path} contains pickled Python objects, not only tensors, and is refused for safety "
+            f"(a pickled module, such as TinySAM's tinysam_w8a8.pth, could run any code). "
+            f"Use a state-dict checkpoint. Details: {unsafe[0]}"
+        )
+    detail = lines[0] if lines else ""
+    return CheckpointError(
+        f"{path} is a truncated or corrupt PyTorch checkpoint ({type(exc).__name__}: {detail}). {again}"
+    )
+
+
+def load_torch_file(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """`torch.load(path, weights_only=True)` whose errors name the file and say what is wrong with it.
+
+    Raises CheckpointError for a missing, empty, foreign, truncated or corrupt file, and for a file
+    that holds pickled Python objects (code) besides tensors, each with its own message.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint file at {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many kinds (UnpicklingError, RuntimeError, EOFError, OSError, ...)
+        raise _unreadable(path, exc) from exc
+
+
 def _unwrap_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Return (state_dict, header) from a raw state dict or a wrapped one."""
     if isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT:
@@ -194,20 +250,7 @@ def _unwrap_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], d
 def read_checkpoint(checkpoint: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read (state_dict, header) without unpickling code; header is {} for foreign files."""
     path = resolve_checkpoint(checkpoint)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{path} contains pickled Python objects, not only tensors, and is refused for safety "
-            f"(a pickled module, such as TinySAM's tinysam_w8a8.pth, could run any code). "
-            f"Use a state-dict checkpoint. Details: {str(exc).splitlines()[0]}"
-        ) from exc
-    except Exception as exc:  # truncated zip, garbage bytes, I/O error: torch raises many kinds
-        raise CheckpointError(
-            f"cannot read {path}: it is not a PyTorch checkpoint or it is truncated "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Download it again."
-        ) from exc
-    return _unwrap_state_dict(obj, path)
+    return _unwrap_state_dict(load_torch_file(path), path)
 
 
 def _reference_shapes(name: str) -> dict[str, torch.Size]:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from student_models import (
     build_sam,
     hashing,
     load_sam,
+    load_torch_file,
     read_checkpoint,
     save_checkpoint,
 )
@@ -47,15 +49,6 @@ def test_foreign_state_dicts_load_as_mobile_sam_files_do(tmp_path, wrapper):
 def test_missing_file_names_it(tmp_path):
     with pytest.raises(CheckpointError, match=r"nowhere\.pth' is neither an existing file nor a known checkpoint"):
         build_sam("tinyvit_test", checkpoint=tmp_path / "nowhere.pth")
-
-
-def test_corrupt_file_says_download_again(tmp_path):
-    path = tmp_path / "broken.pth"
-    path.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(
-        CheckpointError, match=r"cannot read .*broken\.pth: it is not a PyTorch checkpoint.*Download it again"
-    ):
-        build_sam("tinyvit_test", checkpoint=path)
 
 
 def test_checkpoint_of_another_architecture_lists_keys_and_names_the_match(tmp_path):
@@ -214,3 +207,40 @@ def test_a_download_that_fails_verification_is_deleted(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=r"download from .*sam_vit_b_01ec64\.pth was deleted.*is 10 bytes"):
         build_sam("vit_b", checkpoint="sam_vit_b_01ec64")
     assert not (tmp_path / "sam_vit_b_01ec64.pth").exists()
+
+
+# --- files that are not checkpoints, or no longer whole --------------------------------------------
+
+
+def test_garbage_bytes_are_not_a_pytorch_checkpoint(tmp_path):
+    for name, content in [("text.pth", b"this is not a checkpoint"), ("noise.pth", random.Random(0).randbytes(5000))]:
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(CheckpointError) as info:
+            build_sam("tinyvit_test", checkpoint=path)
+        message = str(info.value)
+        assert f"{path} is not a PyTorch checkpoint" in message and "corrupt file or the wrong file" in message
+        assert "pickled" not in message and "safety" not in message
+
+
+@pytest.mark.parametrize("keep", ["half", "all but the last 10 bytes"])
+def test_a_truncated_checkpoint_is_named_truncated(tmp_path, keep):
+    path = tmp_path / "last.pt"
+    torch.save({"step": 3, "student": tiny_model("tinyvit_test").state_dict()}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if keep == "half" else data[:-10])
+    with pytest.raises(CheckpointError, match=rf"{path} is a truncated PyTorch checkpoint .*save, copy or download"):
+        load_torch_file(path)
+
+
+def test_a_truncated_legacy_checkpoint_and_an_empty_file(tmp_path):
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"w": torch.zeros(100)}, legacy, _use_new_zipfile_serialization=False)
+    legacy.write_bytes(legacy.read_bytes()[:60])
+    with pytest.raises(CheckpointError, match=rf"{legacy} is a truncated or corrupt PyTorch checkpoint"):
+        load_torch_file(legacy)
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"empty\.pth is empty \(0 bytes\)"):
+        load_torch_file(tmp_path / "empty.pth")
+    with pytest.raises(CheckpointError, match=r"no checkpoint file at .*nowhere\.pt"):
+        load_torch_file(tmp_path / "nowhere.pt")
