@@ -7,8 +7,10 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,10 +20,14 @@ from quantize.calibration import prepare_calibration
 from quantize.checkpoint import save_quantized
 from quantize.config import SEARCH_METHODS, PTQConfig
 from quantize.fidelity import TorchSam, fidelity, run_model
-from quantize.onnx_export import export_onnx
+from quantize.onnx_export import ExportCheckError, export_onnx
 from quantize.ptq import quantize_
-from student_models import build_sam, canonical_name
-from student_models.data import open_dataset
+from student_models import CheckpointError, build_sam, canonical_name
+from student_models.data import DatasetError, open_dataset
+from student_models.preprocessing import ImageError
+
+# What a user can get wrong: shown as one "error:" line, exit 1.
+USER_ERRORS = (ValueError, KeyError, CheckpointError, DatasetError, ImageError, ExportCheckError, OSError)
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -32,8 +38,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", default=None, help="float checkpoint (default: random weights)")
     parser.add_argument("--calib", default=None, help="calibration data for open_dataset (default: synthetic)")
     parser.add_argument("--out", default="runs/quantize", help="output folder")
-    parser.add_argument("--w-bits", type=int, default=None)
-    parser.add_argument("--a-bits", type=int, default=None)
+    bits = "2..16 (default 8; 8 and 6 are the tested widths; the INT8 ONNX export needs <= 8)"
+    parser.add_argument("--w-bits", type=int, default=None, help=f"weight bits: {bits}")
+    parser.add_argument("--a-bits", type=int, default=None, help=f"activation bits: {bits}")
     parser.add_argument("--method", choices=SEARCH_METHODS, default=None)
     parser.add_argument("--alpha-candidates", type=int, default=None, help="candidates per scale search")
     parser.add_argument("--rounds", type=int, default=None, help="alternating weight/activation rounds")
@@ -64,18 +71,39 @@ def config_from_args(args: argparse.Namespace) -> PTQConfig:
     return PTQConfig(**overrides)
 
 
+def writable_folder(path: Path) -> Path:
+    """Create `path` and check that files can be written in it, before any long step."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise OSError(f"cannot write to the output folder {path}: {exc.strerror}; choose another --out") from exc
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
+    try:
+        return run(args)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_folder(Path(args.out))
     if args.checkpoint is None:
         print(f"WARNING: no --checkpoint: quantizing {args.model} with RANDOM weights (a pipeline demo only)")
     torch.manual_seed(0)
     sam = build_sam(args.model, args.checkpoint)
-    float_model = TorchSam(build_sam(args.model, args.checkpoint)) if args.num_eval else None
+    # A copy, not a second build: without a checkpoint a second build would draw other random weights.
+    float_model = TorchSam(copy.deepcopy(sam)) if args.num_eval else None
     dataset = open_dataset(args.calib)
     samples = [s for s in (dataset[i] for i in range(min(len(dataset), config.num_calib + args.num_eval))) if s]
+    if not samples:
+        raise DatasetError(f"no readable calibration image in {args.calib or 'the synthetic set'}")
     start = time.time()
     report = quantize_(sam, config, samples[: config.num_calib], model_name=args.model)
     summary = {
@@ -108,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
             }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "export")}, indent=2))
-    print(f"wrote {checkpoint}, ONNX files under {out}/float32 and {out}/int8, summary {out / 'summary.json'}")
+    exported = ", ".join(str(out / precision) for precision in summary.get("export", {}))
+    onnx_files = f"ONNX files under {exported}, " if exported else ""
+    print(f"wrote {checkpoint}, {onnx_files}summary {out / 'summary.json'}")
     return 0
 
 

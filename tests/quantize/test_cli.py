@@ -24,9 +24,38 @@ def test_cli_w6a6_run(tmp_path, capsys):
     argv = ["--model", "sam_vit_test", "--w-bits", "6", "--a-bits", "6", "--method", "minmax", "--num-calib", "1",
             "--max-prompts", "1", "--num-eval", "0", "--no-export", "--out", str(tmp_path)]  # fmt: skip
     assert main(argv) == 0
-    assert "RANDOM weights" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "RANDOM weights" in out and "ONNX" not in out  # --no-export: no ONNX folder is announced
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["config"]["w_bits"] == 6 and summary["report"]["quantized_layers"] > 0
     layers = quantized_layers(load_quantized(tmp_path / "quantized.pt"))
     assert len(layers) == summary["report"]["quantized_layers"]
     assert all(layer.input_quants[0].bits == 6 for layer in layers.values())
+
+
+def test_without_checkpoint_the_float_reference_has_the_same_random_weights(tmp_path):
+    """16-bit quantization of the same weights is near-lossless; against other weights it is noise."""
+    argv = ["--model", "sam_vit_test", "--w-bits", "16", "--a-bits", "16", "--method", "minmax", "--num-calib", "1",
+            "--max-prompts", "1", "--num-eval", "1", "--no-export", "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    fidelity = json.loads((tmp_path / "summary.json").read_text())["fidelity_vs_float"]
+    assert fidelity["sqnr_embedding_db"] > 40, fidelity  # measured 54 dB; two random draws give about 0 dB
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--w-bits", "1"], "error: w_bits must be an integer between 2 and 16, got 1"),
+        (["--checkpoint", "/nonexistent/student.pt"], "error: "),
+        (["--out", "{file}/sub"], "error: cannot write to the output folder"),
+    ],
+)
+def test_user_errors_are_one_line(tmp_path, capsys, argv, message):
+    (tmp_path / "file").write_text("not a folder")
+    argv = [arg.replace("{file}", str(tmp_path / "file")) for arg in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    assert main(["--model", "sam_vit_test", "--num-eval", "0", "--no-export", *argv]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "out" / "summary.json").exists()
