@@ -1,11 +1,11 @@
 """The model zoo: SAM teachers, compact students and tiny test variants, built by name."""
 
+from student_models.build import build_sam, load_sam
 from student_models.checkpoints import (
     KNOWN_CHECKPOINTS,
     CheckpointError,
     atomic_torch_save,
     load_model_weights,
-    load_sam,
     load_torch_file,
     read_checkpoint,
     resolve_checkpoint,
@@ -17,7 +17,6 @@ from student_models.registry import (
     IMAGE_SIZE,
     ModelSpec,
     assemble_sam,
-    build_sam,
     canonical_name,
     get_spec,
     list_models,

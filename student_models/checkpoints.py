@@ -10,7 +10,8 @@ says what is wrong with a file that cannot be read (not a checkpoint, truncated,
 and fails on any missing, unexpected or mis-shaped key.
 
 Checkpoints written by this project are dicts with ``format == CHECKPOINT_FORMAT`` that carry
-the registered model name and its encoder config, so they can be rebuilt by name alone.
+the registered model name and its encoder config, so they can be rebuilt by name alone
+(`student_models.build.load_sam`). This module builds on the registry, never the reverse.
 """
 
 from __future__ import annotations
@@ -341,19 +342,3 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def load_sam(checkpoint: str | os.PathLike) -> nn.Module:
-    """Build and load a model from a checkpoint alone: by the name it carries, else by its keys."""
-    from student_models.registry import build_sam
-
-    state_dict, header = read_checkpoint(checkpoint)
-    name = header.get("model_name") or guess_model(state_dict)
-    if name is None:
-        raise CheckpointError(
-            f"{checkpoint} names no model and matches no registered one ({', '.join(list_models())}); "
-            f"build it by name with build_sam(name, checkpoint=...) to see which keys differ."
-        )
-    sam = build_sam(name)
-    load_state_dict_strict(sam, state_dict, str(checkpoint))
-    return sam.eval()

@@ -4,11 +4,13 @@ Every entry is a thin builder over `assemble_sam`, which takes an image encoder 
 prompt encoder and mask decoder (the same shapes for every model), so students can reuse a
 teacher's decoder as is. Models are `segment_anything.modeling.Sam` instances and work with
 `SamPredictor` and `SamAutomaticMaskGenerator` unchanged.
+
+This module knows names and architectures only; `student_models.checkpoints` (files) builds on
+it, and `student_models.build.build_sam` (a model by name, optionally with weights) on both.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -87,24 +89,6 @@ def assemble_sam(image_encoder: nn.Module) -> Sam:
         pixel_mean=[123.675, 116.28, 103.53],
         pixel_std=[58.395, 57.12, 57.375],
     )
-
-
-def build_sam(name: str, checkpoint: str | os.PathLike | None = None) -> Sam:
-    """Build a registered model in eval mode, with random weights or from a checkpoint.
-
-    Args:
-        name: a name from `list_models()` (or an alias such as ``vit_t``).
-        checkpoint: a file path, or the name of a known official checkpoint (see
-            `student_models.checkpoints.KNOWN_CHECKPOINTS`), fetched into the cache when the
-            network allows. Loading is strict: every key and shape must match.
-    """
-    from student_models.checkpoints import load_model_weights
-
-    spec = get_spec(name)
-    sam = assemble_sam(spec.build_encoder(**spec.encoder_kwargs))
-    if checkpoint is not None:
-        load_model_weights(sam, spec.name, checkpoint)
-    return sam.eval()
 
 
 def _sam_vit(embed_dim: int, depth: int, num_heads: int, global_attn_indexes: tuple[int, ...]) -> ImageEncoderViT:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import ast
 import hashlib
 import os
 import random
@@ -244,3 +245,17 @@ def test_a_truncated_legacy_checkpoint_and_an_empty_file(tmp_path):
         load_torch_file(tmp_path / "empty.pth")
     with pytest.raises(CheckpointError, match=r"no checkpoint file at .*nowhere\.pt"):
         load_torch_file(tmp_path / "nowhere.pt")
+
+
+def test_imports_run_one_way_registry_checkpoints_build():
+    """registry <- checkpoints <- build: no module imports one above it, not even inside a function."""
+    package = Path(checkpoints.__file__).parent
+
+    def imported(module):
+        tree = ast.parse((package / f"{module}.py").read_text())
+        return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module} | {
+            alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+        }
+
+    assert not {"student_models.checkpoints", "student_models.build"} & imported("registry")
+    assert "student_models.build" not in imported("checkpoints")
