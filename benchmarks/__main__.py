@@ -60,13 +60,21 @@ def get_parser() -> argparse.ArgumentParser:
     latency.add_argument("--components", nargs="+", choices=("encoder", "decoder"))
     latency.add_argument("--out", required=True, help="folder for the JSON records")
 
-    everything = sub.add_parser("everything", help="hierarchical vs dense everything mode (hierarchical stage)")
+    everything = sub.add_parser(
+        "everything", help="SAM vs dense vs hierarchical everything mode, per re-prompt rule (hierarchical stage)"
+    )
     _add_model_args(everything, onnx=False)
     everything.add_argument("--images", help="folder of images (default: one synthetic image)")
     everything.add_argument("--max-images", type=int, help="use only the first N images")
     everything.add_argument("--points-per-side", type=int, help="dense grid (default 32, the paper's)")
     everything.add_argument("--sparse-points-per-side", type=int, help="first-round grid (default: a quarter)")
-    everything.add_argument("--methods", nargs="+", choices=("sam", "dense", "hierarchical"))
+    for name in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh", "high_score_thresh"):
+        everything.add_argument("--" + name.replace("_", "-"), type=float, help=f"GeneratorConfig.{name}")
+    everything.add_argument(
+        "--methods",
+        nargs="+",
+        help="subset of sam, dense, hierarchical-lattice, hierarchical-tinysam (default: all, in that order)",
+    )
     everything.add_argument("--out", required=True, help="folder for the JSON records")
 
     report = sub.add_parser("report", help="records -> Markdown table + AP-vs-latency plot")
@@ -133,20 +141,20 @@ def _everything(args: argparse.Namespace) -> None:
     from benchmarks.everything import run_everything
     from benchmarks.runs import load_torch_model
 
+    settings = ("points_per_side", "sparse_points_per_side", "pred_iou_thresh", "stability_score_thresh")
+    settings += ("box_nms_thresh", "high_score_thresh")
     records, path = run_everything(
         load_torch_model(args.model, args.checkpoint, args.quantized, args.seed),
         images=args.images,
         max_images=args.max_images,
         out_dir=args.out,
-        generator_options=_only_set(
-            points_per_side=args.points_per_side, sparse_points_per_side=args.sparse_points_per_side
-        ),
+        generator_options=_only_set(**{name: getattr(args, name) for name in settings}),
         methods=tuple(args.methods) if args.methods else None,
     )
     for r in records:
-        agreement = {k: r[k] for k in ("identical_to_sam", "miou_vs_dense", "recall50_vs_dense") if k in r}
+        agreement = {k: r[k] for k in ("identical_to_sam", "miou_vs_dense", "recall90_vs_dense") if k in r}
         counts = f"{r['points_prompted']} points, {r['masks']} masks"
-        print(f"{r['image']} {r['method']:12s}: {r['seconds']:.2f} s, {counts} {agreement}")
+        print(f"{r['image']} {r['method']:20s}: {r['seconds']:.2f} s, {counts} {agreement}")
     print(f"records: {path}")
 
 

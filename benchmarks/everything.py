@@ -1,9 +1,11 @@
-"""Everything mode: SAM's automatic mask generator vs the hierarchical stage's dense and
-hierarchical modes, measured by `hierarchical.compare.compare_generators` and kept as records.
+"""Everything mode: SAM's automatic mask generator vs the hierarchical stage's dense mode and its
+hierarchical mode under each re-prompt rule, measured by `hierarchical.compare.compare_generators`
+on the same images in one run and kept as records.
 
 Each (image, method) becomes one "everything" record: seconds per image and their split
 (encoder, decoder, post-processing), points prompted, masks kept, and the agreement figures
-(dense identical to SAM; hierarchical mIoU and recall@0.5 against dense).
+(dense identical to SAM; per rule, the mean best-match IoU of dense mode's masks and their recall
+at IoU >= 0.9).
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ def run_everything(
     """Compare the everything-mode generators on ``images``; one record per image and method.
 
     ``generator_options`` are `hierarchical.GeneratorConfig` fields (default: the paper's 32x32
-    grid with a sparse 8x8 first round); ``methods`` a subset of ("sam", "dense", "hierarchical").
+    grid with a sparse 8x8 first round); ``methods`` a subset of `hierarchical.compare.METHODS`
+    ("sam", "dense", "hierarchical-lattice", "hierarchical-tinysam"; default all).
     """
     compare_generators, methods_all = stage_api("hierarchical.compare", "compare_generators", "METHODS")
     GeneratorConfig = stage_api("hierarchical", "GeneratorConfig")

@@ -2,8 +2,9 @@
 
 Writes per image <stem>.json (COCO-RLE masks, config, timing), <stem>.png (overlay) and a line in
 timings.txt. With --compare it instead runs SAM's generator, our dense mode and our hierarchical
-mode on the images and writes compare.json (flat records) and compare.md (the table). Only the
-settings given are passed on; defaults live in `GeneratorConfig`.
+mode (with --reprompt-rule's rule) on the images and writes compare.json (flat records) and
+compare.md (the table); `python -m benchmarks everything` compares both rules. Only the settings
+given are passed on; defaults live in `GeneratorConfig`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from hierarchical.compare import compare_generators, comparison_table, summarize_comparison
 from hierarchical.config import ConfigError, GeneratorConfig
 from hierarchical.generator import HierarchicalMaskGenerator
+from hierarchical.reprompt import REPROMPT_RULES
 from hierarchical.runner import collect_images, segment_files
 from student_models import CheckpointError, build_sam
 from student_models.preprocessing import ImageError
@@ -36,8 +38,10 @@ _SETTINGS = {
     "min_mask_region_area": int,
     "sparse_points_per_side": int,
     "high_score_thresh": float,
+    "reprompt_rule": str,
     "decoder_micro_batch": int,
 }
+_CHOICES = {"reprompt_rule": REPROMPT_RULES}
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -56,7 +60,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights when no --checkpoint is given")
     parser.add_argument("--compare", action="store_true", default=False, help="benchmark SAM vs dense vs hierarchical")
     for name, kind in _SETTINGS.items():
-        parser.add_argument("--" + name.replace("_", "-"), type=kind, help=f"GeneratorConfig.{name}")
+        option = "--" + name.replace("_", "-")
+        parser.add_argument(option, type=kind, choices=_CHOICES.get(name), help=f"GeneratorConfig.{name}")
     return parser
 
 
@@ -79,7 +84,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out_dir = Path(args["out"])
     if args["compare"]:
-        records = compare_generators(model, paths, config)
+        try:
+            records = compare_generators(
+                model, paths, config, methods=("sam", "dense", f"hierarchical-{config.reprompt_rule}")
+            )
+        except ConfigError as exc:  # the hierarchical method's settings, when --mode dense skipped their check
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         summary = summarize_comparison(records)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "compare.json").write_text(json.dumps({"summary": summary, "records": records}, indent=1))

@@ -1,6 +1,7 @@
-"""Side-by-side benchmark: SAM's automatic mask generator vs our dense mode vs our hierarchical mode.
+"""Side-by-side benchmark: SAM's automatic mask generator vs our dense mode vs our hierarchical mode
+under each re-prompt rule ("hierarchical-lattice", "hierarchical-tinysam").
 
-`compare_generators(model, images, config)` runs the three on each image with the same model and
+`compare_generators(model, images, config)` runs them on each image with the same model and
 settings and returns flat records (one per image and method) for `benchmarks` to render; the
 `summarize_comparison` of those records gives the per-method means and the ratios of one run.
 """
@@ -22,9 +23,13 @@ from tqdm import tqdm
 
 from hierarchical.config import GeneratorConfig
 from hierarchical.generator import HierarchicalMaskGenerator
+from hierarchical.reprompt import REPROMPT_RULES
 from student_models.preprocessing import load_image, to_rgb
 
-METHODS = ("sam", "dense", "hierarchical")
+HIERARCHICAL_METHODS = tuple(f"hierarchical-{rule}" for rule in REPROMPT_RULES)
+METHODS = ("sam", "dense", *HIERARCHICAL_METHODS)
+# A dense mask counts as found when the hierarchical mode returns a mask this close to it.
+RECALL_IOU = 0.9
 
 
 class _ModuleTimer:
@@ -110,19 +115,19 @@ def same_records(reference: list[dict], candidate: list[dict], score_atol: float
 def matched_mask_iou(reference: list[dict], candidate: list[dict]) -> dict[str, float | None]:
     """Agreement of `candidate` masks with `reference` masks (both with COCO-RLE segmentations).
 
-    Each reference mask is matched to the candidate mask of highest IoU. Returns the mean of those
-    IoUs (`miou`, None without reference masks; 0 where the candidate has none) and the fraction of
-    reference masks matched at IoU >= 0.5 (`recall50`).
+    Each reference mask is matched to the candidate mask of highest IoU (a candidate may serve
+    several). Returns the mean of those IoUs (`miou`, None without reference masks; 0 where the
+    candidate has none) and the fraction of reference masks matched at IoU >= 0.9 (`recall90`).
     """
     if not reference:
-        return {"miou": None, "recall50": None}
+        return {"miou": None, "recall90": None}
     if not candidate:
-        return {"miou": 0.0, "recall50": 0.0}
+        return {"miou": 0.0, "recall90": 0.0}
     ref_rles = [r["segmentation"] for r in reference]
     cand_rles = [c["segmentation"] for c in candidate]
     ious = np.asarray(mask_utils.iou(ref_rles, cand_rles, [0] * len(cand_rles))).reshape(len(ref_rles), -1)
     best = ious.max(axis=1)
-    return {"miou": float(best.mean()), "recall50": float((best >= 0.5).mean())}
+    return {"miou": float(best.mean()), "recall90": float((best >= RECALL_IOU).mean())}
 
 
 @torch.no_grad()
@@ -151,20 +156,26 @@ def compare_generators(
     Args:
         model: any SAM-family model (eval mode).
         images: HxWx3 uint8 arrays or image paths.
-        config: shared settings; `hierarchical` is set per method and `output_mode` forced to
-            "coco_rle" (so masks compare cheaply). Default: `GeneratorConfig()` (the paper's).
-        methods: a subset of ("sam", "dense", "hierarchical"), run in that order per image.
+        config: shared settings; `hierarchical` and `reprompt_rule` are set per method and
+            `output_mode` forced to "coco_rle" (so masks compare cheaply). Default:
+            `GeneratorConfig()` (the paper's).
+        methods: a subset of `METHODS`, run in that order per image.
 
     Returns:
         One flat record per image and method: image, method, seconds, encoder_s, decoder_s,
         postprocess_s, points_prompted, masks, the config as a dict; "dense" records carry
-        `identical_to_sam` (when SAM ran), "hierarchical" records `miou_vs_dense` and
-        `recall50_vs_dense` (when dense ran).
+        `identical_to_sam` (when SAM ran), hierarchical records `miou_vs_dense` and
+        `recall90_vs_dense` (when dense ran).
     """
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {METHODS}")
     base = replace(config or GeneratorConfig(), output_mode="coco_rle")
+    # Every method's settings are checked before any image is run.
+    configs = {"sam": replace(base, hierarchical=False), "dense": replace(base, hierarchical=False)}
+    for method in HIERARCHICAL_METHODS:
+        if method in methods:
+            configs[method] = replace(base, hierarchical=True, reprompt_rule=method.removeprefix("hierarchical-"))
     images = list(images)
     warm_up(model)
     records: list[dict[str, Any]] = []
@@ -173,20 +184,16 @@ def compare_generators(
         image = load_image(item) if isinstance(item, str | os.PathLike) else to_rgb(item)
         outputs: dict[str, list[dict]] = {}
         for method in (m for m in METHODS if m in methods):
-            if method == "sam":
-                cfg = replace(base, hierarchical=False)
-                masks, timing = _run_sam(model, cfg, image)
-            else:
-                cfg = replace(base, hierarchical=method == "hierarchical")
-                masks, timing = _run_ours(model, cfg, image)
+            cfg = configs[method]
+            masks, timing = (_run_sam if method == "sam" else _run_ours)(model, cfg, image)
             outputs[method] = masks
             record = {"image": name, "method": method, **timing, "masks": len(masks), "config": cfg.to_dict()}
             if method == "dense" and "sam" in outputs:
                 record["identical_to_sam"] = same_records(outputs["sam"], masks)
-            if method == "hierarchical" and "dense" in outputs:
+            if method in HIERARCHICAL_METHODS and "dense" in outputs:
                 agreement = matched_mask_iou(outputs["dense"], masks)
                 record["miou_vs_dense"] = agreement["miou"]
-                record["recall50_vs_dense"] = agreement["recall50"]
+                record["recall90_vs_dense"] = agreement["recall90"]
             records.append(record)
     return records
 
@@ -206,13 +213,15 @@ def summarize_comparison(records: list[dict[str, Any]]) -> dict[str, Any]:
         entry["points_prompted"] = float(np.mean(points)) if points else None
         if method == "dense" and "identical_to_sam" in rows[0]:
             entry["identical_to_sam"] = f"{sum(r['identical_to_sam'] for r in rows)}/{len(rows)}"
-        if method == "hierarchical" and "miou_vs_dense" in rows[0]:
-            mious = [r["miou_vs_dense"] for r in rows if r["miou_vs_dense"] is not None]
-            entry["miou_vs_dense"] = float(np.mean(mious)) if mious else None
-            entry["images_with_dense_masks"] = len(mious)
+        if method in HIERARCHICAL_METHODS and "miou_vs_dense" in rows[0]:
+            scored = [r for r in rows if r["miou_vs_dense"] is not None]
+            for key in ("miou_vs_dense", "recall90_vs_dense"):
+                entry[key] = float(np.mean([r[key] for r in scored])) if scored else None
+            entry["images_with_dense_masks"] = len(scored)
         summary["methods"][method] = entry
     methods = summary["methods"]
-    for slow, fast in (("sam", "dense"), ("dense", "hierarchical"), ("sam", "hierarchical")):
+    pairs = [("sam", "dense")] + [(slow, fast) for fast in HIERARCHICAL_METHODS for slow in ("dense", "sam")]
+    for slow, fast in pairs:
         if slow in methods and fast in methods:
             summary[f"speedup_{fast}_vs_{slow}"] = methods[slow]["seconds"] / methods[fast]["seconds"]
     return summary
@@ -228,7 +237,10 @@ def comparison_table(summary: dict[str, Any]) -> str:
         if "identical_to_sam" in entry:
             agreement = f"identical to SAM on {entry['identical_to_sam']} images"
         elif entry.get("miou_vs_dense") is not None:
-            agreement = f"mIoU vs dense {entry['miou_vs_dense']:.3f} ({entry['images_with_dense_masks']} images)"
+            agreement = (
+                f"vs dense: mIoU {entry['miou_vs_dense']:.3f}, recall@{RECALL_IOU} {entry['recall90_vs_dense']:.3f} "
+                f"({entry['images_with_dense_masks']} images)"
+            )
         else:
             agreement = ""
         points = "" if entry["points_prompted"] is None else f"{entry['points_prompted']:.0f}"

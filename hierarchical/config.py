@@ -1,9 +1,11 @@
 """The one place where the everything-mode settings and their defaults live.
 
-Names follow `segment_anything.SamAutomaticMaskGenerator` where SAM has the setting; the three
-hierarchy settings are TinySAM's (SPEC section 4): `hierarchical`, `sparse_points_per_side` (default
-a quarter of `points_per_side`, i.e. 8x8 = 1/16 of the points) and `high_score_thresh` (a mask
-*logit*, not an IoU: pixels above it count as covered). `decoder_micro_batch` is ours too: how many
+Names follow `segment_anything.SamAutomaticMaskGenerator` where SAM has the setting; the hierarchy
+settings are TinySAM's (SPEC section 4): `hierarchical`, `sparse_points_per_side` (default a quarter
+of `points_per_side`, i.e. 8x8 = 1/16 of the points) and `high_score_thresh` (a mask *logit*, not an
+IoU: pixels above it count as covered), and `reprompt_rule`, which points the second round prompts
+(`hierarchical/reprompt.py`: "lattice", SAM's own grid, or "tinysam", TinySAM's published rule,
+which fixes the sparse grid at a quarter per side). `decoder_micro_batch` is ours too: how many
 prompts the mask decoder takes at a time inside each `points_per_batch` batch (see
 `hierarchical/decoder.py`; it changes the speed, not the output).
 """
@@ -14,6 +16,8 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from hierarchical.decoder import MIN_MICRO_BATCH
+from hierarchical.grid import layer_points_per_side
+from hierarchical.reprompt import REPROMPT_RULES, TINYSAM_SPARSE_RATIO
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 
@@ -41,6 +45,7 @@ class GeneratorConfig:
     hierarchical: bool = True
     sparse_points_per_side: int | None = None
     high_score_thresh: float = 8.5
+    reprompt_rule: str = "lattice"
     decoder_micro_batch: int = 4
 
     def __post_init__(self) -> None:
@@ -85,6 +90,26 @@ class GeneratorConfig:
                     f"crop layer {layer} would get no points: points_per_side={self.points_per_side} divided by "
                     f"crop_n_points_downscale_factor**{layer}={self.crop_n_points_downscale_factor**layer} is below 1"
                 )
+        if self.reprompt_rule not in REPROMPT_RULES:
+            raise ConfigError(f"reprompt_rule must be one of {REPROMPT_RULES}, got {self.reprompt_rule!r}")
+        if self.hierarchical and self.reprompt_rule == "tinysam":
+            self._check_tinysam_grids()
+
+    def _check_tinysam_grids(self) -> None:
+        """TinySAM's offsets cover 4x4 dense points per sparse point: its sparse grid is n // 4 in every layer."""
+        if self.sparse_points_per_side != self.points_per_side // TINYSAM_SPARSE_RATIO:
+            raise ConfigError(
+                f"reprompt_rule='tinysam' prompts a sparse grid of points_per_side // 4 = "
+                f"{self.points_per_side // TINYSAM_SPARSE_RATIO} points per side, got sparse_points_per_side="
+                f"{self.sparse_points_per_side}"
+            )
+        sides = layer_points_per_side(self.points_per_side, self.crop_n_layers, self.crop_n_points_downscale_factor)
+        for layer, side in enumerate(sides):
+            if side < TINYSAM_SPARSE_RATIO:
+                raise ConfigError(
+                    f"reprompt_rule='tinysam' needs at least 4 points per side in every crop layer; "
+                    f"layer {layer} gets {side}"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,5 +124,5 @@ class GeneratorConfig:
 
     def sam_kwargs(self) -> dict[str, Any]:
         """The subset that `segment_anything.SamAutomaticMaskGenerator` accepts, for side-by-side runs."""
-        ours = {"hierarchical", "sparse_points_per_side", "high_score_thresh", "decoder_micro_batch"}
+        ours = {"hierarchical", "sparse_points_per_side", "high_score_thresh", "reprompt_rule", "decoder_micro_batch"}
         return {k: v for k, v in self.to_dict().items() if k not in ours}

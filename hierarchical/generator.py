@@ -19,12 +19,19 @@ of the order of work, never by approximating:
    memory: a crop's candidates are held as KxHxW bool (one byte per pixel) until its NMS, e.g.
    768 candidates of a 640x480 image = 236 MB with every filter off.
 
-Hierarchical mode (TinySAM, SPEC section 4), per crop: a sparse round on a
-`sparse_points_per_side` grid with the same filters; pixels where any mask that passed the
-predicted-IoU and stability filters has a logit above `high_score_thresh` are covered (TinySAM
-takes the same masks); a dense round on the points of the full `points_per_side` grid that do not
-lie on covered pixels; both rounds' masks go through one box NMS, then the optional small-region
-clean-up, as in SAM.
+Hierarchical mode (TinySAM, SPEC section 4), per crop: a sparse round with the same filters;
+pixels where any mask that passed the predicted-IoU and stability filters has a logit above
+`high_score_thresh` are covered (TinySAM takes the same masks); a second round on the points that
+`reprompt_rule` picks among the uncovered ones (`hierarchical/reprompt.py`: "lattice", the rest of
+SAM's dense grid, or "tinysam", TinySAM's published rule); both rounds' masks go through one box
+NMS, then the optional small-region clean-up, as in SAM. The sparse points count as points of the
+dense grid, so neither rule prompts more points than dense mode.
+
+Crops: TinySAM's hierarchical generator has none (it prompts the whole image only and ignores
+`crop_n_layers`). With `crop_n_layers > 0` we run both rounds in every crop as SAM runs its grid:
+in the crop's frame, with the crop's size as the image size and the layer's points per side
+(`points_per_side / crop_n_points_downscale_factor**layer`), and one coverage map per crop; then
+SAM's NMS between crops. Without crops, "tinysam" prompts exactly TinySAM's points in its order.
 """
 
 from __future__ import annotations
@@ -54,7 +61,8 @@ from torchvision.ops.boxes import batched_nms, box_area
 from hierarchical.config import ConfigError, GeneratorConfig
 from hierarchical.decoder import SharedImageDecoder
 from hierarchical.encoding import build_records, encode_masks
-from hierarchical.grid import coverage_from_logits, layer_point_grids, reprompt_points, scale_points
+from hierarchical.grid import coverage_from_logits, layer_point_grids, layer_points_per_side, scale_points
+from hierarchical.reprompt import TwoRounds
 from student_models.preprocessing import to_rgb
 
 # Per-candidate fields kept until NMS; "masks" is a list of HxW bool tensors (crop frame).
@@ -127,10 +135,14 @@ class HierarchicalMaskGenerator:
         self.model = model
         self.predictor = SamPredictor(model)
         cfg = self.config
-        self.dense_grids = layer_point_grids(cfg.points_per_side, cfg.crop_n_layers, cfg.crop_n_points_downscale_factor)
-        self.sparse_grids = layer_point_grids(
-            cfg.sparse_points_per_side, cfg.crop_n_layers, cfg.crop_n_points_downscale_factor
-        )
+        layers = (cfg.crop_n_layers, cfg.crop_n_points_downscale_factor)
+        self.dense_grids = layer_point_grids(cfg.points_per_side, *layers)
+        self.rounds = []
+        if cfg.hierarchical:
+            dense_sides = layer_points_per_side(cfg.points_per_side, *layers)
+            sparse_sides = layer_points_per_side(cfg.sparse_points_per_side, *layers)
+            for dense, sparse in zip(dense_sides, sparse_sides, strict=True):
+                self.rounds.append(TwoRounds(cfg.reprompt_rule, dense, sparse))
         self.last_timing: GenerationTiming | None = None
         self._timing = GenerationTiming()
         self._decoder: SharedImageDecoder | None = None
@@ -205,15 +217,16 @@ class HierarchicalMaskGenerator:
         )
         self._timing.decoder_s += time.perf_counter() - start
 
-        dense_points = scale_points(self.dense_grids[layer_idx], crop_size)
         if self.config.hierarchical:
-            sparse_points = scale_points(self.sparse_grids[layer_idx], crop_size)
+            rounds = self.rounds[layer_idx]
+            sparse_points = rounds.sparse_points(crop_size)
             coverage = torch.zeros(crop_size, dtype=torch.bool)
             batches = self._prompt(sparse_points, crop_box, orig_size, coverage)
             self._timing.sparse_points += len(sparse_points)
-            dense_points = reprompt_points(dense_points, coverage)
+            dense_points = rounds.second_points(sparse_points, coverage)
         else:
             batches = []
+            dense_points = scale_points(self.dense_grids[layer_idx], crop_size)
         batches += self._prompt(dense_points, crop_box, orig_size)
         self._timing.dense_points += len(dense_points)
         self.predictor.reset_image()

@@ -11,16 +11,17 @@ import torch
 from segment_anything.utils.amg import build_point_grid
 
 
-def layer_point_grids(points_per_side: int, crop_n_layers: int, downscale_factor: int) -> list[np.ndarray]:
-    """One Nx2 grid in [0, 1]^2 per crop layer, exactly as SAM's generator builds them.
+def layer_points_per_side(points_per_side: int, crop_n_layers: int, downscale_factor: int) -> list[int]:
+    """Points per side of each crop layer: int(points_per_side / downscale_factor**i), SAM's
+    `build_all_layer_point_grids` rule, except that a layer that would get none gets one point, so
+    a coarse sparse grid never vanishes."""
+    return [max(1, int(points_per_side / downscale_factor**layer)) for layer in range(crop_n_layers + 1)]
 
-    Layer i gets int(points_per_side / downscale_factor**i) points per side (SAM's
-    `build_all_layer_point_grids` rule); a layer that would get none gets a single centre point,
-    so a coarse sparse grid never vanishes.
-    """
-    return [
-        build_point_grid(max(1, int(points_per_side / downscale_factor**layer))) for layer in range(crop_n_layers + 1)
-    ]
+
+def layer_point_grids(points_per_side: int, crop_n_layers: int, downscale_factor: int) -> list[np.ndarray]:
+    """One Nx2 grid in [0, 1]^2 per crop layer, exactly as SAM's generator builds them (row by row,
+    x fastest), with `layer_points_per_side` points per side."""
+    return [build_point_grid(n) for n in layer_points_per_side(points_per_side, crop_n_layers, downscale_factor)]
 
 
 def scale_points(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -51,8 +52,3 @@ def uncovered_points(points: np.ndarray, coverage: torch.Tensor) -> np.ndarray:
     rows, cols = points_to_pixels(points, tuple(coverage.shape))
     covered = coverage.cpu().numpy()[rows, cols]
     return ~covered
-
-
-def reprompt_points(dense_points: np.ndarray, coverage: torch.Tensor) -> np.ndarray:
-    """The dense round's prompts: the Mx2 subset of the Nx2 dense points not on covered pixels, in grid order."""
-    return dense_points[uncovered_points(dense_points, coverage)]

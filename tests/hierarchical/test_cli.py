@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -27,12 +28,13 @@ def test_folder_run_writes_json_overlay_and_timings_and_names_bad_files(tmp_path
     for stem in ("gray", "rgba"):
         payload = json.loads((out / f"{stem}.json").read_text())
         assert payload["config"]["hierarchical"] is True
-        assert payload["timing"]["points_prompted"] == 2  # sparse 1 + uncovered dense 1 (tau 8.5: nothing covered)
+        assert payload["config"]["reprompt_rule"] == "lattice"
+        assert payload["timing"]["points_prompted"] == 1  # the 1x1 grid's point is the sparse round: never more
         for record in payload["annotations"]:
             assert mask_utils.decode(record["segmentation"]).shape == (48, 64)
         assert Image.open(out / f"{stem}.png").size == (64, 48)
     lines = (out / "timings.txt").read_text().splitlines()
-    assert len(lines) == 2 and "points prompted 2" in lines[0] and "decoder" in lines[0]
+    assert len(lines) == 2 and "points prompted 1" in lines[0] and "decoder" in lines[0]
 
 
 def test_dense_mode_flag(tmp_path):
@@ -63,6 +65,11 @@ def test_argument_errors_are_clear(tmp_path, capsys):
     (empty / "a.png").write_bytes(b"")
     assert main([str(empty), "--out", str(tmp_path / "o"), "--points-per-side", "0"]) == 2
     assert "points_per_side must be a positive integer" in capsys.readouterr().err
+    assert main([str(empty), "--out", str(tmp_path / "o"), *FAST, "--reprompt-rule", "tinysam"]) == 2
+    assert "reprompt_rule='tinysam' prompts a sparse grid of points_per_side // 4 = 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(empty), "--out", str(tmp_path / "o"), "--reprompt-rule", "sam"])
+    assert "--reprompt-rule: invalid choice: 'sam' (choose from" in capsys.readouterr().err
 
 
 def test_compare_writes_records_and_table(tmp_path, capsys):
@@ -72,7 +79,7 @@ def test_compare_writes_records_and_table(tmp_path, capsys):
     assert main([str(path), "--out", str(out), "--compare", "--box-nms-thresh", "1", *FAST]) == 0
     result = json.loads((out / "compare.json").read_text())
     methods = [r["method"] for r in result["records"]]
-    assert methods == ["sam", "dense", "hierarchical"]
+    assert methods == ["sam", "dense", "hierarchical-lattice"]
     dense = result["records"][1]
     assert dense["identical_to_sam"] is True and dense["masks"] == 3
     assert 0.0 <= result["records"][2]["miou_vs_dense"] <= 1.0

@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from hierarchical.compare import compare_generators, matched_mask_iou, same_records, summarize_comparison
+from hierarchical.compare import (
+    compare_generators,
+    comparison_table,
+    matched_mask_iou,
+    same_records,
+    summarize_comparison,
+)
 
 
 def rle(mask):
@@ -20,11 +26,11 @@ def box(y0, y1, x0, x1, size=(10, 10)):
 
 
 def test_matched_iou_takes_each_reference_masks_best_match():
-    reference = [rle(box(0, 4, 0, 4)), rle(box(5, 10, 5, 10))]
-    candidate = [rle(box(0, 4, 0, 2)), rle(box(5, 10, 5, 10))]  # IoU 0.5 and 1.0
-    assert matched_mask_iou(reference, candidate) == {"miou": pytest.approx(0.75), "recall50": 1.0}
-    assert matched_mask_iou(reference, []) == {"miou": 0.0, "recall50": 0.0}
-    assert matched_mask_iou([], candidate) == {"miou": None, "recall50": None}
+    reference = [rle(box(0, 4, 0, 4)), rle(box(5, 10, 5, 10)), rle(box(0, 10, 0, 10))]
+    candidate = [rle(box(0, 4, 0, 2)), rle(box(5, 10, 5, 10)), rle(box(0, 10, 0, 9))]  # IoU 0.5, 1.0, 0.9
+    assert matched_mask_iou(reference, candidate) == {"miou": pytest.approx(0.8), "recall90": pytest.approx(2 / 3)}
+    assert matched_mask_iou(reference, []) == {"miou": 0.0, "recall90": 0.0}
+    assert matched_mask_iou([], candidate) == {"miou": None, "recall90": None}
 
 
 def test_same_records_notices_any_difference():
@@ -46,7 +52,12 @@ def test_same_records_notices_any_difference():
 def test_summary_means_and_speedups():
     rows = []
     for image in ("a", "b"):
-        for method, seconds, points in (("sam", 4.0, 1024), ("dense", 2.0, 1024), ("hierarchical", 1.0, 300)):
+        for method, seconds, points in (
+            ("sam", 4.0, 1024),
+            ("dense", 2.0, 1024),
+            ("hierarchical-lattice", 1.0, 300),
+            ("hierarchical-tinysam", 0.5, 200),
+        ):
             rows.append(
                 {
                     "image": image,
@@ -59,15 +70,20 @@ def test_summary_means_and_speedups():
                     "masks": 3,
                 }
             )
-    rows[1]["identical_to_sam"] = rows[4]["identical_to_sam"] = True
-    rows[2]["miou_vs_dense"], rows[5]["miou_vs_dense"] = 0.8, 0.6
+    rows[1]["identical_to_sam"] = rows[5]["identical_to_sam"] = True
+    for row, miou, recall in zip(rows[2::4] + rows[3::4], (0.8, 0.6, 0.9, 0.7), (0.5, 0.3, 1.0, 0.0), strict=True):
+        row["miou_vs_dense"], row["recall90_vs_dense"] = miou, recall
     summary = summarize_comparison(rows)
     assert summary["images"] == 2
     assert summary["speedup_dense_vs_sam"] == pytest.approx(2.0)
-    assert summary["speedup_hierarchical_vs_dense"] == pytest.approx(2.0)
+    assert summary["speedup_hierarchical-lattice_vs_dense"] == pytest.approx(2.0)
+    assert summary["speedup_hierarchical-tinysam_vs_sam"] == pytest.approx(8.0)
     assert summary["methods"]["dense"]["identical_to_sam"] == "2/2"
-    assert summary["methods"]["hierarchical"]["miou_vs_dense"] == pytest.approx(0.7)
-    assert summary["methods"]["hierarchical"]["points_prompted"] == 300
+    lattice, tinysam = summary["methods"]["hierarchical-lattice"], summary["methods"]["hierarchical-tinysam"]
+    assert lattice["miou_vs_dense"] == pytest.approx(0.7) and lattice["recall90_vs_dense"] == pytest.approx(0.4)
+    assert tinysam["miou_vs_dense"] == pytest.approx(0.8) and tinysam["recall90_vs_dense"] == pytest.approx(0.5)
+    assert (lattice["points_prompted"], tinysam["points_prompted"]) == (300, 200)
+    assert "recall@0.9 0.500 (2 images)" in comparison_table(summary)
 
 
 def test_unknown_method_is_named():

@@ -1,4 +1,4 @@
-"""Pure grid / coverage / re-prompt logic on hand-made points and logits."""
+"""Pure grid and coverage logic on hand-made points and logits (the re-prompt rules: test_reprompt.py)."""
 
 import numpy as np
 import pytest
@@ -8,8 +8,8 @@ from segment_anything.utils.amg import build_all_layer_point_grids
 from hierarchical.grid import (
     coverage_from_logits,
     layer_point_grids,
+    layer_points_per_side,
     points_to_pixels,
-    reprompt_points,
     scale_points,
     uncovered_points,
 )
@@ -21,6 +21,7 @@ def test_layer_grids_are_sams_and_a_coarse_layer_keeps_one_point():
         np.testing.assert_array_equal(mine, sams)
     coarse = layer_point_grids(2, 2, 4)  # layer 1 and 2 would get int(2/4) = 0 points from SAM's rule
     assert [len(g) for g in coarse] == [4, 1, 1]
+    assert layer_points_per_side(2, 2, 4) == [2, 1, 1] and layer_points_per_side(32, 2, 2) == [32, 16, 8]
     np.testing.assert_allclose(coarse[1], [[0.5, 0.5]])
 
 
@@ -56,16 +57,12 @@ def test_coverage_is_strictly_above_the_threshold_in_any_mask():
         coverage_from_logits(torch.zeros(3, 4), 8.5)
 
 
-def test_reprompt_keeps_only_uncovered_points_in_grid_order():
+def test_uncovered_points_follow_the_pixel_each_point_lies_on():
     size = (8, 8)
     dense = scale_points(layer_point_grids(4, 0, 1)[0], size)  # pixel centres 1, 3, 5, 7
     logits = torch.full((1, *size), -1.0)
     logits[0, :, :4] = 10.0  # one confident mask over the left half
-    coverage = coverage_from_logits(logits, 8.5)
-    keep = uncovered_points(dense, coverage)
+    keep = uncovered_points(dense, coverage_from_logits(logits, 8.5))
     assert keep.tolist() == [False, False, True, True] * 4
-    remaining = reprompt_points(dense, coverage)
-    np.testing.assert_allclose(remaining, dense[keep])
-    assert (remaining[:, 0] >= 4).all() and len(remaining) == 8
-    assert len(reprompt_points(dense, torch.zeros(size, dtype=torch.bool))) == 16
-    assert len(reprompt_points(dense, torch.ones(size, dtype=torch.bool))) == 0
+    assert uncovered_points(dense, torch.zeros(size, dtype=torch.bool)).all()
+    assert not uncovered_points(dense, torch.ones(size, dtype=torch.bool)).any()
