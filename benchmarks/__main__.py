@@ -64,7 +64,9 @@ def get_parser() -> argparse.ArgumentParser:
         "everything", help="SAM vs dense vs hierarchical everything mode, per re-prompt rule (hierarchical stage)"
     )
     _add_model_args(everything, onnx=False)
-    everything.add_argument("--images", help="folder of images (default: one synthetic image)")
+    source = everything.add_mutually_exclusive_group()
+    source.add_argument("--images", help="folder of images (default: one synthetic image)")
+    source.add_argument("--coco-root", help="COCO folder: first --max-images images by lowest id, mIoU vs annotations")
     everything.add_argument("--max-images", type=int, help="use only the first N images")
     everything.add_argument("--points-per-side", type=int, help="dense grid (default 32, the paper's)")
     everything.add_argument("--sparse-points-per-side", type=int, help="first-round grid (default: a quarter)")
@@ -139,22 +141,27 @@ def _latency(args: argparse.Namespace) -> None:
 
 def _everything(args: argparse.Namespace) -> None:
     from benchmarks.everything import run_everything
-    from benchmarks.runs import load_torch_model
+    from benchmarks.runs import load_torch_model, stage_api
 
     settings = ("points_per_side", "sparse_points_per_side", "pred_iou_thresh", "stability_score_thresh")
     settings += ("box_nms_thresh", "high_score_thresh")
     records, path = run_everything(
         load_torch_model(args.model, args.checkpoint, args.quantized, args.seed),
         images=args.images,
+        coco_root=args.coco_root,
         max_images=args.max_images,
         out_dir=args.out,
         generator_options=_only_set(**{name: getattr(args, name) for name in settings}),
         methods=tuple(args.methods) if args.methods else None,
     )
     for r in records:
-        agreement = {k: r[k] for k in ("identical_to_sam", "miou_vs_dense", "recall90_vs_dense") if k in r}
+        agreement = {
+            k: r[k] for k in ("identical_to_sam", "miou_vs_dense", "recall90_vs_dense", "miou_vs_gt") if k in r
+        }
         counts = f"{r['points_prompted']} points, {r['masks']} masks"
         print(f"{r['image']} {r['method']:20s}: {r['seconds']:.2f} s, {counts} {agreement}")
+    summarize, table = stage_api("hierarchical.compare", "summarize_comparison", "comparison_table")
+    print(table(summarize(records)))
     print(f"records: {path}")
 
 

@@ -5,7 +5,9 @@ on the same images in one run and kept as records.
 Each (image, method) becomes one "everything" record: seconds per image and their split
 (encoder, decoder, post-processing), points prompted, masks kept, and the agreement figures
 (dense identical to SAM; per rule, the mean best-match IoU of dense mode's masks and their recall
-at IoU >= 0.9).
+at IoU >= 0.9). On a COCO folder (`coco_everything_images`: the first N images by lowest image id,
+the paper's protocol) every record also gets `miou_vs_gt`, the mean best IoU of the image's
+non-crowd annotated instances with any returned mask (docs/BENCHMARKS.md says why).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.coco_eval import open_coco
 from benchmarks.records import git_commit, make_record, write_records
 from benchmarks.runs import LoadedModel, stage_api
 from student_models.preprocessing import list_image_files
@@ -34,11 +37,25 @@ def everything_images(images: str | os.PathLike | None, max_images: int | None =
     return files[:max_images]
 
 
+def coco_everything_images(coco_root: str | os.PathLike, max_images: int | None = None) -> tuple[list, list]:
+    """(image paths, per image its non-crowd instances as {"segmentation": COCO RLE}) of the first
+    ``max_images`` images by lowest image id."""
+    dataset = open_coco(coco_root)
+    coco = dataset.coco
+    paths, ground_truth = [], []
+    for image_id in dataset.coco_ids[:max_images]:
+        paths.append(dataset.image_dir / coco.loadImgs(image_id)[0]["file_name"])
+        annotations = coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=False))
+        ground_truth.append([{"segmentation": coco.annToRLE(a)} for a in annotations])
+    return paths, ground_truth
+
+
 def run_everything(
     target: LoadedModel,
     *,
     out_dir: str | os.PathLike,
     images: str | os.PathLike | None = None,
+    coco_root: str | os.PathLike | None = None,
     max_images: int | None = None,
     generator_options: dict[str, Any] | None = None,
     methods: tuple[str, ...] | None = None,
@@ -46,6 +63,7 @@ def run_everything(
 ) -> tuple[list[dict[str, Any]], Path]:
     """Compare the everything-mode generators on ``images``; one record per image and method.
 
+    ``coco_root`` (instead of ``images``): a COCO folder, scored against its annotations.
     ``generator_options`` are `hierarchical.GeneratorConfig` fields (default: the paper's 32x32
     grid with a sparse 8x8 first round); ``methods`` a subset of `hierarchical.compare.METHODS`
     ("sam", "dense", "hierarchical-lattice", "hierarchical-tinysam"; default all).
@@ -55,8 +73,12 @@ def run_everything(
     loaded = target
     git_commit()  # pinned before measuring
     config = GeneratorConfig.from_dict(generator_options or {})
+    if coco_root is not None:
+        paths, ground_truth = coco_everything_images(coco_root, max_images)
+    else:
+        paths, ground_truth = everything_images(images, max_images), None
     results = compare_generators(
-        loaded.sam, everything_images(images, max_images), config, methods=methods or methods_all, progress=progress
+        loaded.sam, paths, config, methods=methods or methods_all, progress=progress, ground_truth=ground_truth
     )
     records = []
     for result in results:

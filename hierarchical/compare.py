@@ -150,6 +150,7 @@ def compare_generators(
     config: GeneratorConfig | None = None,
     methods: Sequence[str] = METHODS,
     progress: bool = True,
+    ground_truth: Sequence[list[dict]] | None = None,
 ) -> list[dict[str, Any]]:
     """Run SAM's generator, our dense mode and our hierarchical mode on each image.
 
@@ -160,6 +161,10 @@ def compare_generators(
             `output_mode` forced to "coco_rle" (so masks compare cheaply). Default:
             `GeneratorConfig()` (the paper's).
         methods: a subset of `METHODS`, run in that order per image.
+        ground_truth: per image, its annotated instance masks as records with a COCO-RLE
+            "segmentation" (e.g. COCO's non-crowd annotations); then every record also gets
+            `gt_instances` and `miou_vs_gt`, the mean over those instances of the best IoU with
+            any returned mask (class-agnostic).
 
     Returns:
         One flat record per image and method: image, method, seconds, encoder_s, decoder_s,
@@ -177,6 +182,8 @@ def compare_generators(
         if method in methods:
             configs[method] = replace(base, hierarchical=True, reprompt_rule=method.removeprefix("hierarchical-"))
     images = list(images)
+    if ground_truth is not None and len(ground_truth) != len(images):
+        raise ValueError(f"ground_truth has {len(ground_truth)} entries for {len(images)} images")
     warm_up(model)
     records: list[dict[str, Any]] = []
     for index, item in enumerate(tqdm(images, desc="compare", disable=not progress)):
@@ -194,6 +201,9 @@ def compare_generators(
                 agreement = matched_mask_iou(outputs["dense"], masks)
                 record["miou_vs_dense"] = agreement["miou"]
                 record["recall90_vs_dense"] = agreement["recall90"]
+            if ground_truth is not None:
+                record["gt_instances"] = len(ground_truth[index])
+                record["miou_vs_gt"] = matched_mask_iou(ground_truth[index], masks)["miou"]
             records.append(record)
     return records
 
@@ -218,6 +228,13 @@ def summarize_comparison(records: list[dict[str, Any]]) -> dict[str, Any]:
             for key in ("miou_vs_dense", "recall90_vs_dense"):
                 entry[key] = float(np.mean([r[key] for r in scored])) if scored else None
             entry["images_with_dense_masks"] = len(scored)
+        if "miou_vs_gt" in rows[0]:
+            # pooled over instances, so that every annotated object weighs the same
+            scored = [r for r in rows if r["gt_instances"]]
+            instances = sum(r["gt_instances"] for r in scored)
+            entry["miou_vs_gt"] = (
+                sum(r["miou_vs_gt"] * r["gt_instances"] for r in scored) / instances if scored else None
+            )
         summary["methods"][method] = entry
     methods = summary["methods"]
     pairs = [("sam", "dense")] + [(slow, fast) for fast in HIERARCHICAL_METHODS for slow in ("dense", "sam")]
@@ -230,8 +247,9 @@ def summarize_comparison(records: list[dict[str, Any]]) -> dict[str, Any]:
 def comparison_table(summary: dict[str, Any]) -> str:
     """Markdown table of `summarize_comparison`'s per-method means."""
     lines = [
-        "| method | s / image | encoder s | decoder s | post-proc. s | points prompted | masks | agreement |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | s / image | encoder s | decoder s | post-proc. s | points prompted | masks | agreement "
+        "| mIoU vs GT |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for method, entry in summary["methods"].items():
         if "identical_to_sam" in entry:
@@ -243,9 +261,10 @@ def comparison_table(summary: dict[str, Any]) -> str:
             )
         else:
             agreement = ""
-        points = "" if entry["points_prompted"] is None else f"{entry['points_prompted']:.0f}"
+        points = "" if entry["points_prompted"] is None else f"{entry['points_prompted']:.1f}"
+        gt = "" if entry.get("miou_vs_gt") is None else f"{entry['miou_vs_gt']:.3f}"
         lines.append(
             f"| {method} | {entry['seconds']:.2f} | {entry['encoder_s']:.2f} | {entry['decoder_s']:.2f} | "
-            f"{entry['postprocess_s']:.2f} | {points} | {entry['masks']:.1f} | {agreement} |"
+            f"{entry['postprocess_s']:.2f} | {points} | {entry['masks']:.1f} | {agreement} | {gt} |"
         )
     return "\n".join(lines)

@@ -53,3 +53,20 @@ def test_oracle_on_the_real_coco_subset_gives_ap_100():
     result = evaluate_coco(OraclePredictor(open_coco(COCO_ROOT)), COCO_ROOT, config, progress=False)
     assert result.num_images == 8
     assert result.metrics["ap"] == pytest.approx(100.0)
+
+
+def test_everything_prints_the_per_method_table_and_names_bad_methods(synthetic_coco, tmp_path, capsys):
+    argv = ["everything", "--model", "tinyvit_test", "--coco-root", str(synthetic_coco), "--max-images", "1"]
+    argv += ["--points-per-side", "1", "--pred-iou-thresh", "0", "--stability-score-thresh", "0"]
+    assert main([*argv, "--methods", "dense", "hierarchical-lattice", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| dense |" in out and "| hierarchical-lattice |" in out and "recall@0.9 " in out
+
+    assert main([*argv, "--methods", "fast", "--out", str(tmp_path)]) == 2
+    assert (
+        "error: unknown method(s) ['fast']; choose from ('sam', 'dense', 'hierarchical-lattice'"
+        in capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit):
+        main([*argv, "--images", str(tmp_path), "--out", str(tmp_path)])
+    assert "not allowed with argument --coco-root" in capsys.readouterr().err

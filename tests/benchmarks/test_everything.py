@@ -13,12 +13,12 @@ from benchmarks.runs import load_torch_model
 from tests.helpers import synthetic_image
 
 
-def test_run_everything_records_each_rule_on_the_same_image(tmp_path):
-    Image.fromarray(synthetic_image(seed=2, size=(96, 128))[0]).save(tmp_path / "shapes.png")
+def test_run_everything_records_each_rule_on_the_same_coco_image(tmp_path, synthetic_coco, synthetic_dataset):
     options = dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, high_score_thresh=1e9)
     records, path = run_everything(
         load_torch_model("tinyvit_test"),
-        images=tmp_path,
+        coco_root=synthetic_coco,
+        max_images=1,
         out_dir=tmp_path / "records",
         generator_options=options,
         methods=("dense", "hierarchical-lattice", "hierarchical-tinysam"),
@@ -27,10 +27,12 @@ def test_run_everything_records_each_rule_on_the_same_image(tmp_path):
 
     assert [r["method"] for r in records] == ["dense", "hierarchical-lattice", "hierarchical-tinysam"]
     assert all(r["kind"] == "everything" and r["model"] == "tinyvit_test" for r in records)
-    assert all(r["image"].endswith("shapes.png") for r in records)
+    assert all(r["image"].endswith("000000000001.png") for r in records)  # the lowest image id
+    instances = len(synthetic_dataset.coco.getAnnIds(imgIds=1, iscrowd=False))
+    assert all(r["gt_instances"] == instances > 0 and 0.0 <= r["miou_vs_gt"] <= 1.0 for r in records)
     assert [r["config"]["reprompt_rule"] for r in records[1:]] == ["lattice", "tinysam"]
     # nothing covered: lattice prompts the dense grid; TinySAM's rule loses the 4x4 block's far
-    # column and row because 4 divides 96 and 128 (see tests/hierarchical/test_reprompt.py)
+    # column and row because 4 divides 256 and 320 (see tests/hierarchical/test_reprompt.py)
     assert [r["points_prompted"] for r in records] == [16, 16, 9]
     for record in records[1:]:
         assert record["seconds"] > 0
@@ -41,8 +43,12 @@ def test_run_everything_records_each_rule_on_the_same_image(tmp_path):
     assert "## Everything mode (hierarchical vs dense)" in report.read_text()
 
 
-def test_everything_images_errors(tmp_path):
+def test_everything_images_from_a_folder_or_generated(tmp_path):
     (image,) = everything_images(None)
     assert image.shape == (480, 640, 3)
+    for name in ("b.png", "a.png", "c.png"):
+        Image.fromarray(synthetic_image(seed=2, size=(16, 16))[0]).save(tmp_path / name)
+    assert [p.name for p in everything_images(tmp_path, max_images=2)] == ["a.png", "b.png"]
+    (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no image files found"):
-        everything_images(tmp_path)
+        everything_images(tmp_path / "empty")

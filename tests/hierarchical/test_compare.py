@@ -73,12 +73,15 @@ def test_summary_means_and_speedups():
     rows[1]["identical_to_sam"] = rows[5]["identical_to_sam"] = True
     for row, miou, recall in zip(rows[2::4] + rows[3::4], (0.8, 0.6, 0.9, 0.7), (0.5, 0.3, 1.0, 0.0), strict=True):
         row["miou_vs_dense"], row["recall90_vs_dense"] = miou, recall
+    for row, instances, miou in zip(rows[1::4], (3, 1), (0.5, 0.9), strict=True):  # dense, images a and b
+        row["gt_instances"], row["miou_vs_gt"] = instances, miou
     summary = summarize_comparison(rows)
     assert summary["images"] == 2
     assert summary["speedup_dense_vs_sam"] == pytest.approx(2.0)
     assert summary["speedup_hierarchical-lattice_vs_dense"] == pytest.approx(2.0)
     assert summary["speedup_hierarchical-tinysam_vs_sam"] == pytest.approx(8.0)
     assert summary["methods"]["dense"]["identical_to_sam"] == "2/2"
+    assert summary["methods"]["dense"]["miou_vs_gt"] == pytest.approx((3 * 0.5 + 0.9) / 4)  # pooled over instances
     lattice, tinysam = summary["methods"]["hierarchical-lattice"], summary["methods"]["hierarchical-tinysam"]
     assert lattice["miou_vs_dense"] == pytest.approx(0.7) and lattice["recall90_vs_dense"] == pytest.approx(0.4)
     assert tinysam["miou_vs_dense"] == pytest.approx(0.8) and tinysam["recall90_vs_dense"] == pytest.approx(0.5)
