@@ -6,12 +6,20 @@ Layout (one folder per fingerprint, so caches of different teachers never mix)::
         cache.json                 the fingerprint fields (teacher, checkpoint identity, preprocessing, data)
         teacher_heads.pt           the teacher's prompt encoder + mask decoder state dict
         embeddings/<xx>/<id>.npy   one fp16 256x64x64 array per image (xx: 2 hex digits of the id's hash)
-        embeddings/<xx>/<id>.corrupt   marker for an image that could not be read (skipped, counted)
+        embeddings/<xx>/<id>.corrupt   marker for an image that could not be read (skipped, counted, retried)
+        index/rank<r>.jsonl        one line per written array: image id, file, size in bytes, CRC-32
 
 One ``.npy`` per image is streamable (opened with ``mmap_mode="r"``, nothing is loaded before it is
-used), resumable (an image whose file exists is skipped; files are written to a temporary name and
-renamed, so a killed run leaves no half-written array) and needs no coordination between ranks:
-under torchrun, rank r embeds images r, r+world, r+2*world, ...
+used), resumable and needs no coordination between ranks: under torchrun, rank r embeds images
+r, r+world, r+2*world, ... and appends to its own index file.
+
+What is reused is checked first: each run's cache step compares every array it would reuse with
+its index record (size, then the CRC-32 of the whole file) and recomputes, with a warning naming the
+file, any that is truncated or altered (a copy that ran out of disk, a bad sector). Arrays are
+written to a temporary name, flushed and renamed, then recorded; an array without a record (a kill
+between the rename and the record, or a cache written before the index existed) is adopted when its
+size and header are right. Images marked ``.corrupt`` are tried again on every run, so a restored
+file is used again. Temporary files left by a killed writer are removed when the cache is opened.
 
 Training needs the teacher's prompt encoder and mask decoder but not its image encoder. The cache
 step stores those two parts in ``teacher_heads.pt``; training builds them from there (SAM around an
@@ -22,10 +30,13 @@ keeps random-weight teachers (tests, benchmarks) consistent between the cache st
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import time
-from dataclasses import dataclass
+import warnings
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +49,14 @@ from tqdm import tqdm
 from student_models import EMBED_DIM, EMBED_SIDE, IMAGE_SIZE, assemble_sam, atomic_torch_save, build_sam
 from student_models.checkpoints import resolve_checkpoint, sha256_file
 from student_models.data import SegmentationDataset, SyntheticDataset
+from student_models.io import atomic_write, atomic_write_text, remove_stale_temp_files
 from student_models.preprocessing import PIXEL_MEAN, PIXEL_STD, prepare_image
 
 EMBEDDING_SHAPE = (EMBED_DIM, EMBED_SIDE, EMBED_SIDE)
 PREPROCESSING = f"resize-longest-{IMAGE_SIZE}/mean{list(PIXEL_MEAN)}/std{list(PIXEL_STD)}/pad-bottom-right"
 HEAD_PREFIXES = ("prompt_encoder.", "mask_decoder.")
+NPY_HEADER_BYTES = 128  # numpy's format 1.0 header for a small fp16 array (padded to 64-byte alignment)
+EMBEDDING_FILE_BYTES = NPY_HEADER_BYTES + 2 * EMBED_DIM * EMBED_SIDE * EMBED_SIDE
 
 
 class CacheError(RuntimeError):
@@ -84,16 +98,29 @@ def _safe_name(image_id: str) -> str:
     return f"{keep}-{hashlib.sha1(image_id.encode()).hexdigest()[:8]}"
 
 
+def _crc32_file(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            crc = zlib.crc32(block, crc)
+    return f"{crc:08x}"
+
+
 @dataclass
 class EmbeddingCache:
     """Read and write access to one fingerprinted cache folder."""
 
     root: Path
     fields: dict[str, Any]
+    index: dict[str, dict[str, Any]] = field(default_factory=dict)  # image id -> its latest index record
 
     @classmethod
     def open(cls, cache_dir: str | os.PathLike, fields: dict[str, Any], create: bool = True) -> EmbeddingCache:
-        """The cache for `fields` under `cache_dir`; an existing folder must carry the same fingerprint."""
+        """The cache for `fields` under `cache_dir`; an existing folder must carry the same fingerprint.
+
+        With `create` (rank 0 only, before the other ranks start writing) the folder is made if needed and
+        temporary files left by killed writers are removed.
+        """
         digest = _digest(fields)
         root = Path(cache_dir) / digest[:16]
         meta_path = root / "cache.json"
@@ -108,12 +135,15 @@ class EmbeddingCache:
                 )
         elif create:
             root.mkdir(parents=True, exist_ok=True)
-            tmp = meta_path.with_name(f".cache.json.tmp{os.getpid()}")
-            tmp.write_text(json.dumps({"fingerprint": digest, "fields": fields}, indent=2))
-            os.replace(tmp, meta_path)
+            atomic_write_text(meta_path, json.dumps({"fingerprint": digest, "fields": fields}, indent=2))
         else:
             raise CacheError(f"no teacher-embedding cache for this teacher and data at {root}")
-        return cls(root, fields)
+        if create:
+            for pattern in (".*.tmp*", "embeddings/*/.*.tmp*"):
+                remove_stale_temp_files(root, pattern)
+        cache = cls(root, fields)
+        cache.reload_index()
+        return cache
 
     def verify(self) -> None:
         """Re-read cache.json and check it matches this run (a clear error if someone swapped it)."""
@@ -121,42 +151,107 @@ class EmbeddingCache:
         if stored.get("fingerprint") != _digest(self.fields):
             raise CacheError(f"{self.root}/cache.json does not match this teacher, preprocessing and data")
 
-    def _path(self, image_id: str, suffix: str) -> Path:
+    def reload_index(self) -> None:
+        """Read every rank's index file (the latest record of an image wins; a line cut by a kill is ignored)."""
+        self.index = {}
+        for index_file in sorted((self.root / "index").glob("*.jsonl")):
+            for line in index_file.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                    self.index[record["id"]] = record
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+
+    def _record(self, image_id: str, path: Path, size: int, crc: str, rank: int) -> None:
+        record = {"id": image_id, "file": str(path.relative_to(self.root)), "bytes": size, "crc32": crc}
+        index_file = self.root / "index" / f"rank{rank}.jsonl"
+        index_file.parent.mkdir(exist_ok=True)
+        with open(index_file, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.index[image_id] = record
+
+    def path(self, image_id: str, suffix: str = ".npy") -> Path:
+        """Where the embedding (or, with suffix ".corrupt", the unreadable-image marker) of an image lives."""
         name = _safe_name(image_id)
         return self.root / "embeddings" / hashlib.sha1(image_id.encode()).hexdigest()[:2] / f"{name}{suffix}"
 
     def has(self, image_id: str) -> bool:
-        return self._path(image_id, ".npy").is_file()
+        """A recorded embedding whose file is there at its recorded size (`check` also compares the checksum)."""
+        record, path = self.index.get(image_id), self.path(image_id)
+        return record is not None and path.is_file() and path.stat().st_size == record["bytes"]
+
+    def check(self, image_id: str, rank: int = 0) -> str | None:
+        """What is wrong with the stored embedding of `image_id` (None: present and intact).
+
+        The file must have the size and CRC-32 its index record gives. A file without a record is adopted
+        (and recorded) if it is exactly one fp16 256x64x64 array with a readable header.
+        """
+        path = self.path(image_id)
+        if not path.is_file():
+            return "missing"
+        size = path.stat().st_size
+        record = self.index.get(image_id)
+        if record is None:
+            if size != EMBEDDING_FILE_BYTES:
+                return f"{size} bytes, a complete array has {EMBEDDING_FILE_BYTES}, and the index has no record of it"
+            try:
+                with open(path, "rb") as f:
+                    np.lib.format.read_magic(f)
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            except (ValueError, OSError) as exc:
+                return f"unreadable header ({exc})"
+            if shape != EMBEDDING_SHAPE or fortran or dtype != np.float16:
+                return f"holds a {dtype} {shape} array, expected float16 {EMBEDDING_SHAPE}"
+            self._record(image_id, path, size, _crc32_file(path), rank)
+            return None
+        if size != record["bytes"]:
+            return f"{size} bytes, the index records {record['bytes']} (truncated or overwritten)"
+        if _crc32_file(path) != record["crc32"]:
+            return f"its CRC-32 differs from the index record {record['crc32']} (the bytes changed after writing)"
+        return None
 
     def is_corrupt(self, image_id: str) -> bool:
-        return self._path(image_id, ".corrupt").is_file()
+        return self.path(image_id, ".corrupt").is_file()
 
-    def done(self, image_id: str) -> bool:
-        return self.has(image_id) or self.is_corrupt(image_id)
+    def corrupt_reason(self, image_id: str) -> str:
+        """Why the image was marked unreadable (the marker's text), or "" if it is not marked."""
+        marker = self.path(image_id, ".corrupt")
+        return marker.read_text().strip() if marker.is_file() else ""
 
-    def write(self, image_id: str, embedding: torch.Tensor) -> None:
-        """Store a 256x64x64 embedding as fp16 (atomically: temporary file, then rename)."""
+    def write(self, image_id: str, embedding: torch.Tensor, rank: int = 0) -> None:
+        """Store a 256x64x64 embedding as fp16 (atomically: temporary file, fsync, rename), then record it."""
         if tuple(embedding.shape) != EMBEDDING_SHAPE:
             shape = tuple(embedding.shape)
             raise CacheError(f"teacher embedding for {image_id} has shape {shape}, expected {EMBEDDING_SHAPE}")
-        path = self._path(image_id, ".npy")
+        buffer = io.BytesIO()
+        np.save(buffer, embedding.detach().to("cpu", torch.float16).numpy())
+        data = buffer.getvalue()
+        path = self.path(image_id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            np.save(f, embedding.detach().to("cpu", torch.float16).numpy())
-        os.replace(tmp, path)
+        with atomic_write(path, "wb") as f:
+            f.write(data)
+        self._record(image_id, path, len(data), f"{zlib.crc32(data):08x}", rank)
+        self.path(image_id, ".corrupt").unlink(missing_ok=True)  # a restored image is usable again
 
-    def mark_corrupt(self, image_id: str) -> None:
-        path = self._path(image_id, ".corrupt")
+    def mark_corrupt(self, image_id: str, reason: str = "") -> None:
+        path = self.path(image_id, ".corrupt")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch()
+        atomic_write_text(path, reason + "\n")
 
     def read(self, image_id: str) -> torch.Tensor:
         """The 256x64x64 embedding as float32 (the file is memory-mapped, not read whole in advance)."""
-        path = self._path(image_id, ".npy")
+        path = self.path(image_id)
         if not path.is_file():
             raise CacheError(f"no cached teacher embedding for image {image_id!r} in {self.root}")
-        array = np.load(path, mmap_mode="r")
+        try:
+            array = np.load(path, mmap_mode="r")
+        except (ValueError, OSError) as exc:
+            raise CacheError(
+                f"{path}: the cached teacher embedding of image {image_id!r} is unreadable ({exc}); "
+                f"run the same command again: the cache step recomputes broken files"
+            ) from exc
         return torch.from_numpy(np.asarray(array, dtype=np.float32))
 
     @property
@@ -172,7 +267,11 @@ class EmbeddingCache:
         if not self.heads_path.is_file():
             raise CacheError(f"{self.heads_path} is missing: run the cache step again")
         heads = assemble_sam(nn.Identity())
-        heads.load_state_dict(torch.load(self.heads_path, map_location="cpu", weights_only=True), strict=True)
+        try:
+            state = torch.load(self.heads_path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated zip, garbage bytes: torch raises many kinds
+            raise CacheError(f"{self.heads_path} is unreadable ({exc}); delete it and run again") from exc
+        heads.load_state_dict(state, strict=True)
         return heads.eval().requires_grad_(False)
 
 
@@ -194,16 +293,30 @@ def fill_cache(
     world_size: int = 1,
     amp_dtype: torch.dtype | None = None,
 ) -> dict[str, int]:
-    """Embed this rank's share of the images that are not cached yet; returns counts and timings.
+    """Embed this rank's share of the images not cached yet (or cached broken); returns counts and timings.
 
-    `encode_seconds` is the time spent in the teacher's image encoder alone (the benchmark figure);
-    `build_seconds` the time to build/load the teacher.
+    Counts: `cached` reused after the size and CRC-32 check, `embedded` computed now, `repaired` of those
+    the ones whose cached file was broken (a warning names each), `corrupt` images that could not be read
+    (marked, skipped, retried next run). `encode_seconds` is the time spent in the teacher's image encoder
+    alone (the benchmark figure); `build_seconds` the time to build/load the teacher.
     The teacher is built only if some image is missing (or its heads are). Embeddings are computed
     in float32 on CPU and under `amp_dtype` autocast on CUDA, and stored as fp16.
     """
     mine = list(range(rank, len(dataset), world_size))
-    todo = [i for i in mine if not cache.done(dataset.image_ids[i])]
-    counts = {"cached": len(mine) - len(todo), "embedded": 0, "corrupt": 0, "build_seconds": 0.0, "encode_seconds": 0.0}
+    todo = []
+    with tqdm(mine, desc="checking cached teacher embeddings", disable=rank != 0, delay=2) as bar:
+        for index in bar:
+            image_id = dataset.image_ids[index]
+            problem = cache.check(image_id, rank)
+            if problem is None:
+                continue
+            if problem != "missing":
+                warnings.warn(
+                    f"teacher cache: {cache.path(image_id)} is broken ({problem}); recomputing it", stacklevel=2
+                )
+            todo.append(index)
+    counts = {"cached": len(mine) - len(todo), "embedded": 0, "repaired": 0, "corrupt": 0}
+    counts.update(build_seconds=0.0, encode_seconds=0.0)
     if not todo and cache.heads_path.is_file():
         return counts
     start = time.perf_counter()
@@ -211,17 +324,21 @@ def fill_cache(
     counts["build_seconds"] = time.perf_counter() - start
     if rank == 0:
         cache.save_heads(teacher)
-    for index in tqdm(todo, desc=f"teacher embeddings [{teacher_name}]", disable=rank != 0 or not todo):
-        sample = dataset[index]
-        if sample is None:
-            cache.mark_corrupt(dataset.image_ids[index])
-            counts["corrupt"] += 1
-            continue
-        image = prepare_image(sample.image).tensor.to(device)
-        start = time.perf_counter()
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            embedding = teacher.image_encoder(image)[0].float().cpu()  # .cpu() waits for the GPU: honest timing
-        counts["encode_seconds"] += time.perf_counter() - start
-        cache.write(sample.image_id, embedding)
-        counts["embedded"] += 1
+    with tqdm(todo, desc=f"teacher embeddings [{teacher_name}]", disable=rank != 0 or not todo) as bar:
+        for index in bar:
+            image_id = dataset.image_ids[index]
+            sample = dataset[index]
+            if sample is None:
+                reason = getattr(dataset, "skip_reasons", {}).get(image_id, "unreadable")
+                cache.mark_corrupt(image_id, reason)
+                counts["corrupt"] += 1
+                continue
+            image = prepare_image(sample.image).tensor.to(device)
+            start = time.perf_counter()
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                embedding = teacher.image_encoder(image)[0].float().cpu()  # .cpu() waits for the GPU: honest timing
+            counts["encode_seconds"] += time.perf_counter() - start
+            counts["repaired"] += cache.path(image_id).is_file()
+            cache.write(sample.image_id, embedding, rank)
+            counts["embedded"] += 1
     return counts

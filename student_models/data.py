@@ -57,6 +57,7 @@ class SegmentationDataset(Dataset, abc.ABC):
         self.image_ids = image_ids
         self.min_mask_area = min_mask_area
         self.skipped: list[str] = []
+        self.skip_reasons: dict[str, str] = {}  # image id -> why it could not be read (missing, not an image)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -71,6 +72,7 @@ class SegmentationDataset(Dataset, abc.ABC):
             image, masks = self._load(index)
         except ImageError as exc:
             self.skipped.append(self.image_ids[index])
+            self.skip_reasons[self.image_ids[index]] = str(exc)
             warnings.warn(f"skipping corrupt image ({len(self.skipped)} so far): {exc}", stacklevel=2)
             return None
         boxes = None

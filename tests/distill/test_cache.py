@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
-from distill.cache import CacheError, EmbeddingCache, fill_cache, fingerprint_fields
+from distill.cache import EMBEDDING_FILE_BYTES, CacheError, EmbeddingCache, fill_cache, fingerprint_fields
 from student_models.data import ImageFolderDataset, SyntheticDataset
 from student_models.preprocessing import prepare_image
 from tests.helpers import tiny_model
@@ -60,5 +65,69 @@ def test_fill_cache_embeds_once_counts_corrupt_and_stores_heads(tmp_path):
     heads = cache.load_heads()
     assert torch.equal(heads.mask_decoder.iou_token.weight, teacher.mask_decoder.iou_token.weight)
     assert not any(p.requires_grad for p in heads.parameters())
-    # A second pass finds everything done and does not build the teacher.
+    assert "b.jpg: not a readable image" in cache.corrupt_reason("b")  # the marker says why
+    # An unreadable image is tried again on the next pass: once restored, it is embedded and unmarked.
+    Image.fromarray(synthetic_image(1, size=(64, 80))[0]).save(folder / "b.jpg")
+    counts = fill_cache(cache, dataset, "sam_vit_test", None, 0, torch.device("cpu"))
+    assert {k: counts[k] for k in ("cached", "embedded", "corrupt")} == {"cached": 1, "embedded": 1, "corrupt": 0}
+    assert cache.has("b") and not cache.is_corrupt("b")
+    # A pass that finds everything intact does not build the teacher.
     assert fill_cache(cache, dataset, "no_such_teacher", None, 0, torch.device("cpu"))["cached"] == 2
+
+
+def _two_entries(tmp_path):
+    cache = EmbeddingCache.open(tmp_path, fingerprint_fields("sam_vit_test", None, 0, SyntheticDataset(2, seed=0)))
+    embeddings = {name: torch.randn(256, 64, 64) for name in ("a", "b")}
+    for name, embedding in embeddings.items():
+        cache.write(name, embedding)
+    return cache, embeddings
+
+
+def test_check_compares_size_and_checksum_with_the_index(tmp_path):
+    cache, _ = _two_entries(tmp_path)
+    assert cache.check("a") is None and cache.check("b") is None and cache.check("c") == "missing"
+    a, b = cache.path("a"), cache.path("b")
+    a.write_bytes(a.read_bytes()[:1000])
+    data = bytearray(b.read_bytes())
+    data[500] ^= 1
+    b.write_bytes(bytes(data))
+    assert cache.check("a") == f"1000 bytes, the index records {EMBEDDING_FILE_BYTES} (truncated or overwritten)"
+    assert cache.check("b").startswith("its CRC-32 differs from the index record")
+    assert not cache.has("a") and cache.has("b")  # has() checks the size only; the cache step checks the CRC
+    # Reading a broken file names it (numpy's own message names none).
+    with pytest.raises(CacheError, match=rf"{a}: the cached teacher embedding of image 'a' is unreadable"):
+        cache.read("a")
+
+
+def test_records_survive_a_cut_line_and_unrecorded_files_are_adopted_only_when_complete(tmp_path):
+    cache, embeddings = _two_entries(tmp_path)
+    index_file = next((cache.root / "index").glob("*.jsonl"))
+    with open(index_file, "a") as f:
+        f.write('{"id": "c", "fi')  # a kill mid-append
+    reopened = EmbeddingCache.open(tmp_path, cache.fields)
+    assert set(reopened.index) == {"a", "b"}
+    # A cache written before the index (or a kill between the rename and the record): adopted if complete.
+    shutil.rmtree(cache.root / "index")
+    cache.path("b").write_bytes(cache.path("b").read_bytes()[:-10])
+    legacy = EmbeddingCache.open(tmp_path, cache.fields)
+    assert legacy.index == {}
+    assert legacy.check("a") is None and "a" in legacy.index
+    assert torch.allclose(legacy.read("a"), embeddings["a"].half().float())
+    problem = legacy.check("b")
+    expected = f"{EMBEDDING_FILE_BYTES - 10} bytes, a complete array has {EMBEDDING_FILE_BYTES}, and the index has no"
+    assert problem == f"{expected} record of it"
+    assert "a" in EmbeddingCache.open(tmp_path, cache.fields).index  # the adoption was recorded
+
+
+def test_open_removes_temporary_files_of_dead_writers_only(tmp_path):
+    cache, _ = _two_entries(tmp_path)
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(done.stdout)
+    stale = [cache.path("a").parent / f".x.npy.tmp{dead}", cache.root / f".cache.json.tmp{dead}"]
+    live = cache.path("a").parent / f".y.npy.tmp{os.getpid()}"
+    for path in [*stale, live]:
+        path.write_bytes(b"half")
+    EmbeddingCache.open(tmp_path, cache.fields, create=False)  # other ranks never clean
+    assert all(p.exists() for p in stale)
+    EmbeddingCache.open(tmp_path, cache.fields)
+    assert not any(p.exists() for p in stale) and live.exists()
