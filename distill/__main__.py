@@ -1,8 +1,10 @@
 """CLI: ``python -m distill [--teacher vit_h --teacher-checkpoint sam_vit_h_4b8939 --data DIR ...]``.
 
-Without --data (and without named models) it runs the offline demo: generated shapes, the tiny test
-teacher and student, a few dozen steps. Only the flags given are passed on; defaults live in
-`DistillConfig`. Multi-GPU: ``torchrun --nproc_per_node 8 -m distill ...``.
+One rule picks the settings, and the first line printed says which: without --data it is the
+offline demo (generated shapes, the demo's small settings `DEMO_SETTINGS`, the tiny test models
+unless others are named); with --data it is TinySAM's recipe (`DistillConfig`'s defaults). Flags
+the user gives override either; only those are passed on. Multi-GPU:
+``torchrun --nproc_per_node 8 -m distill ...``.
 """
 
 from __future__ import annotations
@@ -10,15 +12,26 @@ from __future__ import annotations
 import argparse
 import sys
 
-from distill.config import PROMPT_MODES, PROMPT_SOURCES, DistillConfig
+from distill.config import DEMO_SETTINGS, PROMPT_MODES, PROMPT_SOURCES, DistillConfig
 from distill.model import DistillError
 from distill.train import distill
+from student_models import get_spec
+
+MODES = """settings: without --data, the offline demo: generated shapes, sam_vit_test -> tinyvit_test unless
+models are named, and small settings ({demo}). With --data, TinySAM's recipe: vit_h -> tinyvit_5m,
+8 epochs, batch size 8, 64 prompts per image, 250 warm-up steps. Any flag given overrides either."""
+
+
+def _demo_settings() -> str:
+    shown = ("num_synthetic", "epochs", "batch_size", "prompts_per_image", "warmup_steps", "out")
+    return ", ".join(f"--{name.replace('_', '-')} {DEMO_SETTINGS[name]}" for name in shown)
 
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m distill",
         description="TinySAM full-stage distillation of a SAM student image encoder from a frozen SAM teacher.",
+        epilog=MODES.format(demo=_demo_settings()),
         argument_default=argparse.SUPPRESS,
     )
     add = parser.add_argument
@@ -44,6 +57,7 @@ def get_parser() -> argparse.ArgumentParser:
     add("--amp", choices=("bf16", "none"), help="autocast dtype on CUDA")
     add("--deterministic", action=switch, help="deterministic kernels (bit-exact resume on CPU; default on)")
     add("--resume", action="store_true", help="continue from <out>/checkpoints/last.pt")
+    add("--overwrite", action="store_true", help="start afresh in an --out that holds a run, discarding that run")
     add("--cache-only", action="store_true", help="only fill the teacher-embedding cache (resumable), then stop")
     add("--checkpoint-every", type=int, help="steps between checkpoints")
     add("--embedding-weight", type=float, help="a: weight of the embedding L1")
@@ -72,10 +86,20 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     values = {key.replace("-", "_"): value for key, value in vars(get_parser().parse_args(argv)).items()}
     try:
-        demo = "data" not in values and "teacher" not in values and "student" not in values
+        demo = "data" not in values
         config = DistillConfig.demo(**values) if demo else DistillConfig(**values)
+        if demo:
+            print(f"demo mode (no --data): generated shapes, small settings ({_demo_settings()}); flags override them")
+        else:
+            print("full recipe (--data given): TinySAM's settings; flags override them")
+        if config.teacher_checkpoint is None and get_spec(config.teacher).role != "test":
+            print(
+                f"WARNING: no --teacher-checkpoint: the teacher {config.teacher} has RANDOM weights, so the student "
+                f"learns to copy noise (a pipeline check only). Pass e.g. --teacher-checkpoint sam_vit_h_4b8939.",
+                file=sys.stderr,
+            )
         distill(config)
-    except (DistillError, ValueError, RuntimeError) as exc:
+    except (DistillError, ValueError, RuntimeError, OSError) as exc:  # OSError: a full disk, a folder gone
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

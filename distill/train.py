@@ -3,10 +3,13 @@
 Run it as ``python -m distill ...`` or, on several GPUs or nodes, ``torchrun --nproc_per_node N -m distill``.
 The steps, top to bottom:
 
+0. every input checked before anything long starts: writable output and cache folders, no earlier
+   run in ``out`` that a fresh run would silently replace, the state to resume from;
 1. data: COCO, SA-1B, a plain image folder or generated shapes (`student_models.data.open_dataset`);
 2. the teacher-embedding cache, filled where missing (shared across ranks), then the teacher's
    prompt encoder + mask decoder read back from it (its image encoder is never built again);
-3. the student, its decoder initialised from the teacher's, a seeded train/validation split;
+3. the student (built before step 2, so a bad checkpoint fails at once), its decoder initialised
+   from the teacher's, a seeded train/validation split;
 4. AdamW + warm-up/cosine schedule, resumed exactly from ``<out>/checkpoints/last.pt`` with ``resume``;
 5. the loop: one `DistillStep` forward (student encoder, hard prompt iterations, losses), backward,
    clipping, a NaN/inf guard, a JSON-lines log, atomic checkpoints, validation each epoch;
@@ -18,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from distill.cache import EmbeddingCache, fill_cache, fingerprint_fields
+from distill.cache import EmbeddingCache, checkpoint_identity, fill_cache, fingerprint_fields
 from distill.config import DistillConfig
 from distill.data import DistillDataset, collate, split_indices
 from distill.losses import weighted_total
@@ -47,9 +51,14 @@ from distill.runtime import (
 )
 from student_models import atomic_torch_save, build_sam, save_checkpoint
 from student_models.data import open_dataset
+from student_models.io import atomic_write_text, remove_stale_temp_files
 
-# Fields that may change between a run and its resumption without changing the result.
-RESUMABLE_CHANGES = {"resume", "cache_only", "num_workers", "log_every", "extra"}
+# Fields that may change between a run and its resumption without changing the result. Where the run
+# folder and the cache live is one of them (a moved folder, or "runs/x" spelled "/home/me/runs/x", holds
+# the same run); the data and the checkpoints are compared by what they are (`_identity`), not by spelling.
+RESUMABLE_CHANGES = {"resume", "overwrite", "cache_only", "num_workers", "log_every", "extra", "out", "cache_dir"}
+# What a fresh run in a folder replaces (besides a log.jsonl that records training).
+RUN_FILES = ("checkpoints/last.pt", "student.pt", "metrics.json", "config.json")
 
 
 @dataclass
@@ -80,14 +89,32 @@ def distill(config: DistillConfig) -> DistillResult:
 
 
 def _distill(cfg: DistillConfig, rt: Runtime) -> DistillResult:
+    say = print if rt.is_main else (lambda *a, **k: None)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     state_path = out / "checkpoints" / "last.pt"
     log = JsonLog(out / "log.jsonl", enabled=rt.is_main)
-    if not (cfg.resume and state_path.is_file()):
-        log.clear()  # a fresh run in an old folder starts a fresh log
-    say = print if rt.is_main else (lambda *a, **k: None)
     amp_dtype = torch.bfloat16 if rt.device.type == "cuda" and cfg.amp == "bf16" else None
+
+    # 0. Inputs that would otherwise fail late: folders we cannot write, a run we would replace, a state
+    # we cannot resume. Every rank checks (so all stop together); only rank 0 deletes.
+    _check_writable(out, "output folder")
+    _check_writable(Path(cfg.cache_path), "teacher-cache folder")
+    if rt.is_main:
+        for folder in (out, out / "checkpoints"):
+            remove_stale_temp_files(folder)  # left by a killed run
+    earlier = [] if cfg.resume or cfg.cache_only else _earlier_run(out, log)
+    if earlier and not cfg.overwrite:
+        raise DistillError(
+            f"{out} holds an earlier run ({', '.join(earlier)}) that a fresh run would replace. "
+            f"Continue it with --resume, discard it with --overwrite, or choose another --out."
+        )
+    if earlier and rt.is_main:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        log.clear()
+        say(f"--overwrite: removed the earlier run in {out} ({', '.join(earlier)})")
+    barrier(rt)
+    state = _read_state(state_path, rt) if cfg.resume and state_path.is_file() else None
 
     # 1. Data. A plain folder has no masks, so only the embedding loss can be computed.
     dataset = open_dataset(cfg.data, num_synthetic=cfg.num_synthetic, seed=cfg.seed)
@@ -101,13 +128,27 @@ def _distill(cfg: DistillConfig, rt: Runtime) -> DistillResult:
             f"{cfg.data} is a plain image folder without masks: only the embedding loss is used "
             f"(token, output and ground-truth losses need masks to make prompts)."
         )
+    fields = fingerprint_fields(cfg.teacher, cfg.teacher_checkpoint, cfg.seed, dataset)  # reads the teacher file
+    identity = _identity(cfg, fields)  # reads the student file
+    if state is not None:
+        _check_resumable(state_path, state, cfg, identity, rt)
+
+    # The student is built here, before the long cache step, so that a bad --student-checkpoint fails at
+    # once. The RNG state after building it is put back after the cache step (which seeds its own teacher),
+    # so training draws the same numbers whether the cache was empty or full.
+    if not cfg.cache_only:
+        seed_everything(cfg.seed)
+        student = build_sam(cfg.student, checkpoint=cfg.student_checkpoint)
+        rng_after_student = rng_state()
     say(
         f"distill: {cfg.teacher} -> {cfg.student} on {len(dataset)} {dataset.kind} images, "
-        f"{rt.world_size} process(es) on {rt.device}"
+        f"{rt.world_size} process(es) on {rt.device}\n"
+        f"weights: teacher {_weights(cfg.teacher_checkpoint, cfg.seed)}, "
+        f"student {_weights(cfg.student_checkpoint, cfg.seed)}\n"
+        f"settings: {_settings(cfg, use_prompts)}"
     )
 
     # 2. Teacher embeddings: every rank fills its share, then all read the complete cache.
-    fields = fingerprint_fields(cfg.teacher, cfg.teacher_checkpoint, cfg.seed, dataset)
     if rt.is_main:
         cache = EmbeddingCache.open(cfg.cache_path, fields)
     barrier(rt)
@@ -118,6 +159,7 @@ def _distill(cfg: DistillConfig, rt: Runtime) -> DistillResult:
     counts = dict(zip(counts, all_reduce_sum(list(map(float, counts.values())), rt), strict=True))
     barrier(rt)
     cache.verify()
+    cache.reload_index()  # the other ranks' records
     per_image = counts["encode_seconds"] / counts["embedded"] if counts["embedded"] else None
     log.write(
         {
@@ -132,21 +174,27 @@ def _distill(cfg: DistillConfig, rt: Runtime) -> DistillResult:
     )
     if cfg.cache_only:
         say(
-            f"teacher cache: {cache.root} ({int(counts['embedded'])} embedded, {int(counts['cached'])} already there, "
-            f"{int(counts['corrupt'])} corrupt)"
+            f"teacher cache: {cache.root} ({int(counts['embedded'])} embedded, of which {int(counts['repaired'])} "
+            f"replaced broken files; {int(counts['cached'])} already there and verified; "
+            f"{int(counts['corrupt'])} unreadable image(s))"
         )
         return DistillResult(None, out, log.path, counts, 0)
     usable = [i for i, image_id in enumerate(dataset.image_ids) if cache.has(image_id)]
     corrupt = len(dataset) - len(usable)
     if corrupt:
-        say(f"skipped {corrupt} unreadable image(s); see the warnings above or the .corrupt markers in {cache.root}")
+        skipped = [image_id for image_id in dataset.image_ids if not cache.has(image_id)]
+        named = "; ".join(f"{i} ({cache.corrupt_reason(i) or 'not in the cache'})" for i in skipped[:3])
+        more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        say(
+            f"skipped {corrupt} unreadable image(s): {named}{more}. They are tried again on every run "
+            f"(markers: {cache.root}/embeddings/*/*.corrupt)."
+        )
     if not usable:
         raise DistillError(f"no readable images in {cfg.data}: all {len(dataset)} were skipped as corrupt")
     teacher_heads = cache.load_heads()
 
     # 3. Student (decoder from the teacher unless a student checkpoint brings its own) and the split.
-    seed_everything(cfg.seed)
-    student = build_sam(cfg.student, checkpoint=cfg.student_checkpoint)
+    set_rng_state(rng_after_student)
     if cfg.student_checkpoint is None:
         heads = {k: v for k, v in teacher_heads.state_dict().items() if k.startswith(("prompt_", "mask_"))}
         student.load_state_dict(heads, strict=False)
@@ -160,6 +208,11 @@ def _distill(cfg: DistillConfig, rt: Runtime) -> DistillResult:
     sampler = DistributedSampler(train_set, rt.world_size, rt.rank, shuffle=True, seed=cfg.seed)
     batches_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
     total_steps = cfg.steps or cfg.epochs * batches_per_epoch
+    epochs = f"{cfg.epochs} epochs" if cfg.steps is None else f"--steps {cfg.steps}"
+    say(
+        f"schedule: {total_steps} steps ({epochs}; {batches_per_epoch} steps per epoch of {len(train_set)} training "
+        f"images, batch size {cfg.batch_size} x {rt.world_size} process(es)); {len(val_set)} held-out images"
+    )
 
     # 4. Model, optimiser, schedule; decay only on matrices and kernels (nanoGPT's rule), the
     # decoder (already the teacher's) at decoder_lr_scale x lr.
@@ -180,8 +233,8 @@ def _distill(cfg: DistillConfig, rt: Runtime) -> DistillResult:
         optimizer, lambda s: warmup_cosine(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
     )
     step, metrics = 0, {}
-    if cfg.resume and state_path.is_file():
-        step, metrics = _restore(state_path, cfg, model, optimizer, scheduler, rt)
+    if state is not None:
+        step, metrics = _restore(state, model, optimizer, scheduler)
         log.truncate_after(step)
         say(f"resumed from {state_path} at step {step}/{total_steps}")
     elif cfg.resume:
@@ -224,68 +277,68 @@ def _distill(cfg: DistillConfig, rt: Runtime) -> DistillResult:
 
     # 5. The loop. Data order and prompts depend only on (seed, epoch, image), so a resumed or
     # multi-process run sees exactly the images and prompts of an uninterrupted single run.
-    progress = tqdm(total=total_steps, initial=step, desc="distill", disable=not rt.is_main)
-    while step < total_steps:
-        epoch, first_batch = divmod(step, batches_per_epoch)
-        sampler.set_epoch(epoch)
-        model.epoch = epoch
-        order = list(sampler)[first_batch * cfg.batch_size :]
-        loader = DataLoader(
-            train_set,
-            cfg.batch_size,
-            sampler=order,
-            collate_fn=collate,
-            num_workers=cfg.num_workers,
-            pin_memory=rt.device.type == "cuda",
-        )
-        for items in loader:
-            tic = time.perf_counter()
-            if not items:
-                raise DistillError(f"step {step + 1}: every image of the batch became unreadable after caching")
-            images = torch.stack([item.image for item in items]).to(rt.device, non_blocking=True)
-            with torch.autocast(rt.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                terms = step_fn(images, items)
-            loss = weighted_total(terms, weights)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
-            # NaN/inf guard: every rank agrees before anyone stops, so none is left waiting.
-            bad = all_reduce_sum([float(not (torch.isfinite(loss) and torch.isfinite(grad_norm)))], rt)[0]
-            if bad:
-                values = {k: v.item() for k, v in terms.items()}
-                last = f"the last good checkpoint is {state_path}" if state_path.is_file() else "no checkpoint yet"
-                raise DistillError(
-                    f"non-finite loss or gradient at step {step + 1} (loss={loss.item()}, "
-                    f"grad_norm={grad_norm.item()}, "
-                    f"terms={values}); stopped without updating the weights, {last}. Lower --lr or check the data, "
-                    f"then rerun with --resume."
-                )
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            record = all_reduce_mean({"loss": loss.item(), **{k: v.item() for k, v in terms.items()}}, rt)
-            seconds = time.perf_counter() - tic
-            record.update(
-                step=step,
-                epoch=epoch,
-                lr=scheduler.get_last_lr()[0],
-                grad_norm=float(grad_norm),
-                step_seconds=seconds,
-                images_per_second=len(items) * rt.world_size / seconds,
+    # The bar is closed (its line ended) however the loop ends, so an error message starts a line of its own.
+    with tqdm(total=total_steps, initial=step, desc="distill", disable=not rt.is_main) as progress:
+        while step < total_steps:
+            epoch, first_batch = divmod(step, batches_per_epoch)
+            sampler.set_epoch(epoch)
+            model.epoch = epoch
+            order = list(sampler)[first_batch * cfg.batch_size :]
+            loader = DataLoader(
+                train_set,
+                cfg.batch_size,
+                sampler=order,
+                collate_fn=collate,
+                num_workers=cfg.num_workers,
+                pin_memory=rt.device.type == "cuda",
             )
-            if step % cfg.log_every == 0 or step == total_steps:
-                log.write(record)
-            progress.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in weights or k == "loss"})
-            progress.update(1)
-            epoch_done = step % batches_per_epoch == 0
-            if epoch_done or step == total_steps:
-                validate(epoch=epoch + 1)
-            if step % cfg.checkpoint_every == 0 or step == total_steps:
-                metrics.update(step=step, loss=record["loss"])
-                _save_state(state_path, model, optimizer, scheduler, step, metrics, cfg, rt)
-            if step == total_steps:
-                break
-    progress.close()
+            for items in loader:
+                tic = time.perf_counter()
+                if not items:
+                    raise DistillError(f"step {step + 1}: every image of the batch became unreadable after caching")
+                images = torch.stack([item.image for item in items]).to(rt.device, non_blocking=True)
+                with torch.autocast(rt.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    terms = step_fn(images, items)
+                loss = weighted_total(terms, weights)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
+                # NaN/inf guard: every rank agrees before anyone stops, so none is left waiting.
+                bad = all_reduce_sum([float(not (torch.isfinite(loss) and torch.isfinite(grad_norm)))], rt)[0]
+                if bad:
+                    values = {k: v.item() for k, v in terms.items()}
+                    last = f"the last good checkpoint is {state_path}" if state_path.is_file() else "no checkpoint yet"
+                    raise DistillError(
+                        f"non-finite loss or gradient at step {step + 1} (loss={loss.item()}, "
+                        f"grad_norm={grad_norm.item()}, "
+                        f"terms={values}); stopped without updating the weights, {last}. Lower --lr or check the data, "
+                        f"then rerun with --resume."
+                    )
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                record = all_reduce_mean({"loss": loss.item(), **{k: v.item() for k, v in terms.items()}}, rt)
+                seconds = time.perf_counter() - tic
+                record.update(
+                    step=step,
+                    epoch=epoch,
+                    lr=scheduler.get_last_lr()[0],
+                    grad_norm=float(grad_norm),
+                    step_seconds=seconds,
+                    images_per_second=len(items) * rt.world_size / seconds,
+                )
+                if step % cfg.log_every == 0 or step == total_steps:
+                    log.write(record)
+                progress.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in weights or k == "loss"})
+                progress.update(1)
+                epoch_done = step % batches_per_epoch == 0
+                if epoch_done or step == total_steps:
+                    validate(epoch=epoch + 1)
+                if step % cfg.checkpoint_every == 0 or step == total_steps:
+                    metrics.update(step=step, loss=record["loss"])
+                    _save_state(state_path, model, optimizer, scheduler, step, metrics, cfg, identity, rt)
+                if step == total_steps:
+                    break
 
     # 6. The student, loadable with build_sam(cfg.student, checkpoint=...), and the run's records.
     result_path = out / "student.pt"
@@ -301,20 +354,113 @@ def _distill(cfg: DistillConfig, rt: Runtime) -> DistillResult:
         save_checkpoint(
             model.student, cfg.student, result_path, meta={"distill_config": cfg.to_dict(), "metrics": metrics}
         )
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
         summary = ", ".join(
             f"{name} {metrics[name + '_initial']:.4g} -> {metrics[name]:.4g}"
             for name in ("val_agreement", "val_logit_l1", "val_embedding_l1")
             if name in metrics
         )
-        say(f"student checkpoint: {result_path}\nlog: {log.path}\nmetrics: {out / 'metrics.json'} ({summary})")
+        summary = f"({summary})" if summary else "(no held-out images: --val-images 0, so no agreement figures)"
+        say(f"student checkpoint: {result_path}\nlog: {log.path}\nmetrics: {out / 'metrics.json'} {summary}")
     barrier(rt)
     return DistillResult(result_path, out, log.path, metrics, step)
 
 
+def _check_writable(folder: Path, what: str) -> None:
+    """Make `folder` and write a file in it, or stop with one line that says why (before any long step)."""
+    if folder.exists() and not folder.is_dir():
+        raise DistillError(f"cannot use {folder} as the {what}: it is a file")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(folder) else ""
+        raise DistillError(f"cannot write to the {what} {folder}: {reason}{where}") from None
+
+
+def _earlier_run(out: Path, log: JsonLog) -> list[str]:
+    """What a fresh run in `out` would replace: its files, and a log that records more than a cache step."""
+    found = [name for name in RUN_FILES if (out / name).is_file()]
+    records = [r for r in log.records() if r.get("event") != "cache"]
+    if records:
+        found.append(f"log.jsonl with {len(records)} training record(s)")
+    return found
+
+
+def _weights(checkpoint: str | None, seed: int) -> str:
+    return f"random (seed {seed})" if checkpoint is None else checkpoint
+
+
+def _settings(cfg: DistillConfig, use_prompts: bool) -> str:
+    """The settings that decide how long a run takes and what it learns from, in one line."""
+    length = f"{cfg.steps} steps" if cfg.steps is not None else f"{cfg.epochs} epochs"
+    if use_prompts:
+        iterations = cfg.hard_prompts and cfg.max_prompt_iters > 0
+        extra = f" + up to {cfg.max_prompt_iters} corrective points" if iterations else ""
+        prompts = f"{cfg.prompts_per_image} prompts per image{extra}"
+    else:
+        prompts = "no prompts (embedding loss only)"
+    held_out = f"{cfg.val_images} held-out images" if cfg.val_images is not None else f"{cfg.val_fraction:.0%} held out"
+    return (
+        f"{length}, batch size {cfg.batch_size} per process, {prompts}, lr {cfg.lr:g} "
+        f"({cfg.warmup_steps} warm-up steps), {held_out}, out {cfg.out}"
+    )
+
+
+def _identity(cfg: DistillConfig, fields: dict[str, Any]) -> dict[str, Any]:
+    """What makes a run the same run: the config without RESUMABLE_CHANGES, paths replaced by what they hold.
+
+    The data becomes its kind and resolved folder (or the generator's settings), the teacher checkpoint the
+    file's sha256 (or the seed of random weights), the student checkpoint likewise.
+    """
+    values = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES}
+    values.update(
+        data=fields["data"],
+        teacher_checkpoint=fields["weights"],
+        student_checkpoint=checkpoint_identity(cfg.student_checkpoint, cfg.seed),
+    )
+    return values
+
+
+def _read_state(path: Path, rt: Runtime) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location=rt.device, weights_only=True)
+    except Exception as exc:  # truncated zip, garbage bytes, I/O error: torch raises many kinds
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DistillError(
+            f"cannot resume: {path} is unreadable ({reason}). Move it away and resume from scratch, "
+            f"or start over with --overwrite."
+        ) from None
+
+
+def _check_resumable(path: Path, state: dict[str, Any], cfg: DistillConfig, identity: dict[str, Any], rt: Runtime):
+    saved = state.get("identity")
+    now = identity
+    if saved is None:  # written before identities were recorded: compare the config's fields as given
+        saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE_CHANGES}
+        now = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES}
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if changed:
+        diffs = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in changed)
+        raise DistillError(f"cannot resume from {path}: the config differs ({diffs}); use another --out")
+    if state["world_size"] != rt.world_size:
+        written = state["world_size"]
+        raise DistillError(f"cannot resume {path}: it was written by {written} process(es), now {rt.world_size}")
+
+
 def _save_state(
-    path: Path, model: DistillStep, optimizer, scheduler, step: int, metrics: dict, cfg: DistillConfig, rt: Runtime
+    path: Path,
+    model: DistillStep,
+    optimizer,
+    scheduler,
+    step: int,
+    metrics: dict,
+    cfg: DistillConfig,
+    identity: dict[str, Any],
+    rt: Runtime,
 ) -> None:
     """Everything a resumed run needs, written atomically by rank 0 (a kill never leaves half a file)."""
     if rt.is_main:
@@ -328,6 +474,7 @@ def _save_state(
                 "rng": rng_state(),
                 "metrics": dict(metrics),
                 "config": cfg.to_dict(),
+                "identity": identity,
                 "world_size": rt.world_size,
             },
             path,
@@ -335,16 +482,7 @@ def _save_state(
     barrier(rt)
 
 
-def _restore(path: Path, cfg: DistillConfig, model: DistillStep, optimizer, scheduler, rt: Runtime):
-    state = torch.load(path, map_location=rt.device, weights_only=True)
-    saved = state["config"]
-    changed = sorted(k for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v)
-    if changed:
-        diffs = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r}" for k in changed)
-        raise DistillError(f"cannot resume from {path}: the config differs ({diffs}); use another --out")
-    if state["world_size"] != rt.world_size:
-        written = state["world_size"]
-        raise DistillError(f"cannot resume {path}: it was written by {written} process(es), now {rt.world_size}")
+def _restore(state: dict[str, Any], model: DistillStep, optimizer, scheduler) -> tuple[int, dict[str, Any]]:
     model.student.load_state_dict(state["student"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -353,7 +491,7 @@ def _restore(path: Path, cfg: DistillConfig, model: DistillStep, optimizer, sche
 
 
 class JsonLog:
-    """Append-only JSON-lines log, written by rank 0 only."""
+    """Append-only JSON-lines log, written by rank 0 only; a line cut short by a kill is ignored when read."""
 
     def __init__(self, path: Path, enabled: bool) -> None:
         self.path, self.enabled = path, enabled
@@ -363,12 +501,26 @@ class JsonLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"time": time.time(), **record}) + "\n")
 
+    def records(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        records = []
+        for line in self.path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
+
     def clear(self) -> None:
         if self.enabled:
             self.path.unlink(missing_ok=True)
 
     def truncate_after(self, step: int) -> None:
-        """Drop the records a killed run wrote after its last checkpoint, so the log reads as one run."""
+        """Drop the records a killed run wrote after its last checkpoint, so the log reads as one run.
+
+        The log is rewritten atomically: a kill during the rewrite leaves the old log, never half of it.
+        """
         if self.enabled and self.path.is_file():
-            lines = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
-            self.path.write_text("".join(line + "\n" for line in lines))
+            kept = [r for r in self.records() if r.get("step", 0) <= step]
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))

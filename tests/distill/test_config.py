@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from distill.config import DistillConfig
+from distill.config import DEMO_SETTINGS, DistillConfig
 
 
 def test_defaults_resolve_models_and_round_trip():
@@ -43,3 +43,13 @@ def test_bad_values_are_refused_with_a_message(kwargs, message):
 def test_from_dict_names_unknown_fields():
     with pytest.raises(ValueError, match="unknown DistillConfig fields: colour"):
         DistillConfig.from_dict({"colour": "red"})
+
+
+def test_the_demo_settings_apply_whenever_there_is_no_data():
+    """One rule (CLI: no --data -> demo settings); naming the demo's own teacher does not leave the demo."""
+    assert DistillConfig.demo(teacher="sam_vit_test") == DistillConfig.demo()
+    demo = DistillConfig.demo()
+    assert {k: getattr(demo, k) for k in DEMO_SETTINGS} == DEMO_SETTINGS
+    recipe = DistillConfig(data="/d")
+    assert (recipe.epochs, recipe.batch_size, recipe.prompts_per_image, recipe.warmup_steps) == (8, 8, 64, 250)
+    assert not recipe.overwrite and "overwrite" in DistillConfig.from_dict(recipe.to_dict()).to_dict()
