@@ -38,8 +38,8 @@ AMP_DTYPES = ("bf16", "none")
 
 DEMO_TEACHER = "sam_vit_test"
 DEMO_STUDENT = "tinyvit_test"
-# `python -m distill` without --data (whatever the models): 12 steps of 2 images, about 1.5 minutes on an
-# idle 2-core CPU (README, "Set up").
+# `python -m distill` without --data (whatever the models): 12 steps of 2 images; measured at 2 min 51 s
+# to 5 min 14 s on a shared 2-core CPU (README, "Set up").
 DEMO_SETTINGS: dict[str, Any] = dict(
     out="runs/distill_demo",
     num_synthetic=10,
