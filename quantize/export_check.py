@@ -9,7 +9,8 @@ therefore sits at that floor whatever the graph does, and a bound on it cannot t
 from one that is slightly wrong.
 
 So the graph is run with every activation quantizer's output exposed (uint8 QuantizeLinear results,
-the float results of twin-uniform Round/Clip/Where blocks), and the PyTorch model is run with those
+two per call for a twin-uniform input of a product, one per range; the float results of simulated
+twin-uniform Round/Clip/Where blocks), and the PyTorch model is run with those
 values in place of its own rounding (teacher forcing). Then, with the rounding decisions shared:
 - per quantizer, the fraction of values PyTorch would round differently from ORT given the same
   upstream values is only exact ties (~1e-6) when each layer of the graph computes what the
@@ -88,31 +89,43 @@ def forced_quantizers(
     """Make each activation quantizer of `module` return ORT's value instead of its own rounding.
 
     Yields a dict filled during the forward: quantizer name -> {"mismatch": fraction of values
-    whose own rounding differs from ORT's, "max_steps": largest difference in steps (uniform only)}.
+    whose own rounding differs from ORT's, "differing": their number, "max_steps": largest
+    difference in steps (uniform only)}.
     Quantizers without a graph tensor are listed under "unmatched" with mismatch 1.0.
     """
     stats: dict[str, dict[str, float]] = {}
     calls: dict[str, int] = {}
+    used: dict[str, int] = {}  # graph tensors consumed so far, per quantizer (a twin input of a product uses two)
 
     def hook(name: str) -> Callable:
-        def replace(quantizer: ActQuantizer, inputs: tuple, own: torch.Tensor) -> torch.Tensor | None:
+        def replace(quantizer: ActQuantizer, inputs: tuple, own: torch.Tensor | tuple) -> torch.Tensor | tuple | None:
             if not quantizer.enabled:
                 return None
-            call = calls.get(name, 0)
-            calls[name] = call + 1
-            graph = tensors.get(name, [])
-            if call >= len(graph):
-                stats[f"{name}#{call}"] = {"mismatch": 1.0, "max_steps": float("inf"), "unmatched": 1.0}
+            call, start = calls.get(name, 0), used.get(name, 0)
+            parts = own if isinstance(own, tuple) else (own,)
+            calls[name], used[name] = call + 1, start + len(parts)
+            graph = tensors.get(name, [])[start : start + len(parts)]
+            if len(graph) < len(parts):
+                stats[f"{name}#{call}"] = {"mismatch": 1.0, "differing": float("inf"), "max_steps": float("inf"),
+                                           "unmatched": 1.0}  # fmt: skip
                 return None
-            value = values[graph[call]]
-            if value.dtype == np.uint8:
-                value = (value.astype(np.float32) - ZERO_POINT) * quantizer.scale.numpy()
-            forced = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32)).reshape(own.shape)
-            differs = forced != own
-            steps = ((forced - own).abs() / quantizer.scale).max() if quantizer.kind == "uniform" else torch.tensor(0.0)
+            # Each part of a twin input of a product is uniform with its own scale; a simulated twin is not uniform.
+            scales = quantizer.range_scales() if isinstance(own, tuple) else (quantizer.scale,)
+            uniform = isinstance(own, tuple) or quantizer.kind == "uniform"
+            forced_parts, differs, steps = [], 0, 0.0
+            for tensor, part, scale in zip(graph, parts, scales, strict=True):
+                value = values[tensor]
+                if value.dtype == np.uint8:
+                    value = (value.astype(np.float32) - ZERO_POINT) * scale.numpy()
+                forced = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32)).reshape(part.shape)
+                differs += int((forced != part).sum())
+                if uniform:
+                    steps = max(steps, float(((forced - part).abs() / scale).max()))
+                forced_parts.append(forced)
             key = name if call == 0 else f"{name}#{call}"
-            stats[key] = {"mismatch": float(differs.float().mean()), "max_steps": float(steps)}
-            return forced
+            stats[key] = {"mismatch": differs / sum(part.numel() for part in parts), "differing": differs,
+                          "max_steps": steps}  # fmt: skip
+            return tuple(forced_parts) if isinstance(own, tuple) else forced_parts[0]
 
         return replace
 

@@ -10,17 +10,32 @@ exporter writes as QuantizeLinear/DequantizeLinear pairs: activations as uint8 w
 128 (the same grid as signed symmetric int8, the layout ONNX Runtime's x86 kernels prefer), weights
 as int8 per channel. Widths under 8 bits are clipped to their own range first, so a 6-bit model
 runs on the same int8 kernels with exactly its 6-bit values.
+
+A twin-uniform input of a matrix product (Linear, 1x1 convolution, attention product) is exported
+as two uniform int8 tensors, the values in its low range (zero elsewhere) and those in its high
+range, each with its own scale; the product is linear in that input, so it is computed as the sum
+of two integer products, ``W @ low + W @ high``. Each value lies in exactly one range and the other
+tensor holds an exact zero there, so the sum is the twin-uniform product itself. Twin inputs of
+other layers stay simulated in float.
 """
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantize.core import channel_view, int_range, quantize_symmetric, twin_gelu_quant, twin_softmax_quant
+from quantize.core import (
+    GELU_MIN,
+    channel_view,
+    int_range,
+    quantize_symmetric,
+    twin_gelu_quant,
+    twin_softmax_quant,
+)
 
 ACT_KINDS = ("uniform", "twin_softmax", "twin_gelu")
 
@@ -39,13 +54,40 @@ class ActQuantizer(nn.Module):
         self.bits, self.kind = bits, kind
         self.enabled = False
         self.export_int8 = False
+        self.feeds_product = False  # set by a layer that sums its product over a twin input's two ranges
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("split", torch.tensor(1.0))
 
     @property
     def runs_int8(self) -> bool:
         """Whether the exported graph can feed this input to an integer kernel."""
-        return self.kind == "uniform" and self.bits <= 8
+        return self.bits <= 8 and (self.kind == "uniform" or self.feeds_product)
+
+    def range_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A twin-uniform quantizer's (low-range scale, high-range scale)."""
+        levels = 2 ** (self.bits - 1)
+        if self.kind == "twin_softmax":
+            return self.split / levels, torch.ones_like(self.split) / (levels - 1)
+        return torch.full_like(self.scale, GELU_MIN / levels), self.scale
+
+    def twin_ranges_int8(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(low, high): `x`'s twin-uniform values as two uint8 QDQ tensors, each zero outside its range.
+
+        The same values as `quantize` (low + high, one of them an exact 0 at each position): below the
+        boundary (split, or 0 for GELU) the low range with 2^(b-1) levels (non-negative for softmax,
+        non-positive for GELU), from the boundary up the high range with 2^(b-1) non-negative levels.
+        """
+        boundary = self.split if self.kind == "twin_softmax" else torch.zeros_like(self.split)
+        low = x * (x < boundary).to(x.dtype)  # Mul/Sub, not Where: exact, and no Where node in the graph
+        levels = 2 ** (self.bits - 1)
+        low_scale, high_scale = self.range_scales()
+        low_range = (0, levels - 1) if self.kind == "twin_softmax" else (-levels, 0)
+        zero_point = torch.tensor(128, dtype=torch.int32)
+        parts = []
+        for part, scale, (qmin, qmax) in ((low, low_scale, low_range), (x - low, high_scale, (0, levels - 1))):
+            part = torch.clamp(part, qmin * scale, qmax * scale)
+            parts.append(torch.fake_quantize_per_tensor_affine(part, scale, zero_point, 0, 255))
+        return parts[0], parts[1]
 
     def quantize(self, x: torch.Tensor, scale: torch.Tensor, split: torch.Tensor) -> torch.Tensor:
         """Fake-quantize `x` with explicit parameters (used by the scale search)."""
@@ -55,9 +97,12 @@ class ActQuantizer(nn.Module):
             return twin_gelu_quant(x, scale, self.bits)
         return quantize_symmetric(x, scale, self.bits)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The quantized `x`; in int8 export mode a twin-uniform input of a product gives (low, high)."""
         if not self.enabled:
             return x
+        if self.export_int8 and self.runs_int8 and self.kind != "uniform":
+            return self.twin_ranges_int8(x)
         if self.export_int8 and self.runs_int8:
             qmin, qmax = int_range(self.bits)
             if self.bits < 8:
@@ -100,14 +145,31 @@ class WeightQuantizer(nn.Module):
         return f"bits={self.bits}, axis={self.axis}, enabled={self.enabled}"
 
 
+def summed_over_ranges(x: torch.Tensor | tuple[torch.Tensor, ...], product: Callable) -> torch.Tensor:
+    """``product(x)``, or for a twin-uniform input exported as (low, high), ``product(low) + product(high)``."""
+    if not isinstance(x, tuple):
+        return product(x)
+    out = product(x[0])
+    for part in x[1:]:
+        out = out + product(part)
+    return out
+
+
 class QuantLayer(nn.Module, abc.ABC):
     """Common part: ``input_quants`` (one per activation input) and an optional ``weight_quant``."""
 
     weight_axis: int | None = 0
     num_inputs = 1
 
+    @property
+    def is_product(self) -> bool:
+        """Whether the layer's op is a matrix product (linear in each input, no spatial window)."""
+        return True
+
     def init_quantizers(self, w_bits: int, a_bits: int, input_kinds: list[str]) -> None:
         self.input_quants = nn.ModuleList(ActQuantizer(a_bits, kind) for kind in input_kinds)
+        for quantizer in self.input_quants:
+            quantizer.feeds_product = self.is_product and quantizer.kind != "uniform"
         if self.weight_axis is not None:
             weight = self.weight
             self.weight_quant = WeightQuantizer(w_bits, weight.shape[self.weight_axis], self.weight_axis)
@@ -127,7 +189,7 @@ class QuantLinear(QuantLayer, nn.Linear):
         weight = self.weight if weight is None else weight
         if self.weight_quant.export_int8:
             # MatMul + Add rather than Gemm: ORT fuses DQ -> MatMul into its integer kernels.
-            out = torch.matmul(x, weight.t())
+            out = summed_over_ranges(x, lambda part: torch.matmul(part, weight.t()))
             return out + self.bias if self.bias is not None else out
         return F.linear(x, weight, self.bias)
 
@@ -145,6 +207,10 @@ class QuantConv2d(QuantLayer, nn.Conv2d):
 
     def add_output_quantizer(self, bits: int) -> None:
         self.output_quant = ActQuantizer(bits)
+
+    @property
+    def is_product(self) -> bool:
+        return self.is_pointwise
 
     @property
     def is_pointwise(self) -> bool:
@@ -174,8 +240,11 @@ class QuantConv2d(QuantLayer, nn.Conv2d):
         # 4-D NCHW <-> NHWC permutes (not 3-D transposes next to reshapes) let ORT's transpose optimiser move
         # them through Gelu/QuantizeLinear and cancel them against QLinearConv's own NHWC layout.
         batch, channels, height, width = x.shape
-        tokens = self.input_quants[0](x).permute(0, 2, 3, 1).reshape(batch, height * width, channels)
-        out = torch.matmul(tokens, self.weight_quant(self.weight.reshape(self.out_channels, channels)).t())
+        weight = self.weight_quant(self.weight.reshape(self.out_channels, channels)).t()
+        out = summed_over_ranges(
+            self.input_quants[0](x),
+            lambda part: torch.matmul(part.permute(0, 2, 3, 1).reshape(batch, height * width, channels), weight),
+        )
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(batch, height, width, self.out_channels).permute(0, 3, 1, 2)
@@ -186,6 +255,7 @@ class QuantConv2d(QuantLayer, nn.Conv2d):
 
 class QuantConvTranspose2d(QuantLayer, nn.ConvTranspose2d):
     weight_axis = 1  # weight is C_in x C_out/groups x kH x kW
+    is_product = False
 
     def float_forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         weight = self.weight if weight is None else weight
@@ -201,7 +271,7 @@ class QuantMatMul(QuantLayer):
     num_inputs = 2
 
     def float_forward(self, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        return a @ b
+        return summed_over_ranges(a, lambda a_part: summed_over_ranges(b, lambda b_part: a_part @ b_part))
 
 
 def _copy_params(source: nn.Module, target: nn.Module) -> nn.Module:

@@ -35,7 +35,13 @@ from quantize.export_check import forced_quantizers, run_instrumented
 from quantize.modules import ActQuantizer, QuantConv2d, QuantConvTranspose2d, QuantLayer, WeightQuantizer
 from quantize.onnx_modules import DecoderForExport, EncoderForExport
 from quantize.onnx_runtime import count_kernels, open_session, write_ort_format
-from quantize.qdq_graph import fold_weight_quantization, prune, quantize_conv_bias
+from quantize.qdq_graph import (
+    fold_weight_quantization,
+    fold_weight_transpose,
+    prune,
+    quantize_conv_bias,
+    unshare_weight_dequantize,
+)
 
 OPSET = 20
 # Agreement required between ORT and PyTorch, relative to the reference output's scale:
@@ -49,7 +55,11 @@ OPSET = 20
 # RMS, the model's own sensitivity to a 1e-7 change of its input (2.1% / 5.5%), against a
 # quantization error of 3.4% / 7.7%: reported in ExportCheck.info, not bounded.
 TOLERANCE = {"float32": {"rms": 1e-4, "max": 1e-3}, "int8": {"rms": 1e-4, "max": 1e-3}}
-INT8_ROUNDING_MISMATCH = 1e-3  # largest fraction of a quantizer's values ORT may round differently (ties)
+# Largest fraction of a quantizer's values ORT may round differently (near-ties after last-bit float
+# differences upstream, measured at 1e-6 to 7e-5 of a quantizer's values). A quantizer with a single differing
+# value is not held to it: in the decoder's token-side tensors (2 probe prompts x 256 channels = 512 values)
+# one near-tie is already 2e-3, while a layer that computes something else differs in many values.
+INT8_ROUNDING_MISMATCH = 1e-3
 INT8_ROUNDING_MAX_STEPS = 1.001  # a tie moves a value by one step; more means the layer computes something else
 # Ops that only move or re-encode values exactly: exposing a tensor as a graph output makes ORT keep
 # it in NCHW and in its own Q/DQ pair, so the instrumented graph has more of them; the compute
@@ -118,6 +128,8 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str],
     model = onnx.load(str(path))
     fold_weight_quantization(model)
     quantize_conv_bias(model)
+    fold_weight_transpose(model)
+    unshare_weight_dequantize(model)
     prune(model)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
@@ -179,8 +191,9 @@ def check_int8(
         info[f"{key}.free_running_rms"] = _relative_rms(shipped[key], ref)
         info[f"{key}.ulp_sensitivity_rms"] = _relative_rms(perturbed[key].numpy(), ref)
         info[f"{key}.quant_error_rms"] = _relative_rms(float_outputs[key].numpy(), ref)
-    worst = max(rounding, key=lambda name: rounding[name]["mismatch"])
-    diffs["rounding_mismatch"] = rounding[worst]["mismatch"]
+    counted = {name: stat for name, stat in rounding.items() if stat["differing"] > 1} or rounding
+    worst = max(counted, key=lambda name: counted[name]["mismatch"])
+    diffs["rounding_mismatch"] = counted[worst]["mismatch"]
     diffs["rounding_max_steps"] = max(stat["max_steps"] for stat in rounding.values())
     compute_ops = (shipped_ops.keys() | instrumented_ops.keys()) - LAYOUT_OPS
     diffs["kernel_count_difference"] = float(
@@ -191,6 +204,7 @@ def check_int8(
          "kernel_count_difference": 0.0}
     )  # fmt: skip
     info["worst_rounding_quantizer"] = worst
+    info["quantizers_with_one_differing_value"] = float(sum(stat["differing"] == 1 for stat in rounding.values()))
     info["forced_quantizers"] = float(len(rounding))
     passed = all(diffs[k] <= bounds[k] for k in diffs)
     return ExportCheck(path.name, "int8", diffs, bounds, passed, info)

@@ -5,6 +5,13 @@
 - `quantize_conv_bias`: the float bias of a DQ -> Conv -> Q convolution -> DequantizeLinear of an
   int32 initializer on the input scale x weight scale grid, the form ORT fuses into QLinearConv
   (the simulated layer already rounds its bias to that grid, `QuantConv2d.quantized_bias`).
+- `fold_weight_transpose`: DQ(int8 weight) -> Transpose (the exporter's ``weight.t()``) becomes DQ of
+  the transposed int8 weight (ORT folds a lone Transpose itself, but not one with two readers).
+- `unshare_weight_dequantize`: a DQ(int8 weight) read by several nodes (the two products of a
+  twin-uniform input, `quantize.modules.summed_over_ranges`) gets one copy per reader, each with its
+  own weight, scale and zero point: where ORT converts int8 weights to uint8 (session entry
+  `session.x64quantprecision`), a shared one makes ORT 1.32 stop at session creation ("Attempt to
+  replace the existing tensor"). The copy costs file size, not time.
 - `prune`: drop nodes whose outputs nobody reads and initializers no node reads.
 """
 
@@ -93,6 +100,59 @@ def quantize_conv_bias(model: onnx.ModelProto) -> onnx.ModelProto:
         copy = onnx.NodeProto()
         copy.CopyFrom(node)
         nodes += [inserted[node.output[0]], copy] if node.output and node.output[0] in inserted else [copy]
+    del g.graph.node[:]
+    g.graph.node.extend(nodes)
+    return model
+
+
+def fold_weight_transpose(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace DQ(int8 constant) -> Transpose by DQ(transposed int8 constant), the DQ's axis moved with it."""
+    g = _Graph(model)
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in g.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    for dq in list(g.graph.node):
+        after = readers.get(dq.output[0], [])
+        if dq.op_type != "DequantizeLinear" or dq.input[0] not in g.inits or len(after) != 1:
+            continue
+        transpose = after[0]
+        if transpose.op_type != "Transpose":
+            continue
+        weight = g.const(dq.input[0])
+        perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), list(range(weight.ndim))[::-1])
+        dq.input[0] = g.add_init(np.ascontiguousarray(weight.transpose(perm)), f"{dq.input[0]}_transposed")
+        axis = next((a for a in dq.attribute if a.name == "axis"), None)
+        if axis is not None:
+            axis.i = perm.index(axis.i if axis.i >= 0 else axis.i + weight.ndim)
+        dq.output[0] = transpose.output[0]
+        g.graph.node.remove(transpose)
+    return model
+
+
+def unshare_weight_dequantize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give each reader of a DQ(int8 constant) after the first its own DQ node and initializers."""
+    g = _Graph(model)
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in g.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    copies: dict[int, list[onnx.NodeProto]] = {}  # DQ copies to insert before the reader with this id
+    for dq in list(g.graph.node):
+        if dq.op_type != "DequantizeLinear" or dq.input[0] not in g.inits:
+            continue
+        for k, reader in enumerate(readers.get(dq.output[0], [])[1:], start=1):
+            copy = onnx.NodeProto()
+            copy.CopyFrom(dq)
+            copy.name = f"{dq.name}_copy{k}"
+            for i, name in enumerate(dq.input):  # weight, scale and zero point: ORT rewrites them in place
+                copy.input[i] = g.add_init(g.const(name), f"{name}_copy{k}")
+            copy.output[0] = f"{dq.output[0]}_copy{k}"
+            reader.input[:] = [copy.output[0] if name == dq.output[0] else name for name in reader.input]
+            copies.setdefault(id(reader), []).append(copy)
+    nodes = []
+    for node in g.graph.node:
+        nodes += [*copies.get(id(node), []), node]
     del g.graph.node[:]
     g.graph.node.extend(nodes)
     return model

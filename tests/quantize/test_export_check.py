@@ -29,7 +29,7 @@ class ConvBlock(nn.Module):
 
 
 class Block(nn.Module):
-    """fc1 (uniform int8 input) -> GELU -> fc2 (twin-uniform input, float product) -> fc3 (uniform int8 input)."""
+    """fc1 (uniform int8 input) -> GELU -> fc2 (twin-uniform input: two int8 products) -> fc3 (uniform int8 input)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -90,12 +90,16 @@ def test_int8_layers_agree_with_simulation(exported_block):
     assert check.info["forced_quantizers"] == 3
     assert check.rel_diff["y.rms"] < 1e-5 and check.rel_diff["rounding_max_steps"] <= 1.001
     kernels = count_kernels(path)
-    assert kernels.get("MatMulIntegerToFloat", 0) == 2, kernels  # fc1, fc3: integer kernels
+    # fc1, fc3, and fc2 once per range of its twin-uniform input: all integer, no float product left
+    assert kernels.get("MatMulIntegerToFloat", 0) == 4 and "MatMul" not in kernels, kernels
 
 
-def test_check_catches_matmulnbits_requantizing_a_float_input(exported_block, monkeypatch):
-    """ORT's default MatMulNBits accuracy level quantizes fc2's float (twin-uniform) input again."""
-    block, path, x, expected, float_out = exported_block
+def test_check_catches_matmulnbits_requantizing_a_float_input(tmp_path, monkeypatch):
+    """With fc2's input left in float, ORT's default MatMulNBits accuracy level quantizes it again."""
+    x = torch.randn(4, 64, 32, generator=torch.Generator().manual_seed(1))
+    block = calibrated_block(x)
+    block.fc2.input_quants[0].enabled = False  # a float input times int8 weights: DQ -> MatMul -> MatMulNBits
+    block, path, x, expected, float_out = export_block(block, x, tmp_path / "float_input.onnx")
     monkeypatch.setattr(quantize.onnx_runtime, "MATMULNBITS_FP32", "4")
     if count_kernels(path).get("MatMulNBits", 0) == 0:
         pytest.skip("this ONNX Runtime does not rewrite DQ -> MatMul into MatMulNBits")

@@ -37,7 +37,7 @@ def test_int8_export_matches_simulated_model_and_uses_integer_kernels(exports):
     assert sum(encoder_ops.get(op, 0) for op in integer_ops) >= 10, encoder_ops
     assert decoder_ops.get("MatMulIntegerToFloat", 0) >= 20, decoder_ops
     assert result.sizes_mb["decoder"] < 0.5 * float_result.sizes_mb["decoder"]  # int8 weights
-    assert any("av_matmul" in name for name in result.simulated_layers)  # twin-softmax stays simulated
+    assert any("av_matmul" in name for name in result.int8_layers)  # twin-softmax input: two integer products
 
 
 def test_onnx_sam_dynamic_prompts(exports, tmp_path):

@@ -4,8 +4,9 @@ ORT's u8 x s8 kernels on x86 CPUs without VNNI (AVX2, early AVX-512) add pairs o
 saturation (VPMADDUBSW). A uint8 activation of 255 times an int8 weight of 127, twice, is 64770 > 32767.
 Under QEMU's Haswell model (AVX2, no VNNI) these graphs gave 1.632 instead of 206.45 (MatMul) and 0 instead of
 800-1800 (QLinearConv) with ORT 1.30.0, 1.31.1 and 1.32.0 and default session options; with
-`quantize.onnx_runtime.session_options` they are exact. On a CPU with VNNI both pass either way, so this test
-guards the machines where the hazard is real, which are the ones CI and users may have.
+`quantize.onnx_runtime.session_options` (which asks for ORT's exact kernels where the CPU lacks VNNI) they are
+exact. On a CPU with VNNI both pass either way, so this test guards the machines where the hazard is real,
+which are the ones CI and users may have.
 """
 
 from __future__ import annotations
@@ -86,8 +87,13 @@ def test_qlinearconv_does_not_saturate(tmp_path):
     np.testing.assert_array_equal(y[0], np.broadcast_to(expected, (o, 8, 8)))
 
 
-@pytest.mark.parametrize("key", ["session.x64quantprecision", "session.qdq_matmulnbits_accuracy_level"])
-def test_prescribed_session_entries(key):
-    from quantize.onnx_runtime import session_options
+def test_saturation_guard_follows_the_cpu(monkeypatch):
+    """The exact (slower) kernels are asked for exactly where the CPU lacks VNNI."""
+    import quantize.onnx_runtime as onnx_runtime
 
-    assert session_options().get_session_config_entry(key) == "1"
+    monkeypatch.setattr(onnx_runtime, "u8s8_products_may_saturate", lambda: True)
+    assert onnx_runtime.session_options().get_session_config_entry("session.x64quantprecision") == "1"
+    monkeypatch.setattr(onnx_runtime, "u8s8_products_may_saturate", lambda: False)
+    with pytest.raises(RuntimeError, match="does not have configuration with key"):
+        onnx_runtime.session_options().get_session_config_entry("session.x64quantprecision")
+    assert onnx_runtime.session_options().get_session_config_entry("session.qdq_matmulnbits_accuracy_level") == "1"
