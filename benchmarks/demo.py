@@ -142,6 +142,7 @@ class Demo:
             max_prompt_iters=1,
             val_prompts_per_image=2,
             seed=self.config.seed,
+            overwrite=True,  # the demo's own folder: a rerun replaces its earlier distill run (refused otherwise)
         )
         result = distill(config)
         self.state["checkpoint"] = str(result.checkpoint)
