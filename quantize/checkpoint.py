@@ -13,13 +13,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from segment_anything.modeling import Sam
 
 from quantize.config import PTQConfig
 from quantize.modules import ActQuantizer, QuantLayer, WeightQuantizer
 from quantize.ptq import apply_quantized_layers, prepare_structure, quantized_layers
-from student_models import CheckpointError, atomic_torch_save, build_sam, canonical_name
+from student_models import CheckpointError, atomic_torch_save, build_sam, canonical_name, load_torch_file
 from student_models.checkpoints import load_state_dict_strict
 
 FORMAT = "sam-compress/quantized-v1"
@@ -54,15 +53,7 @@ def _enabled_flags(sam: Sam) -> dict[str, bool]:
 def read_quantized(path: str | os.PathLike) -> dict[str, Any]:
     """The checkpoint's contents (weights_only load), checked to be a quantized checkpoint."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no quantized checkpoint at {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a pickled module, or not a torch file at all
-        raise CheckpointError(
-            f"{path} cannot be read as plain tensors (weights_only=True): {error}. Pickled quantized modules "
-            "(such as TinySAM's tinysam_w8a8.pth) are not supported: quantize the float checkpoint instead."
-        ) from error
+    payload = load_torch_file(path)  # names the file and what is wrong (missing, truncated, pickled code, ...)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"{path} is not a quantized checkpoint (format {found!r}, expected {FORMAT!r})")

@@ -67,5 +67,12 @@ def test_bad_input_messages(quantized_tinyvit, tmp_path):
     save_checkpoint(tiny_model(), "tinyvit_test", float_path)
     with pytest.raises(CheckpointError, match="is not a quantized checkpoint"):
         load_quantized(float_path)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(CheckpointError, match=r"garbage\.pt is not a PyTorch checkpoint") as error:
+        load_quantized(garbage)
+    assert "pickled" not in str(error.value)
+    with pytest.raises(CheckpointError, match="no checkpoint file at"):
+        load_quantized(tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="already quantized"):
         quantize_(sam, PTQConfig(**FAST), [synthetic_image(0)[0]])
