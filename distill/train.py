@@ -89,7 +89,8 @@ def distill(config: DistillConfig) -> DistillResult:
 
 
 def _distill(cfg: DistillConfig, rt: Runtime) -> DistillResult:
-    say = print if rt.is_main else (lambda *a, **k: None)
+    # tqdm.write: a message printed while a progress bar is on screen gets a line of its own.
+    say = tqdm.write if rt.is_main else (lambda *a, **k: None)
     out = Path(cfg.out)
     state_path = out / "checkpoints" / "last.pt"
     log = JsonLog(out / "log.jsonl", enabled=rt.is_main)
