@@ -93,6 +93,11 @@ def _digest(fields: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
+def cache_root(cache_dir: str | os.PathLike, fields: dict[str, Any]) -> Path:
+    """The folder of the cache for `fields` (teacher, weights, preprocessing, data) under `cache_dir`."""
+    return Path(cache_dir) / _digest(fields)[:16]
+
+
 def _safe_name(image_id: str) -> str:
     keep = "".join(c if c.isalnum() or c in "-_." else "_" for c in image_id)[:80]
     return f"{keep}-{hashlib.sha1(image_id.encode()).hexdigest()[:8]}"
@@ -122,7 +127,7 @@ class EmbeddingCache:
         temporary files left by killed writers are removed.
         """
         digest = _digest(fields)
-        root = Path(cache_dir) / digest[:16]
+        root = cache_root(cache_dir, fields)
         meta_path = root / "cache.json"
         if meta_path.is_file():
             stored = json.loads(meta_path.read_text())

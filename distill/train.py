@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from distill.cache import EmbeddingCache, checkpoint_identity, fill_cache, fingerprint_fields
+from distill.cache import EmbeddingCache, cache_root, checkpoint_identity, fill_cache, fingerprint_fields
 from distill.config import DistillConfig
 from distill.data import DistillDataset, collate, split_indices
 from distill.losses import weighted_total
@@ -96,10 +96,10 @@ def _distill(cfg: DistillConfig, rt: Runtime) -> DistillResult:
     log = JsonLog(out / "log.jsonl", enabled=rt.is_main)
     amp_dtype = torch.bfloat16 if rt.device.type == "cuda" and cfg.amp == "bf16" else None
 
-    # 0. Inputs that would otherwise fail late: folders we cannot write, a run we would replace, a state
-    # we cannot resume. Every rank checks (so all stop together); only rank 0 deletes.
+    # 0. Inputs that would otherwise fail late: a folder we cannot write, a run we would replace, a state
+    # we cannot resume (the cache folder, data and checkpoints follow in 1). Every rank checks (so all
+    # stop together); only rank 0 deletes.
     _check_writable(out, "output folder")
-    _check_writable(Path(cfg.cache_path), "teacher-cache folder")
     if rt.is_main:
         for folder in (out, out / "checkpoints"):
             remove_stale_temp_files(folder)  # left by a killed run
@@ -130,6 +130,8 @@ def _distill(cfg: DistillConfig, rt: Runtime) -> DistillResult:
             f"(token, output and ground-truth losses need masks to make prompts)."
         )
     fields = fingerprint_fields(cfg.teacher, cfg.teacher_checkpoint, cfg.seed, dataset)  # reads the teacher file
+    if not (cache_root(cfg.cache_path, fields) / "cache.json").is_file():
+        _check_writable(Path(cfg.cache_path), "teacher-cache folder")  # (a complete cache may be read-only)
     identity = _identity(cfg, fields)  # reads the student file
     if state is not None:
         _check_resumable(state_path, state, cfg, identity, rt)

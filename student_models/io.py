@@ -92,7 +92,7 @@ def remove_stale_temp_files(folder: str | os.PathLike, pattern: str = ".*.tmp*")
     for candidate in sorted(Path(folder).glob(pattern)):
         match = _TEMP_NAME.match(candidate.name)
         if match and candidate.is_file() and not _alive(int(match["pid"])):
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # gone already, or a read-only folder: nothing to clean there
                 candidate.unlink()
                 removed.append(candidate)
     return removed

@@ -159,6 +159,15 @@ def test_bad_inputs_fail_before_the_teacher_cache_is_filled(tmp_path, capsys, ca
     assert not list(cache.rglob("*.npy")) and not (out / "log.jsonl").exists()  # no teacher embedding computed
 
 
+def test_unwritable_cache_folder_is_refused_before_anything_is_computed(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    code, _, err = cli(capsys, "--num-synthetic", "3", "--cache-dir", blocker / "cache", "--out", tmp_path / "out")
+    assert code == 1 and blocker.read_text() == "not a folder"
+    assert_one_error(err, f"cannot write to the teacher-cache folder {blocker / 'cache'}: Not a directory")
+    assert not (tmp_path / "out" / "log.jsonl").exists()
+
+
 def test_student_checkpoint_of_another_model_fails_before_the_cache(tmp_path, capsys):
     other = save_checkpoint(tiny_model("sam_vit_test"), "sam_vit_test", tmp_path / "teacher.pt")
     code, _, err = cli(capsys, "--student-checkpoint", other, "--num-synthetic", "3", "--out", tmp_path / "out")
