@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +31,20 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from distill.cache import EmbeddingCache, cache_root, checkpoint_identity, fill_cache, fingerprint_fields
+from distill.cache import EmbeddingCache, cache_root, fill_cache, fingerprint_fields
 from distill.config import DistillConfig
 from distill.data import DistillDataset, collate, split_indices
 from distill.losses import weighted_total
 from distill.model import DistillError, DistillStep, agreement
+from distill.run_folder import (
+    RUN_FILES,
+    JsonLog,
+    check_resumable,
+    check_writable,
+    earlier_run,
+    read_state,
+    run_identity,
+)
 from distill.runtime import (
     Runtime,
     all_reduce_mean,
@@ -52,13 +60,6 @@ from distill.runtime import (
 from student_models import atomic_torch_save, build_sam, save_checkpoint
 from student_models.data import open_dataset
 from student_models.io import atomic_write_text, remove_stale_temp_files
-
-# Fields that may change between a run and its resumption without changing the result. Where the run
-# folder and the cache live is one of them (a moved folder, or "runs/x" spelled "/home/me/runs/x", holds
-# the same run); the data and the checkpoints are compared by what they are (`_identity`), not by spelling.
-RESUMABLE_CHANGES = {"resume", "overwrite", "cache_only", "num_workers", "log_every", "extra", "out", "cache_dir"}
-# What a fresh run in a folder replaces (besides a log.jsonl that records training).
-RUN_FILES = ("checkpoints/last.pt", "student.pt", "metrics.json", "config.json")
 
 
 @dataclass
@@ -99,11 +100,11 @@ def _distill(cfg: DistillConfig, rt: Runtime) -> DistillResult:
     # 0. Inputs that would otherwise fail late: a folder we cannot write, a run we would replace, a state
     # we cannot resume (the cache folder, data and checkpoints follow in 1). Every rank checks (so all
     # stop together); only rank 0 deletes.
-    _check_writable(out, "output folder")
+    check_writable(out, "output folder")
     if rt.is_main:
         for folder in (out, out / "checkpoints"):
             remove_stale_temp_files(folder)  # left by a killed run
-    earlier = [] if cfg.resume or cfg.cache_only else _earlier_run(out, log)
+    earlier = [] if cfg.resume or cfg.cache_only else earlier_run(out, log)
     if earlier and not cfg.overwrite:
         raise DistillError(
             f"{out} holds an earlier run ({', '.join(earlier)}) that a fresh run would replace. "
@@ -115,7 +116,7 @@ def _distill(cfg: DistillConfig, rt: Runtime) -> DistillResult:
         log.clear()
         say(f"--overwrite: removed the earlier run in {out} ({', '.join(earlier)})")
     barrier(rt)
-    state = _read_state(state_path, rt) if cfg.resume and state_path.is_file() else None
+    state = read_state(state_path, rt) if cfg.resume and state_path.is_file() else None
 
     # 1. Data. A plain folder has no masks, so only the embedding loss can be computed.
     dataset = open_dataset(cfg.data, num_synthetic=cfg.num_synthetic, seed=cfg.seed)
@@ -131,10 +132,10 @@ def _distill(cfg: DistillConfig, rt: Runtime) -> DistillResult:
         )
     fields = fingerprint_fields(cfg.teacher, cfg.teacher_checkpoint, cfg.seed, dataset)  # reads the teacher file
     if not (cache_root(cfg.cache_path, fields) / "cache.json").is_file():
-        _check_writable(Path(cfg.cache_path), "teacher-cache folder")  # (a complete cache may be read-only)
-    identity = _identity(cfg, fields)  # reads the student file
+        check_writable(Path(cfg.cache_path), "teacher-cache folder")  # (a complete cache may be read-only)
+    identity = run_identity(cfg, fields)  # reads the student file
     if state is not None:
-        _check_resumable(state_path, state, cfg, identity, rt)
+        check_resumable(state_path, state, cfg, identity, rt)
 
     # The student is built here, before the long cache step, so that a bad --student-checkpoint fails at
     # once. The RNG state after building it is put back after the cache step (which seeds its own teacher),
@@ -370,29 +371,6 @@ def _distill(cfg: DistillConfig, rt: Runtime) -> DistillResult:
     return DistillResult(result_path, out, log.path, metrics, step)
 
 
-def _check_writable(folder: Path, what: str) -> None:
-    """Make `folder` and write a file in it, or stop with one line that says why (before any long step)."""
-    if folder.exists() and not folder.is_dir():
-        raise DistillError(f"cannot use {folder} as the {what}: it is a file")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(folder) else ""
-        raise DistillError(f"cannot write to the {what} {folder}: {reason}{where}") from None
-
-
-def _earlier_run(out: Path, log: JsonLog) -> list[str]:
-    """What a fresh run in `out` would replace: its files, and a log that records more than a cache step."""
-    found = [name for name in RUN_FILES if (out / name).is_file()]
-    records = [r for r in log.records() if r.get("event") != "cache"]
-    if records:
-        found.append(f"log.jsonl with {len(records)} training record(s)")
-    return found
-
-
 def _weights(checkpoint: str | None, seed: int) -> str:
     return f"random (seed {seed})" if checkpoint is None else checkpoint
 
@@ -411,47 +389,6 @@ def _settings(cfg: DistillConfig, use_prompts: bool) -> str:
         f"{length}, batch size {cfg.batch_size} per process, {prompts}, lr {cfg.lr:g} "
         f"({cfg.warmup_steps} warm-up steps), {held_out}, out {cfg.out}"
     )
-
-
-def _identity(cfg: DistillConfig, fields: dict[str, Any]) -> dict[str, Any]:
-    """What makes a run the same run: the config without RESUMABLE_CHANGES, paths replaced by what they hold.
-
-    The data becomes its kind and resolved folder (or the generator's settings), the teacher checkpoint the
-    file's sha256 (or the seed of random weights), the student checkpoint likewise.
-    """
-    values = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES}
-    values.update(
-        data=fields["data"],
-        teacher_checkpoint=fields["weights"],
-        student_checkpoint=checkpoint_identity(cfg.student_checkpoint, cfg.seed),
-    )
-    return values
-
-
-def _read_state(path: Path, rt: Runtime) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location=rt.device, weights_only=True)
-    except Exception as exc:  # truncated zip, garbage bytes, I/O error: torch raises many kinds
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DistillError(
-            f"cannot resume: {path} is unreadable ({reason}). Move it away and resume from scratch, "
-            f"or start over with --overwrite."
-        ) from None
-
-
-def _check_resumable(path: Path, state: dict[str, Any], cfg: DistillConfig, identity: dict[str, Any], rt: Runtime):
-    saved = state.get("identity")
-    now = identity
-    if saved is None:  # written before identities were recorded: compare the config's fields as given
-        saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE_CHANGES}
-        now = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES}
-    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-    if changed:
-        diffs = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in changed)
-        raise DistillError(f"cannot resume from {path}: the config differs ({diffs}); use another --out")
-    if state["world_size"] != rt.world_size:
-        written = state["world_size"]
-        raise DistillError(f"cannot resume {path}: it was written by {written} process(es), now {rt.world_size}")
 
 
 def _save_state(
@@ -491,39 +428,3 @@ def _restore(state: dict[str, Any], model: DistillStep, optimizer, scheduler) ->
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return state["step"], dict(state["metrics"])
-
-
-class JsonLog:
-    """Append-only JSON-lines log, written by rank 0 only; a line cut short by a kill is ignored when read."""
-
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"time": time.time(), **record}) + "\n")
-
-    def records(self) -> list[dict[str, Any]]:
-        if not self.path.is_file():
-            return []
-        records = []
-        for line in self.path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return records
-
-    def clear(self) -> None:
-        if self.enabled:
-            self.path.unlink(missing_ok=True)
-
-    def truncate_after(self, step: int) -> None:
-        """Drop the records a killed run wrote after its last checkpoint, so the log reads as one run.
-
-        The log is rewritten atomically: a kill during the rewrite leaves the old log, never half of it.
-        """
-        if self.enabled and self.path.is_file():
-            kept = [r for r in self.records() if r.get("step", 0) <= step]
-            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
