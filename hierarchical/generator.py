@@ -137,7 +137,7 @@ class HierarchicalMaskGenerator:
         cfg = self.config
         layers = (cfg.crop_n_layers, cfg.crop_n_points_downscale_factor)
         self.dense_grids = layer_point_grids(cfg.points_per_side, *layers)
-        self.rounds = []
+        self.rounds: list[TwoRounds] = []
         if cfg.hierarchical:
             dense_sides = layer_points_per_side(cfg.points_per_side, *layers)
             sparse_sides = layer_points_per_side(cfg.sparse_points_per_side, *layers)
