@@ -13,10 +13,11 @@ repeats the image embedding 64 times. On a CPU two things in that call are waste
 `SharedImageDecoder` computes (1) once per image and runs the rest in micro-batches of a few
 prompts. It repeats SAM's operations on the same values with the same layouts and in the same
 order: SAM's first-block projections see a non-contiguous input, so PyTorch runs them as matmul
-then bias add (not a fused addmm), and so do we. The outputs are bit-identical to
-`MaskDecoder.forward` wherever the float kernels give each output row the same bits whatever the
-number of rows (true of the CPU builds we test on; `tests/hierarchical/test_decoder.py` checks
-every micro-batch size against SAM's batch of 64).
+then bias add (not a fused addmm), and so do we. The outputs equal `MaskDecoder.forward`'s to float
+rounding, and bit for bit wherever the float kernels give each output row the same bits whatever
+the number of rows (on our Intel Xeon build machine: micro-batches of 4 or more; not on every CPU).
+`tests/hierarchical/test_decoder.py` checks micro-batch sizes against SAM's batch to 1e-5 of the
+output's magnitude.
 """
 
 from __future__ import annotations
@@ -27,9 +28,8 @@ import torch
 from segment_anything.modeling.mask_decoder import MaskDecoder
 from segment_anything.modeling.transformer import Attention
 
-# One prompt alone sends the decoder's per-prompt products down other CPU kernel paths whose
-# results differ in the last bits (measured on torch 2.14, 1 and 2 threads; 2 or more prompts match
-# SAM's batch of 64 bit for bit); a SAM batch smaller than the micro-batch goes to SAM's own code.
+# One prompt alone sends the decoder's per-prompt products down other CPU kernel paths (matrix-vector)
+# whose results differ in the last bits; a SAM batch smaller than the micro-batch goes to SAM's own code.
 MIN_MICRO_BATCH = 2
 
 

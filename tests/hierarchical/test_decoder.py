@@ -1,9 +1,18 @@
-"""SharedImageDecoder returns bit for bit what SAM's MaskDecoder returns for the same prompts."""
+"""SharedImageDecoder returns what SAM's MaskDecoder returns for the same prompts, to float rounding.
+
+Bit-identity holds only where the CPU's GEMM kernels give a row the same bits whatever the number of rows:
+on this project's Intel Xeon build machine micro-batches of 4 or more are bit-identical and 2 differ by up to
+6e-7 of the output's magnitude; on another x86 host 4-, 5- and 8-prompt micro-batches differed too (issue 11).
+The contract is therefore float rounding: RELATIVE_TOLERANCE of the largest reference value, which no change
+of the computed function (a dropped term, a wrong token, a scale error) stays within.
+"""
 
 import pytest
 import torch
 
 from hierarchical.decoder import SharedImageDecoder
+
+RELATIVE_TOLERANCE = 1e-5  # 16x the largest last-bit difference measured (6e-7, 2-prompt micro-batches)
 
 
 def _prompts(sam, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,15 +33,16 @@ def image_embedding():
     # a SAM batch smaller than a micro-batch; exact micro-batches; short tails merged; single-mask output
     [(1, 4, True), (3, 4, True), (8, 4, True), (13, 5, True), (30, 8, True), (13, 4, False), (7, 2, True)],
 )
-def test_equals_sams_decoder_bit_for_bit(tiny_sam, image_embedding, count, micro_batch, multimask):
+def test_equals_sams_decoder(tiny_sam, image_embedding, count, micro_batch, multimask):
     sparse, dense = _prompts(tiny_sam, count, seed=count)
     image_pe = tiny_sam.prompt_encoder.get_dense_pe()
     reference = tiny_sam.mask_decoder(image_embedding, image_pe, sparse, dense, multimask)
     decoder = SharedImageDecoder(tiny_sam.mask_decoder, image_embedding, image_pe, dense[:1], micro_batch)
     masks, iou_pred = decoder(sparse, multimask_output=multimask)
     assert masks.shape == reference[0].shape and iou_pred.shape == reference[1].shape
-    assert torch.equal(masks, reference[0])
-    assert torch.equal(iou_pred, reference[1])
+    for got, expected in ((masks, reference[0]), (iou_pred, reference[1])):
+        atol = RELATIVE_TOLERANCE * float(expected.abs().max())
+        torch.testing.assert_close(got, expected, rtol=0, atol=atol)
 
 
 def test_rejects_batched_images_and_bad_micro_batch(tiny_sam, image_embedding):
