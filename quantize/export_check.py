@@ -9,8 +9,7 @@ therefore sits at that floor whatever the graph does, and a bound on it cannot t
 from one that is slightly wrong.
 
 So the graph is run with every activation quantizer's output exposed (uint8 QuantizeLinear results,
-two per call for a twin-uniform input of a product, one per range; the float results of simulated
-twin-uniform Round/Clip/Where blocks), and the PyTorch model is run with those
+two per call for a twin-uniform input, one per range), and the PyTorch model is run with those
 values in place of its own rounding (teacher forcing). Then, with the rounding decisions shared:
 - per quantizer, the fraction of values PyTorch would round differently from ORT given the same
   upstream values is only exact ties (~1e-6) when each layer of the graph computes what the
@@ -38,10 +37,10 @@ from torch import nn
 from quantize.modules import ActQuantizer
 from quantize.onnx_runtime import count_kernels, open_session, write_ort_format
 
-# Scope-named nodes of the TorchScript exporter: ".../input_quants.0/QuantizeLinear" (uniform),
-# ".../input_quants.0/Where" (twin-uniform) or ".../output_quant/QuantizeLinear" (a convolution's
-# output); repeated calls get "_1", "_2"... suffixes.
-_QUANT_NODE = re.compile(r"^/(.*/(?:input_quants\.\d+|output_quant))/(QuantizeLinear|Where)(_\d+)?$")
+# Scope-named nodes of the TorchScript exporter: ".../input_quants.0/QuantizeLinear" (an input; a
+# twin-uniform one has two per call, low range first) or ".../output_quant/QuantizeLinear" (a
+# convolution's output); repeated nodes get "_1", "_2"... suffixes.
+_QUANT_NODE = re.compile(r"^/(.*/(?:input_quants\.\d+|output_quant))/QuantizeLinear(_\d+)?$")
 ZERO_POINT = 128  # activations are uint8 with zero point 128 (see quantize.modules)
 
 
@@ -90,7 +89,7 @@ def forced_quantizers(
 
     Yields a dict filled during the forward: quantizer name -> {"mismatch": fraction of values
     whose own rounding differs from ORT's, "differing": their number, "max_steps": largest
-    difference in steps (uniform only)}.
+    difference in steps}.
     Quantizers without a graph tensor are listed under "unmatched" with mismatch 1.0.
     """
     stats: dict[str, dict[str, float]] = {}
@@ -109,18 +108,14 @@ def forced_quantizers(
                 stats[f"{name}#{call}"] = {"mismatch": 1.0, "differing": float("inf"), "max_steps": float("inf"),
                                            "unmatched": 1.0}  # fmt: skip
                 return None
-            # Each part of a twin input of a product is uniform with its own scale; a simulated twin is not uniform.
+            # A twin-uniform input's two ranges are each uniform, with their own scale.
             scales = quantizer.range_scales() if isinstance(own, tuple) else (quantizer.scale,)
-            uniform = isinstance(own, tuple) or quantizer.kind == "uniform"
             forced_parts, differs, steps = [], 0, 0.0
             for tensor, part, scale in zip(graph, parts, scales, strict=True):
-                value = values[tensor]
-                if value.dtype == np.uint8:
-                    value = (value.astype(np.float32) - ZERO_POINT) * scale.numpy()
-                forced = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32)).reshape(part.shape)
+                value = (values[tensor].astype(np.float32) - ZERO_POINT) * scale.numpy()
+                forced = torch.from_numpy(np.ascontiguousarray(value)).reshape(part.shape)
                 differs += int((forced != part).sum())
-                if uniform:
-                    steps = max(steps, float(((forced - part).abs() / scale).max()))
+                steps = max(steps, float(((forced - part).abs() / scale).max()))
                 forced_parts.append(forced)
             key = name if call == 0 else f"{name}#{call}"
             stats[key] = {"mismatch": differs / sum(part.numel() for part in parts), "differing": differs,

@@ -15,8 +15,9 @@ A twin-uniform input of a matrix product (Linear, 1x1 convolution, attention pro
 as two uniform int8 tensors, the values in its low range (zero elsewhere) and those in its high
 range, each with its own scale; the product is linear in that input, so it is computed as the sum
 of two integer products, ``W @ low + W @ high``. Each value lies in exactly one range and the other
-tensor holds an exact zero there, so the sum is the twin-uniform product itself. Twin inputs of
-other layers stay simulated in float.
+tensor holds an exact zero there, so the sum is the twin-uniform product itself. A twin input of a
+window op (depthwise or transposed convolution) is the same two tensors added back together: a
+float convolution of int8-grid values.
 """
 
 from __future__ import annotations
@@ -76,18 +77,28 @@ class ActQuantizer(nn.Module):
         The same values as `quantize` (low + high, one of them an exact 0 at each position): below the
         boundary (split, or 0 for GELU) the low range with 2^(b-1) levels (non-negative for softmax,
         non-positive for GELU), from the boundary up the high range with 2^(b-1) non-negative levels.
+        The uint8 container's saturation is the 8-bit ranges' own clamp, so only narrower widths clamp.
+        Few elementwise ops: post-GELU tensors are the largest activations of a CNN stage.
         """
-        boundary = self.split if self.kind == "twin_softmax" else torch.zeros_like(self.split)
-        low = x * (x < boundary).to(x.dtype)  # Mul/Sub, not Where: exact, and no Where node in the graph
         levels = 2 ** (self.bits - 1)
         low_scale, high_scale = self.range_scales()
-        low_range = (0, levels - 1) if self.kind == "twin_softmax" else (-levels, 0)
+        if self.kind == "twin_softmax":
+            low = x * (x < self.split).to(x.dtype)  # exact: x or 0
+            high = x - low  # exact: 0 or x
+            if self.bits < 8:
+                low, high = (
+                    torch.clamp(low, max=(levels - 1) * low_scale),
+                    torch.clamp(high, max=(levels - 1) * high_scale),
+                )
+        else:  # GELU: the sign decides the range
+            low_min = -levels * low_scale if self.bits < 8 else None
+            high_max = (levels - 1) * high_scale if self.bits < 8 else None
+            low, high = torch.clamp(x, min=low_min, max=0.0), torch.clamp(x, min=0.0, max=high_max)
         zero_point = torch.tensor(128, dtype=torch.int32)
-        parts = []
-        for part, scale, (qmin, qmax) in ((low, low_scale, low_range), (x - low, high_scale, (0, levels - 1))):
-            part = torch.clamp(part, qmin * scale, qmax * scale)
-            parts.append(torch.fake_quantize_per_tensor_affine(part, scale, zero_point, 0, 255))
-        return parts[0], parts[1]
+        return (
+            torch.fake_quantize_per_tensor_affine(low, low_scale, zero_point, 0, 255),
+            torch.fake_quantize_per_tensor_affine(high, high_scale, zero_point, 0, 255),
+        )
 
     def quantize(self, x: torch.Tensor, scale: torch.Tensor, split: torch.Tensor) -> torch.Tensor:
         """Fake-quantize `x` with explicit parameters (used by the scale search)."""
@@ -98,10 +109,10 @@ class ActQuantizer(nn.Module):
         return quantize_symmetric(x, scale, self.bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """The quantized `x`; in int8 export mode a twin-uniform input of a product gives (low, high)."""
+        """The quantized `x`; in int8 export mode a twin-uniform input gives its two ranges, (low, high)."""
         if not self.enabled:
             return x
-        if self.export_int8 and self.runs_int8 and self.kind != "uniform":
+        if self.export_int8 and self.bits <= 8 and self.kind != "uniform":
             return self.twin_ranges_int8(x)
         if self.export_int8 and self.runs_int8:
             qmin, qmax = int_range(self.bits)
@@ -180,6 +191,8 @@ class QuantLayer(nn.Module, abc.ABC):
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         inputs = tuple(quant(x) for quant, x in zip(self.input_quants, inputs, strict=True))
+        if not self.is_product:  # a window op: a twin input's two ranges are added back into one tensor first
+            inputs = tuple(summed_over_ranges(x, lambda part: part) for x in inputs)
         weight = self.weight_quant(self.weight) if self.weight_axis is not None else None
         return self.float_forward(*inputs, weight=weight)
 

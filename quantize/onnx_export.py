@@ -5,9 +5,10 @@
   activations with zero point 128, int8 per-channel weights stored as int8 initializers), so ORT
   fuses DQ -> MatMul into integer matmuls (QLinearMatMul / MatMulIntegerToFloat) and
   DQ -> Conv -> Q (convolutions with an output quantizer, int32 bias) into QLinearConv, and runs
-  them on its integer kernels. What integer kernels cannot run stays simulated in float inside the
-  graph: twin-uniform inputs (Round/Clip/Where ops feeding a float product), convolutions without
-  an output quantizer, transposed convolutions, and any layer left float.
+  them on its integer kernels. A twin-uniform input is two such uint8 tensors, one per range: a
+  product takes each in an integer product and adds them (`quantize.modules`). What integer kernels
+  cannot run computes in float on int8-grid values: convolutions without an output quantizer (such
+  as depthwise ones after a GELU), transposed convolutions, and any layer left float.
   Widths under 8 bits are clipped to their range and ride in int8 containers.
 
 After writing each file, ORT runs it on a probe input and its outputs are compared with PyTorch
