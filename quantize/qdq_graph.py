@@ -27,6 +27,10 @@ class _Graph:
         self.graph = model.graph
         self.inits = {init.name: init for init in self.graph.initializer}
         self.producers = {out: node for node in self.graph.node for out in node.output}
+        self.readers: dict[str, list[onnx.NodeProto]] = {}
+        for node in self.graph.node:
+            for name in node.input:
+                self.readers.setdefault(name, []).append(node)
 
     def const(self, name: str) -> np.ndarray | None:
         if name in self.inits:
@@ -37,6 +41,16 @@ class _Graph:
         if node is not None and node.op_type == "Constant" and node.attribute[0].name == "value":
             return numpy_helper.to_array(node.attribute[0].t)
         return None
+
+    def insert_before(self, before: dict[int, list[onnx.NodeProto]]) -> None:
+        """Put the nodes of ``before[id(node)]`` just ahead of `node`, which keeps the graph sorted."""
+        nodes = []
+        for node in self.graph.node:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            nodes += [*before.get(id(node), []), copy]
+        del self.graph.node[:]
+        self.graph.node.extend(nodes)
 
     def add_init(self, array: np.ndarray, name: str) -> str:
         tensor = numpy_helper.from_array(array, name)
@@ -68,16 +82,12 @@ def fold_weight_quantization(model: onnx.ModelProto) -> onnx.ModelProto:
 def quantize_conv_bias(model: onnx.ModelProto) -> onnx.ModelProto:
     """Turn the float bias of each DQ(activation) -> Conv <- DQ(int8 weight), Conv -> Q only, into DQ(int32 bias)."""
     g = _Graph(model)
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in g.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    inserted: dict[str, onnx.NodeProto] = {}  # by the Conv's output name
+    inserted: dict[int, list[onnx.NodeProto]] = {}  # by the Conv's id
     for node in g.graph.node:
         if node.op_type != "Conv" or len(node.input) < 3:
             continue
         x_dq, w_dq = g.producers.get(node.input[0]), g.producers.get(node.input[1])
-        after = consumers.get(node.output[0], [])
+        after = g.readers.get(node.output[0], [])
         if not (x_dq and w_dq and x_dq.op_type == w_dq.op_type == "DequantizeLinear"):
             continue
         if len(after) != 1 or after[0].op_type != "QuantizeLinear":
@@ -93,27 +103,17 @@ def quantize_conv_bias(model: onnx.ModelProto) -> onnx.ModelProto:
         dq = onnx.helper.make_node(
             "DequantizeLinear", [name, f"{name}_scale", f"{name}_zero_point"], [f"{name}_dq"], name=f"{name}_DQ", axis=0
         )
-        inserted[node.output[0]] = dq
+        inserted[id(node)] = [dq]
         node.input[2] = f"{name}_dq"
-    nodes = []
-    for node in g.graph.node:
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        nodes += [inserted[node.output[0]], copy] if node.output and node.output[0] in inserted else [copy]
-    del g.graph.node[:]
-    g.graph.node.extend(nodes)
+    g.insert_before(inserted)
     return model
 
 
 def fold_weight_transpose(model: onnx.ModelProto) -> onnx.ModelProto:
     """Replace DQ(int8 constant) -> Transpose by DQ(transposed int8 constant), the DQ's axis moved with it."""
     g = _Graph(model)
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in g.graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
     for dq in list(g.graph.node):
-        after = readers.get(dq.output[0], [])
+        after = g.readers.get(dq.output[0], [])
         if dq.op_type != "DequantizeLinear" or dq.input[0] not in g.inits or len(after) != 1:
             continue
         transpose = after[0]
@@ -133,15 +133,11 @@ def fold_weight_transpose(model: onnx.ModelProto) -> onnx.ModelProto:
 def unshare_weight_dequantize(model: onnx.ModelProto) -> onnx.ModelProto:
     """Give each reader of a DQ(int8 constant) after the first its own DQ node and initializers."""
     g = _Graph(model)
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in g.graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
     copies: dict[int, list[onnx.NodeProto]] = {}  # DQ copies to insert before the reader with this id
     for dq in list(g.graph.node):
         if dq.op_type != "DequantizeLinear" or dq.input[0] not in g.inits:
             continue
-        for k, reader in enumerate(readers.get(dq.output[0], [])[1:], start=1):
+        for k, reader in enumerate(g.readers.get(dq.output[0], [])[1:], start=1):
             copy = onnx.NodeProto()
             copy.CopyFrom(dq)
             copy.name = f"{dq.name}_copy{k}"
@@ -150,11 +146,7 @@ def unshare_weight_dequantize(model: onnx.ModelProto) -> onnx.ModelProto:
             copy.output[0] = f"{dq.output[0]}_copy{k}"
             reader.input[:] = [copy.output[0] if name == dq.output[0] else name for name in reader.input]
             copies.setdefault(id(reader), []).append(copy)
-    nodes = []
-    for node in g.graph.node:
-        nodes += [*copies.get(id(node), []), node]
-    del g.graph.node[:]
-    g.graph.node.extend(nodes)
+    g.insert_before(copies)
     return model
 
 
