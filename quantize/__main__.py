@@ -24,6 +24,7 @@ from quantize.onnx_export import ExportCheckError, export_onnx
 from quantize.ptq import quantize_
 from student_models import CheckpointError, build_sam, canonical_name
 from student_models.data import DatasetError, open_dataset
+from student_models.io import atomic_write_text
 from student_models.preprocessing import ImageError
 
 # What a user can get wrong: shown as one "error:" line, exit 1.
@@ -134,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
                 "int8_layers": len(result.int8_layers),
                 "simulated_layers": result.simulated_layers,
             }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "export")}, indent=2))
     exported = ", ".join(str(out / precision) for precision in summary.get("export", {}))
     onnx_files = f"ONNX files under {exported}, " if exported else ""
