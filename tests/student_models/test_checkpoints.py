@@ -134,20 +134,6 @@ def test_sam_table_holds_the_published_sha256_and_sizes():
 
 
 @pytest.fixture
-def hash_calls(monkeypatch):
-    """Counts the files actually read and hashed (hash-memo hits do not count)."""
-    calls = []
-    real = hashing._hash_file
-
-    def counting(path):
-        calls.append(path)
-        return real(path)
-
-    monkeypatch.setattr(hashing, "_hash_file", counting)
-    return calls
-
-
-@pytest.fixture
 def known_tiny(tmp_path, monkeypatch):
     """A tiny checkpoint registered as a known file with its own size and SHA-256."""
     path = tmp_path / "tiny_official.pth"

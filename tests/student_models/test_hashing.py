@@ -5,25 +5,9 @@ import json
 import os
 import time
 
-import pytest
-
 from student_models import hashing
 
 OLD_NS = 1_600_000_000 * 10**9  # a modification time well in the past (September 2020)
-
-
-@pytest.fixture
-def hash_calls(monkeypatch):
-    """Counts the files actually read and hashed (memo hits do not count)."""
-    calls = []
-    real = hashing._hash_file
-
-    def counting(path):
-        calls.append(path)
-        return real(path)
-
-    monkeypatch.setattr(hashing, "_hash_file", counting)
-    return calls
 
 
 def old_file(path, content: bytes):
