@@ -88,8 +88,7 @@ def forced_quantizers(
     """Make each activation quantizer of `module` return ORT's value instead of its own rounding.
 
     Yields a dict filled during the forward: quantizer name -> {"mismatch": fraction of values
-    whose own rounding differs from ORT's, "differing": their number, "max_steps": largest
-    difference in steps}.
+    whose own rounding differs from ORT's, "max_steps": largest difference in steps}.
     Quantizers without a graph tensor are listed under "unmatched" with mismatch 1.0.
     """
     stats: dict[str, dict[str, float]] = {}
@@ -105,8 +104,7 @@ def forced_quantizers(
             calls[name], used[name] = call + 1, start + len(parts)
             graph = tensors.get(name, [])[start : start + len(parts)]
             if len(graph) < len(parts):
-                stats[f"{name}#{call}"] = {"mismatch": 1.0, "differing": float("inf"), "max_steps": float("inf"),
-                                           "unmatched": 1.0}  # fmt: skip
+                stats[f"{name}#{call}"] = {"mismatch": 1.0, "max_steps": float("inf"), "unmatched": 1.0}
                 return None
             # A twin-uniform input's two ranges are each uniform, with their own scale.
             scales = quantizer.range_scales() if isinstance(own, tuple) else (quantizer.scale,)
@@ -118,8 +116,7 @@ def forced_quantizers(
                 steps = max(steps, float(((forced - part).abs() / scale).max()))
                 forced_parts.append(forced)
             key = name if call == 0 else f"{name}#{call}"
-            stats[key] = {"mismatch": differs / sum(part.numel() for part in parts), "differing": differs,
-                          "max_steps": steps}  # fmt: skip
+            stats[key] = {"mismatch": differs / sum(part.numel() for part in parts), "max_steps": steps}
             return tuple(forced_parts) if isinstance(own, tuple) else forced_parts[0]
 
         return replace
