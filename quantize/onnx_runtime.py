@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-# ORT rewrites DequantizeLinear(int8 weight) -> MatMul with a float input (our twin-uniform inputs) into
+# ORT rewrites DequantizeLinear(int8 weight) -> MatMul with a float input (a layer whose input is left float) into
 # MatMulNBits, whose default accuracy level 4 quantizes that float input again, per block of 32 values,
 # on the fly: an extra rounding the simulated model does not have (it made 10-24% of the next layer's
 # int8 inputs differ by up to 2 steps on tinyvit_test). Level 1 keeps the input in float32.
