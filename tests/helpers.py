@@ -19,6 +19,7 @@ requires_coco = pytest.mark.skipif(
     not (COCO_ROOT / "annotations" / "instances_val2017.json").is_file(),
     reason=f"needs the 80-image COCO subset at {COCO_ROOT} (only beside the project checkout)",
 )
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (PyTorch sees none here)")
 
 
 def tiny_model(name: str = "tinyvit_test", seed: int = 0):
