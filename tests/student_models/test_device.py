@@ -26,7 +26,6 @@ def test_cuda_without_gpu_names_the_fix():
         parse_device("cuda")
 
 
-@pytest.mark.cuda
 @requires_cuda
 def test_cuda_ordinal_checked_against_device_count():
     assert parse_device("cuda:0") == torch.device("cuda", 0)
