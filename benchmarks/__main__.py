@@ -14,7 +14,8 @@ from student_models import CheckpointError
 from student_models.data import DatasetError
 from student_models.preprocessing import ImageError
 
-# Errors that mean "the input is wrong": reported in one line, exit status 2.
+# Errors that mean "the input is wrong" or "the output cannot be written" (OSError: an unwritable
+# --out, a full disk): reported in one line, exit status 1, as the other commands do.
 USER_ERRORS = (
     DatasetError,
     DetectionsError,
@@ -22,9 +23,16 @@ USER_ERRORS = (
     RecordError,
     StageMissingError,
     CheckpointError,
-    FileNotFoundError,
+    OSError,
     ValueError,
 )
+
+
+def error_message(exc: Exception) -> str:
+    """One line: an OSError names its file (its default text puts the errno first), others as raised."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc)
 
 
 def _add_model_args(parser: argparse.ArgumentParser, onnx: bool) -> None:
@@ -184,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args) or 0
     except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        print(f"error: {error_message(exc)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

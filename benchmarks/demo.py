@@ -38,6 +38,7 @@ from benchmarks.runs import (
 )
 from benchmarks.synthetic_coco import write_synthetic_coco
 from student_models import build_sam
+from student_models.io import atomic_write_text
 from student_models.synthetic import synthetic_sample
 
 TEACHER, STUDENT = "sam_vit_test", "tinyvit_test"
@@ -176,8 +177,10 @@ class Demo:
             )
             folder = self.out / "quantize"
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / f"{name}_report.json").write_text(json.dumps(dataclasses.asdict(report), indent=1, default=str))
-            outputs[f"W{bits}A{bits} quantization report"] = str(folder / f"{name}_report.json")
+            report_path = atomic_write_text(
+                folder / f"{name}_report.json", json.dumps(dataclasses.asdict(report), indent=1, default=str)
+            )
+            outputs[f"W{bits}A{bits} quantization report"] = str(report_path)
             if save_quantized is not None:
                 outputs[f"W{bits}A{bits} model (simulated)"] = str(save_quantized(student.sam, folder / f"{name}.pt"))
         return outputs

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from benchmarks.coco_eval import open_coco
-from benchmarks.records import git_commit, make_record, write_records
+from benchmarks.records import git_commit, make_out_dir, make_record, write_records
 from benchmarks.runs import LoadedModel, stage_api
 from student_models.preprocessing import list_image_files
 from student_models.synthetic import synthetic_sample
@@ -71,6 +71,7 @@ def run_everything(
     compare_generators, methods_all = stage_api("hierarchical.compare", "compare_generators", "METHODS")
     GeneratorConfig = stage_api("hierarchical", "GeneratorConfig")
     loaded = target
+    make_out_dir(out_dir)
     git_commit()  # pinned before measuring
     config = GeneratorConfig.from_dict(generator_options or {})
     if coco_root is not None:

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from student_models.io import atomic_write_text
+
 RECORD_KINDS = ("coco", "latency", "everything")
 IDENTITY_FIELDS = ("kind", "model", "checkpoint", "precision", "runtime", "threads", "device", "git_commit")
 
@@ -105,15 +107,23 @@ def make_record(
     return record
 
 
-def write_records(records: list[dict[str, Any]], out_dir: str | os.PathLike, stem: str) -> Path:
-    """Write ``records`` to ``out_dir/<stem>-<random>.json`` (never overwriting) and return the path."""
-    for record in records:
-        validate_record(record)
+def make_out_dir(out_dir: str | os.PathLike) -> Path:
+    """Create the records folder; the benchmarks call it before measuring, so an unwritable
+    ``--out`` fails at once rather than after hours of work."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{stem}-{uuid.uuid4().hex[:8]}.json"
-    path.write_text(json.dumps(records, indent=2, allow_nan=False) + "\n")
-    return path
+    return out_dir
+
+
+def write_records(records: list[dict[str, Any]], out_dir: str | os.PathLike, stem: str) -> Path:
+    """Write ``records`` to ``out_dir/<stem>-<random>.json`` (never overwriting) and return the path.
+
+    Written atomically: a kill or a full disk leaves no half-written file for `load_records` to refuse.
+    """
+    for record in records:
+        validate_record(record)
+    path = make_out_dir(out_dir) / f"{stem}-{uuid.uuid4().hex[:8]}.json"
+    return atomic_write_text(path, json.dumps(records, indent=2, allow_nan=False) + "\n")
 
 
 def validate_record(record: Any) -> dict[str, Any]:

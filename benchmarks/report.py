@@ -17,6 +17,7 @@ from typing import Any
 from benchmarks.coco_eval import METRIC_NAMES
 from benchmarks.published import PUBLISHED_POINTS, PUBLISHED_SOURCE
 from benchmarks.records import IDENTITY_FIELDS, RECORD_KINDS, load_records
+from student_models.io import atomic_write, atomic_write_text
 
 PLOT_NAME = "ap_vs_latency.png"
 REPORT_NAME = "report.md"
@@ -211,8 +212,11 @@ def render_plot(points: list[PlotPoint], path: str | os.PathLike, device: str = 
     fig.text(0.025, text_top, "\n".join(caption), fontsize=7, color="dimgray", va="top", linespacing=1.3)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        with atomic_write(path, "wb") as f:  # an interrupted save keeps the previous plot whole
+            fig.savefig(f, format="png", dpi=120)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -256,9 +260,7 @@ def render_report(records: list[dict[str, Any]], out_dir: str | os.PathLike) -> 
             "",
             f"Not plotted (no encoder latency record of the same model/precision/runtime): {', '.join(unmatched)}.",
         ]
-    report_path = out_dir / REPORT_NAME
-    report_path.write_text("\n".join(parts) + "\n")
-    return report_path, plot_path
+    return atomic_write_text(out_dir / REPORT_NAME, "\n".join(parts) + "\n"), plot_path
 
 
 def report_from_dir(records_dir: str | os.PathLike, out_dir: str | os.PathLike) -> tuple[Path, Path]:

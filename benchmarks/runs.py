@@ -20,7 +20,7 @@ from segment_anything.modeling import Sam
 from benchmarks.coco_eval import CocoEvalConfig, CocoEvalResult, evaluate_coco
 from benchmarks.latency import LatencyConfig, OnnxPair, benchmark_latency
 from benchmarks.predictors import BoxPredictor, OnnxBoxPredictor, TorchBoxPredictor
-from benchmarks.records import git_commit, make_record, write_records
+from benchmarks.records import git_commit, make_out_dir, make_record, write_records
 from student_models import build_sam, canonical_name
 
 ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder.onnx"
@@ -121,6 +121,7 @@ def run_coco(
 ) -> tuple[CocoEvalResult, Path]:
     """COCO AP of a PyTorch model or of an ONNX pair; writes one "coco" record."""
     config = config or CocoEvalConfig()
+    make_out_dir(out_dir)
     git_commit()  # pinned before measuring
     predictor: BoxPredictor
     if isinstance(target, OnnxModel):
@@ -156,6 +157,7 @@ def run_latency(
 ) -> tuple[list[dict[str, Any]], list[str], Path]:
     """Encoder and decoder latency of a PyTorch model and of its exported ONNX pairs."""
     runner_cls = stage_api("quantize", "OnnxSam") if onnx_pairs else None
+    make_out_dir(out_dir)
     git_commit()  # pinned before measuring
     records, notes = benchmark_latency(
         target.sam,

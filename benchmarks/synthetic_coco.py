@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from student_models.io import atomic_write_text
 from student_models.synthetic import synthetic_sample
 
 SPLIT = "val2017"
@@ -62,5 +63,5 @@ def write_synthetic_coco(
         "annotations": annotations,
         "categories": [{"id": 1, "name": "shape", "supercategory": "shape"}],
     }
-    (root / "annotations" / f"instances_{SPLIT}.json").write_text(json.dumps(dataset))
+    atomic_write_text(root / "annotations" / f"instances_{SPLIT}.json", json.dumps(dataset))
     return root

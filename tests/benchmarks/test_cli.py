@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
 from benchmarks.__main__ import main
 from benchmarks.coco_eval import CocoEvalConfig, evaluate_coco, open_coco
+from benchmarks.records import make_record, write_records
 from tests.benchmarks.test_coco_eval import OraclePredictor
 from tests.helpers import COCO_ROOT, requires_coco
 
@@ -36,14 +39,48 @@ def test_coco_then_report(synthetic_coco, tmp_path, capsys):
 
 def test_errors_are_one_line_messages(tmp_path, capsys):
     argv = ["coco", "--model", "tinyvit_test", "--coco-root", str(tmp_path / "nowhere"), "--out", str(tmp_path)]
-    assert main(argv) == 2
+    assert main(argv) == 1
     assert f"error: {tmp_path / 'nowhere'}: no such COCO folder" in capsys.readouterr().err
 
-    assert main(["report", "--records", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
+    assert main(["report", "--records", str(tmp_path / "none"), "--out", str(tmp_path)]) == 1
     assert "no such folder of records" in capsys.readouterr().err
 
     with pytest.raises(SystemExit, match="--onnx-encoder and --onnx-decoder go together"):
         main([*argv[:-2], "--onnx-encoder", "e.onnx", "--out", str(tmp_path)])
+
+
+def test_an_unwritable_out_is_one_error_line_and_writes_nothing(tmp_path):
+    """The real entry point: exit 1, one `error:` line naming the folder, no traceback, no file left."""
+    records = tmp_path / "records"
+    write_records([make_record("coco", model="m", checkpoint=None, precision="fp32", runtime="pytorch",
+                               threads=None, config={}, ap=1.0)], records, "coco")  # fmt: skip
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    out = blocker / "report"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "report", "--records", str(records), "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [f"error: {out}: Not a directory"]
+
+
+@pytest.mark.parametrize("command", ["coco", "latency", "everything"])
+def test_an_unwritable_out_fails_before_measuring(command, synthetic_coco, tmp_path, capsys, monkeypatch):
+    import benchmarks.runs
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("measured before checking --out")
+
+    for name in ("evaluate_coco", "benchmark_latency"):
+        monkeypatch.setattr(benchmarks.runs, name, no_measuring)
+    monkeypatch.setattr("hierarchical.compare.compare_generators", no_measuring)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    inputs = {"coco": ["--coco-root", str(synthetic_coco)], "latency": [], "everything": []}[command]
+    assert main([command, "--model", "tinyvit_test", *inputs, "--out", str(blocker)]) == 1
+    assert capsys.readouterr().err.splitlines() == [f"error: {blocker}: File exists"]
 
 
 @requires_coco
@@ -62,7 +99,7 @@ def test_everything_prints_the_per_method_table_and_names_bad_methods(synthetic_
     out = capsys.readouterr().out
     assert "| dense |" in out and "| hierarchical-lattice |" in out and "recall@0.9 " in out
 
-    assert main([*argv, "--methods", "fast", "--out", str(tmp_path)]) == 2
+    assert main([*argv, "--methods", "fast", "--out", str(tmp_path)]) == 1
     assert (
         "error: unknown method(s) ['fast']; choose from ('sam', 'dense', 'hierarchical-lattice'"
         in capsys.readouterr().err

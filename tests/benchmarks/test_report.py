@@ -62,6 +62,25 @@ def test_report_writes_tables_and_png(tmp_path):
     assert pixels[..., :3].std() > 0.05  # not a blank canvas
 
 
+def test_an_interrupted_report_keeps_the_previous_one_whole(tmp_path, monkeypatch):
+    """The report and plot are written atomically: a failure mid-save leaves the earlier files and no temp file."""
+    out = tmp_path / "report"
+    report, plot = render_report(_records(), out)
+    before = {report: report.read_bytes(), plot: plot.read_bytes()}
+
+    from matplotlib.figure import Figure
+
+    def half_a_png(self, f, **kwargs):
+        f.write(before[plot][:100])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", half_a_png)
+    with pytest.raises(OSError, match="No space left"):
+        render_report(_records()[:1], out)
+    assert {path: path.read_bytes() for path in before} == before
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in before)
+
+
 def test_plot_points_use_the_encoder_latency_with_most_threads():
     points, unmatched = plot_points(_records())
     by_label = {p.label: p for p in points}
