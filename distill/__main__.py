@@ -4,7 +4,7 @@ One rule picks the settings, and the first line printed says which: without --da
 offline demo (generated shapes, the demo's small settings `DEMO_SETTINGS`, the tiny test models
 unless others are named); with --data it is TinySAM's recipe (`DistillConfig`'s defaults). Flags
 the user gives override either; only those are passed on. Multi-GPU:
-``torchrun --nproc_per_node 8 -m distill ...``.
+``torchrun --nproc_per_node 8 -m distill ...`` (at most one process per GPU; ``--device cpu`` for gloo on the CPU).
 """
 
 from __future__ import annotations
@@ -54,6 +54,13 @@ def get_parser() -> argparse.ArgumentParser:
     add("--grad-clip", type=float)
     add("--seed", type=int)
     add("--num-workers", type=int)
+    # Not student_models.device's --device: that resolves "cuda" to one GPU when parsing, while under torchrun
+    # each process takes its own (cuda:LOCAL_RANK), decided in distill.runtime.choose_device.
+    add(
+        "--device",
+        help="auto (CUDA when PyTorch sees a GPU, else CPU), cpu, cuda or cuda:N (default auto); under torchrun, "
+        "auto and cuda give process r cuda:r, and cpu runs every process on the CPU (gloo)",
+    )
     add("--amp", choices=("bf16", "none"), help="autocast dtype on CUDA")
     add("--deterministic", action=switch, help="deterministic kernels (bit-exact resume on CPU; default on)")
     add("--resume", action="store_true", help="continue from <out>/checkpoints/last.pt")

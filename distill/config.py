@@ -27,6 +27,7 @@ recipe); in both, a flag the user gives wins. `DistillConfig.demo()` is the demo
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +83,7 @@ class DistillConfig:
     grad_clip: float | None = 1.0
     seed: int = 0
     num_workers: int = 2
+    device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N; under torchrun cuda/auto = cuda:LOCAL_RANK
     amp: str = "bf16"  # autocast dtype on CUDA; CPU runs always use float32
     deterministic: bool = True  # deterministic kernels: bit-exact resume on CPU (on CUDA: best effort, slower)
 
@@ -138,6 +140,8 @@ class DistillConfig:
         self._check_choice("prompt_mode", PROMPT_MODES)
         self._check_choice("prompt_source", PROMPT_SOURCES)
         self._check_choice("amp", AMP_DTYPES)
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
         positive_ints = ["epochs", "batch_size", "prompts_per_image", "checkpoint_every", "num_synthetic", "log_every"]
         positive_ints += ["val_prompts_per_image"]
         for name in positive_ints:

@@ -25,7 +25,9 @@ from student_models.io import atomic_write_text
 # Fields that may change between a run and its resumption without changing the result. Where the run
 # folder and the cache live is one of them (a moved folder, or "runs/x" spelled "/home/me/runs/x", holds
 # the same run); the data and the checkpoints are compared by what they are (`run_identity`), not by spelling.
+# The device too: a run may go on elsewhere (bit-exact only on the device it started on).
 RESUMABLE_CHANGES = {"resume", "overwrite", "cache_only", "num_workers", "log_every", "extra", "out", "cache_dir"}
+RESUMABLE_CHANGES |= {"device"}
 # What a fresh run in a folder replaces (besides a log.jsonl that records training).
 RUN_FILES = ("checkpoints/last.pt", "student.pt", "metrics.json", "config.json")
 
@@ -68,9 +70,11 @@ def run_identity(cfg: DistillConfig, fields: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def read_state(path: Path, rt: Runtime) -> dict[str, Any]:
+def read_state(path: Path) -> dict[str, Any]:
+    """The saved training state, on the CPU: its RNG states must stay CPU ByteTensors (torch.set_rng_state
+    refuses CUDA ones); model and optimiser states move to the model's device when loaded into it."""
     try:
-        return torch.load(path, map_location=rt.device, weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, garbage bytes, I/O error: torch raises many kinds
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DistillError(

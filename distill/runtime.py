@@ -12,15 +12,23 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from distill.model import DistillError
+from student_models.device import parse_device
+
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where this process runs: rank and world size (1 without torchrun) and its device."""
+    """Where this process runs: rank and world size (1 without torchrun), its device, the process group's backend.
+
+    `backend` is None without torchrun; under torchrun it is "nccl" (CUDA) or "gloo" (CPU), even for one
+    process, so that one process on one GPU runs the same DDP/NCCL code as eight.
+    """
 
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
+    backend: str | None = None
 
     @property
     def is_main(self) -> bool:
@@ -28,21 +36,60 @@ class Runtime:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        return self.backend is not None
 
 
-def setup_runtime() -> Runtime:
-    """Read torchrun's environment; start the process group (nccl on CUDA, gloo on CPU) if world > 1."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Runtime(rank, world_size, local_rank, device)
+def choose_device(requested: str, local_rank: int = 0, local_processes: int = 1) -> torch.device:
+    """This process's device for ``--device`` `requested` (auto, cpu, cuda, cuda:N).
+
+    With several processes on this node (torchrun), auto and cuda give process r the GPU cuda:r, so there
+    must be a GPU for each; a fixed cuda:N would put them all on one GPU, which NCCL refuses. Raises
+    DistillError naming the counts and the fixes.
+    """
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = parse_device(requested)  # the syntax, a CUDA GPU at all, the index in range
+    except ValueError as exc:
+        raise DistillError(str(exc)) from None
+    if device.type == "cpu" or local_processes == 1:
+        return device
+    if requested != "cuda":
+        raise DistillError(
+            f"--device {requested} puts all {local_processes} processes of this node on one GPU; give --device cuda "
+            f"(process r takes cuda:r) or --device cpu"
+        )
+    gpus = torch.cuda.device_count()
+    if local_processes > gpus:
+        raise DistillError(
+            f"torchrun started {local_processes} processes on this node (--nproc_per_node {local_processes}) but "
+            f"PyTorch sees {gpus} GPU(s): start at most {gpus} (--nproc_per_node {gpus}), or run all "
+            f"{local_processes} on the CPU with --device cpu (gloo)"
+        )
+    return torch.device("cuda", local_rank)
+
+
+def setup_runtime(requested_device: str = "auto") -> Runtime:
+    """Read torchrun's environment, pick the device (`choose_device`), start the process group under torchrun.
+
+    The backend is nccl on CUDA and gloo on the CPU.
+    """
+    env = os.environ
+    world_size, rank, local_rank = (
+        int(env.get("WORLD_SIZE", "1")),
+        int(env.get("RANK", "0")),
+        int(env.get("LOCAL_RANK", "0")),
+    )
+    local_processes = int(env.get("LOCAL_WORLD_SIZE", world_size))
+    device = choose_device(requested_device, local_rank, local_processes)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = None
+    if "WORLD_SIZE" in env:  # started by torchrun
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    return Runtime(rank, world_size, local_rank, device, backend)
 
 
 def teardown_runtime(runtime: Runtime) -> None:

@@ -75,7 +75,7 @@ class DistillResult:
 
 def distill(config: DistillConfig) -> DistillResult:
     """Distil `config.student` from `config.teacher`; see the module docstring. Works under torchrun."""
-    runtime = setup_runtime()
+    runtime = setup_runtime(config.device)
     previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     if config.deterministic:
         # Some CPU backward kernels (e.g. in TinyViT) otherwise differ in the last bits from run to run.
@@ -116,7 +116,7 @@ def _distill(cfg: DistillConfig, rt: Runtime) -> DistillResult:
         log.clear()
         say(f"--overwrite: removed the earlier run in {out} ({', '.join(earlier)})")
     barrier(rt)
-    state = read_state(state_path, rt) if cfg.resume and state_path.is_file() else None
+    state = read_state(state_path) if cfg.resume and state_path.is_file() else None
 
     # 1. Data. A plain folder has no masks, so only the embedding loss can be computed.
     dataset = open_dataset(cfg.data, num_synthetic=cfg.num_synthetic, seed=cfg.seed)
@@ -146,7 +146,7 @@ def _distill(cfg: DistillConfig, rt: Runtime) -> DistillResult:
         rng_after_student = rng_state()
     say(
         f"distill: {cfg.teacher} -> {cfg.student} on {len(dataset)} {dataset.kind} images, "
-        f"{rt.world_size} process(es) on {rt.device}\n"
+        f"{rt.world_size} process(es) on {rt.device}{f' (DDP over {rt.backend})' if rt.backend else ''}\n"
         f"weights: teacher {_weights(cfg.teacher_checkpoint, cfg.seed)}, "
         f"student {_weights(cfg.student_checkpoint, cfg.seed)}\n"
         f"settings: {_settings(cfg, use_prompts)}"
@@ -222,6 +222,7 @@ def _distill(cfg: DistillConfig, rt: Runtime) -> DistillResult:
     # decoder (already the teacher's) at decoder_lr_scale x lr.
     if rt.distributed and rt.device.type == "cuda" and not cfg.freeze_bn:
         student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)  # gloo has no SyncBatchNorm on CPU
+        say(f"BatchNorm statistics synchronised across the {rt.world_size} process(es) (SyncBatchNorm)")
     model = DistillStep(student, teacher_heads, cfg, use_prompts).to(rt.device).train()
     step_fn = DistributedDataParallel(model, find_unused_parameters=True) if rt.distributed else model
     params = [p for p in model.student.parameters() if p.requires_grad]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import distill.model as distill_model
 from distill import DistillConfig, DistillError, distill
 from distill.__main__ import main
 from student_models import ModelSpec, build_sam, read_checkpoint, registry, save_checkpoint
-from tests.helpers import COCO_ROOT, synthetic_image
+from tests.helpers import COCO_ROOT, requires_cuda, synthetic_image
 
 REPO = Path(__file__).resolve().parents[2]
 # Small and fast: 1024 inputs are unavoidable, so few images, prompts and steps.
@@ -118,13 +117,11 @@ def test_cli_end_to_end_student_agreement_rises(tmp_path):
     assert sam.mask_decoder.iou_token.weight.shape == (1, 256)
 
 
-@pytest.mark.slow
-def test_sigkill_then_resume_gives_identical_weights(tmp_path, cache_dir):
-    args = [*SMALL, "--num-synthetic", "3", "--val-images", "0", "--steps", "4", "--batch-size", "1"]
-    args += ["--checkpoint-every", "2", "--cache-dir", str(cache_dir)]
+def _kill_after_first_checkpoint_then_resume(tmp_path: Path, args: list[str]) -> tuple[Path, Path, dict]:
+    """Run `args` to the end (reference), and again killed by SIGKILL right after its step-2 checkpoint landed,
+    then resumed. Returns (reference folder, killed-and-resumed folder, the student state at the kill)."""
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     assert main([*args, "--out", str(reference)]) == 0
-
     run = subprocess.Popen(
         [sys.executable, "-m", "distill", *args, "--out", str(killed)],
         cwd=REPO,
@@ -135,37 +132,63 @@ def test_sigkill_then_resume_gives_identical_weights(tmp_path, cache_dir):
     deadline = time.time() + 300
     while not state.is_file() and run.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    os.kill(run.pid, signal.SIGKILL)  # a real kill, right after the step-2 checkpoint landed
+    os.kill(run.pid, signal.SIGKILL)
     run.wait()
     assert run.returncode == -signal.SIGKILL and not (killed / "student.pt").exists()
-    assert torch.load(state, weights_only=True)["step"] == 2
-
+    at_kill = torch.load(state, weights_only=True)
+    assert at_kill["step"] == 2
     assert main([*args, "--out", str(killed), "--resume"]) == 0
     assert [r["step"] for r in _steps(killed)] == [1, 2, 3, 4]  # the log reads as one run
+    return reference, killed, at_kill["student"]
+
+
+RESUME_ARGS = [*SMALL, "--num-synthetic", "3", "--val-images", "0", "--steps", "4", "--batch-size", "1"]
+RESUME_ARGS += ["--checkpoint-every", "2"]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_identical_weights(tmp_path, cache_dir):
+    args = [*RESUME_ARGS, "--device", "cpu", "--cache-dir", str(cache_dir)]
+    reference, killed, _ = _kill_after_first_checkpoint_then_resume(tmp_path, args)
     want, _ = read_checkpoint(reference / "student.pt")
     got, _ = read_checkpoint(killed / "student.pt")
     assert all(torch.equal(want[k], got[k]) for k in want), "resumed weights differ from the uninterrupted run"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@requires_cuda
+@pytest.mark.slow
+def test_sigkill_then_resume_on_cuda_ends_where_the_uninterrupted_run_does(tmp_path):
+    """On CUDA (bf16 autocast; some kernels have no deterministic version) resume is equal up to kernel noise:
+    the resumed weights lie within 5% of the distance that steps 3-4 moved them from the step-2 state (a resume
+    that lost the optimiser or the weights would land about 100% away)."""
+    args = [*RESUME_ARGS, "--device", "cuda", "--cache-dir", str(tmp_path / "cache")]
+    reference, killed, at_kill = _kill_after_first_checkpoint_then_resume(tmp_path, args)
+    want, _ = read_checkpoint(reference / "student.pt")
+    got, _ = read_checkpoint(killed / "student.pt")
+    floats = [k for k in want if want[k].is_floating_point()]
+    moved = torch.cat([(want[k].float() - at_kill[k].float().cpu()).flatten() for k in floats]).norm()
+    apart = torch.cat([(want[k].float() - got[k].float()).flatten() for k in floats]).norm()
+    assert moved > 0 and apart <= 0.05 * moved, (float(apart), float(moved))
+
+
+def _torchrun(nproc: int, port: int, args: list[str], env: dict[str, str] | None = None):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    command += ["--master_port", str(port), "-m", "distill", *args]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})})
 
 
 @pytest.mark.slow
-def test_torchrun_two_gloo_processes_match_one_process(tmp_path, cache_dir):
-    """2 ranks x 1 image per step == 1 rank x 2 images (BatchNorm frozen: gloo has no SyncBatchNorm)."""
-    args = [*SMALL, "--num-synthetic", "5", "--val-images", "1", "--steps", "2", "--freeze-bn"]
+def test_torchrun_two_gloo_processes_match_one_process(tmp_path, cache_dir, free_port):
+    """2 ranks x 1 image per step == 1 rank x 2 images (BatchNorm frozen: gloo has no SyncBatchNorm).
+
+    --device cpu: gloo on the CPU, also on a machine with fewer GPUs than processes."""
+    args = [*SMALL, "--num-synthetic", "5", "--val-images", "1", "--steps", "2", "--freeze-bn", "--device", "cpu"]
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     assert main([*args, "--batch-size", "2", "--out", str(single), "--cache-dir", str(cache_dir)]) == 0
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    command += ["--master_port", str(_free_port())]
-    command += ["-m", "distill", *args, "--batch-size", "1", "--out", str(ddp), "--cache-dir", str(tmp_path / "cache")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
+    ddp_args = [*args, "--batch-size", "1", "--out", str(ddp), "--cache-dir", str(tmp_path / "cache")]
+    done = _torchrun(2, free_port, ddp_args, env={"OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "2 process(es)" in done.stdout
+    assert "2 process(es) on cpu (DDP over gloo)" in done.stdout
     for one, two in zip(_steps(single), _steps(ddp), strict=True):
         for name in ("loss", "embedding", "token", "output"):
             assert two[name] == pytest.approx(one[name], rel=2e-3, abs=1e-5), (name, one["step"])
@@ -177,6 +200,33 @@ def test_torchrun_two_gloo_processes_match_one_process(tmp_path, cache_dir):
     arrays = sorted((tmp_path / "cache").glob("*/embeddings/*/*.npy"))
     reference = {p.name: p for p in cache_dir.glob("*/embeddings/*/*.npy")}
     assert len(arrays) == 5 and all(np.array_equal(np.load(p), np.load(reference[p.name])) for p in arrays)
+
+
+@requires_cuda
+@pytest.mark.slow
+def test_torchrun_one_process_on_one_gpu_runs_nccl_ddp_with_syncbatchnorm(tmp_path, free_port):
+    """torchrun --nproc_per_node 1: the NCCL process group, DDP and SyncBatchNorm (the 8-GPU code path) give the
+    losses of a plain one-process run, to bf16 kernel noise."""
+    args = [*SMALL, "--num-synthetic", "4", "--val-images", "1", "--steps", "2", "--batch-size", "2"]
+    args += ["--device", "cuda", "--cache-dir", str(tmp_path / "cache")]
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    assert main([*args, "--out", str(single)]) == 0
+    done = _torchrun(1, free_port, [*args, "--out", str(ddp)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "1 process(es) on cuda:0 (DDP over nccl)" in done.stdout, done.stdout
+    assert "(SyncBatchNorm)" in done.stdout
+    for one, two in zip(_steps(single), _steps(ddp), strict=True):
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-2), one["step"]
+
+
+@requires_cuda
+def test_torchrun_with_more_processes_than_gpus_stops_with_the_fix(tmp_path, free_port):
+    gpus = torch.cuda.device_count()
+    done = _torchrun(gpus + 1, free_port, ["--num-synthetic", "2", "--out", str(tmp_path / "o")])
+    assert done.returncode != 0
+    expected = f"error: torchrun started {gpus + 1} processes on this node (--nproc_per_node {gpus + 1}) but PyTorch"
+    assert expected in done.stderr and "--device cpu (gloo)" in done.stderr, done.stderr[-3000:]
+    assert not (tmp_path / "o" / "teacher_cache").exists()  # stopped before any work
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------
