@@ -7,7 +7,7 @@ from benchmarks.coco_eval import CocoEvalConfig, CocoEvalResult, DetectionsError
 from benchmarks.demo import DemoConfig, run_demo
 from benchmarks.everything import run_everything
 from benchmarks.latency import LatencyConfig, LatencyRunner, Timing, benchmark_latency, count_macs
-from benchmarks.predictors import BoxPredictor, OnnxBoxPredictor, TorchBoxPredictor, upscale_masks
+from benchmarks.predictors import BoxPredictor, OnnxBoxPredictor, TorchBoxPredictor
 from benchmarks.records import RecordError, load_records, make_record, write_records
 from benchmarks.report import render_report, report_from_dir
 from benchmarks.runs import (
@@ -49,7 +49,6 @@ __all__ = [
     "run_demo",
     "run_everything",
     "run_latency",
-    "upscale_masks",
     "write_records",
     "write_synthetic_coco",
 ]

@@ -23,8 +23,8 @@ from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
 from benchmarks.predictors import BoxPredictor
-from benchmarks.synthetic_coco import mask_to_rle
 from student_models.data import CocoDataset, DatasetError
+from student_models.masks import encode_rle
 from student_models.preprocessing import load_image
 
 METRIC_NAMES = ("ap", "ap50", "ap75", "ap_s", "ap_m", "ap_l")  # COCOeval.stats[0:6], in percent
@@ -166,14 +166,10 @@ def predict_instances(
         info = dataset.coco.loadImgs(image_id)[0]
         predictor.set_image(load_image(dataset.image_dir / info["file_name"]))
         masks, _ = predictor.predict_boxes(image_prompts.boxes)
-        for mask, category_id, score in zip(masks, image_prompts.category_ids, image_prompts.scores, strict=True):
+        rles = encode_rle(masks)
+        for rle, category_id, score in zip(rles, image_prompts.category_ids, image_prompts.scores, strict=True):
             results.append(
-                {
-                    "image_id": image_id,
-                    "category_id": int(category_id),
-                    "segmentation": mask_to_rle(mask),
-                    "score": float(score),
-                }
+                {"image_id": image_id, "category_id": int(category_id), "segmentation": rle, "score": float(score)}
             )
     return results
 

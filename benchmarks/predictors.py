@@ -2,9 +2,11 @@
 
 `BoxPredictor` holds everything the back-ends share (SAM's preprocessing, box transform,
 chunking, mask selection and upscaling); a back-end only embeds an image and decodes box
-prompts. `TorchBoxPredictor` runs a `Sam` module (float, or simulated-quantized: it is still a
-`Sam`); `OnnxBoxPredictor` runs an ONNX Runtime encoder/decoder pair through any object with
-``embed``/``decode`` as `quantize.OnnxSam` has, so an exported INT8 model is measured as shipped.
+prompts. Selection, upscaling and thresholding run where the back-end's outputs are (the GPU for
+a CUDA model): only the bool masks come back to the CPU. `TorchBoxPredictor` runs a `Sam` module
+(float, or simulated-quantized: it is still a `Sam`) on a device; `OnnxBoxPredictor` runs an ONNX
+Runtime encoder/decoder pair through any object with ``embed``/``decode`` as `quantize.OnnxSam`
+has, so an exported INT8 model is measured as shipped.
 """
 
 from __future__ import annotations
@@ -13,26 +15,14 @@ import abc
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from student_models import IMAGE_SIZE
+from student_models.masks import upscale_logits
 from student_models.preprocessing import prepare_image
 
 MASK_THRESHOLD = 0.0  # SAM's logit threshold
-
-
-def upscale_masks(
-    low_res: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int], image_size: int = IMAGE_SIZE
-) -> torch.Tensor:
-    """BxCx256x256 logits -> BxCxHxW logits, the same steps as `Sam.postprocess_masks`.
-
-    Upscale to the padded model input (image_size^2), crop the padding, resize to the original.
-    """
-    masks = F.interpolate(low_res, (image_size, image_size), mode="bilinear", align_corners=False)
-    masks = masks[..., : input_size[0], : input_size[1]]
-    return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
 
 
 class BoxPredictor(abc.ABC):
@@ -58,7 +48,7 @@ class BoxPredictor(abc.ABC):
 
     @abc.abstractmethod
     def decode_boxes(self, embedding: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bx4 XYXY boxes in the 1024 frame -> multimask logits Bx3x256x256 and predicted IoU Bx3."""
+        """Bx4 XYXY boxes in the 1024 frame -> multimask logits Bx3x256x256 and predicted IoU Bx3 (on any device)."""
 
     @torch.no_grad()
     def set_image(self, image: np.ndarray) -> None:
@@ -84,11 +74,11 @@ class BoxPredictor(abc.ABC):
             resized = torch.as_tensor(self.transform.apply_boxes(chunk, original_size), dtype=torch.float32)
             low_res, iou = self.decode_boxes(self._embedding, resized)
             best = iou.argmax(dim=1)
-            rows = torch.arange(len(chunk))
+            rows = torch.arange(len(chunk), device=iou.device)
             chosen = low_res[rows, best][:, None]
-            upscaled = upscale_masks(chosen.float(), input_size, original_size)[:, 0]
-            masks[start : start + len(chunk)] = (upscaled > MASK_THRESHOLD).numpy()
-            scores[start : start + len(chunk)] = iou[rows, best].float().numpy()
+            upscaled = upscale_logits(chosen.float(), input_size, original_size)[:, 0]
+            masks[start : start + len(chunk)] = (upscaled > MASK_THRESHOLD).cpu().numpy()
+            scores[start : start + len(chunk)] = iou[rows, best].float().cpu().numpy()
         return masks, scores
 
 
@@ -114,7 +104,7 @@ class TorchBoxPredictor(BoxPredictor):
             dense_prompt_embeddings=dense,
             multimask_output=True,
         )
-        return low_res.cpu(), iou.cpu()
+        return low_res, iou
 
 
 class OnnxBoxPredictor(BoxPredictor):

@@ -11,21 +11,14 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
 from student_models.io import atomic_write_text
+from student_models.masks import encode_rle
 from student_models.synthetic import synthetic_sample
 
 SPLIT = "val2017"
-
-
-def mask_to_rle(mask: np.ndarray) -> dict:
-    """HxW bool -> COCO compressed RLE with ``counts`` as str (JSON-ready)."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    rle["counts"] = rle["counts"].decode("ascii")
-    return rle
 
 
 def write_synthetic_coco(
@@ -44,8 +37,7 @@ def write_synthetic_coco(
         file_name = f"{image_id:012d}.png"
         Image.fromarray(image).save(root / SPLIT / file_name)
         images.append({"id": image_id, "file_name": file_name, "height": size[0], "width": size[1]})
-        for mask in masks:
-            rle = mask_to_rle(mask)
+        for rle in encode_rle(masks):
             annotations.append(
                 {
                     "id": len(annotations) + 1,

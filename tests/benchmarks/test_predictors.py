@@ -7,15 +7,8 @@ import pytest
 import torch
 from segment_anything import SamPredictor
 
-from benchmarks.predictors import TorchBoxPredictor, upscale_masks
+from benchmarks.predictors import TorchBoxPredictor
 from tests.helpers import synthetic_image, tiny_model
-
-
-def test_upscale_masks_matches_sam_postprocess_masks():
-    sam = tiny_model()
-    low_res = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(0))
-    expected = sam.postprocess_masks(low_res, (819, 1024), (200, 250))
-    torch.testing.assert_close(upscale_masks(low_res, (819, 1024), (200, 250)), expected, rtol=0, atol=0)
 
 
 def test_torch_predictor_matches_sam_predictor_best_multimask():
