@@ -3,7 +3,8 @@
 Layout (one folder per fingerprint, so caches of different teachers never mix)::
 
     <cache_dir>/<fingerprint[:16]>/
-        cache.json                 the fingerprint fields (teacher, checkpoint identity, preprocessing, data)
+        cache.json                 the fingerprint fields (teacher, checkpoint identity, preprocessing, data,
+                                   compute device type and precision)
         teacher_heads.pt           the teacher's prompt encoder + mask decoder state dict
         embeddings/<xx>/<id>.npy   one fp16 256x64x64 array per image (xx: 2 hex digits of the id's hash)
         embeddings/<xx>/<id>.corrupt   marker for an image that could not be read (skipped, counted, retried)
@@ -78,12 +79,30 @@ def data_identity(dataset: SegmentationDataset) -> str:
     return f"{dataset.kind}:{Path(root).resolve()}"
 
 
-def fingerprint_fields(teacher: str, checkpoint: str | None, seed: int, dataset: SegmentationDataset) -> dict[str, Any]:
+def compute_identity(device: torch.device | str, amp_dtype: torch.dtype | None) -> str:
+    """How the teacher computes embeddings: device type and precision ("cpu/float32", "cuda/bfloat16").
+
+    Part of the fingerprint because bf16 embeddings differ from fp32 ones by far more than fp16 storage
+    rounding, so a cache filled on a GPU under autocast is not the fp32 CPU cache, nor the other way round.
+    """
+    return f"{torch.device(device).type}/{str(amp_dtype or torch.float32).removeprefix('torch.')}"
+
+
+def fingerprint_fields(
+    teacher: str,
+    checkpoint: str | None,
+    seed: int,
+    dataset: SegmentationDataset,
+    device: torch.device | str = "cpu",
+    amp_dtype: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """What a cache's embeddings depend on; `device` and `amp_dtype` are those `fill_cache` will be given."""
     return {
         "teacher": teacher,
         "weights": checkpoint_identity(checkpoint, seed),
         "preprocessing": PREPROCESSING,
         "data": data_identity(dataset),
+        "compute": compute_identity(device, amp_dtype),
         "dtype": "float16",
         "shape": list(EMBEDDING_SHAPE),
     }
@@ -305,8 +324,11 @@ def fill_cache(
     (marked, skipped, retried next run). `encode_seconds` is the time spent in the teacher's image encoder
     alone (the benchmark figure); `build_seconds` the time to build/load the teacher.
     The teacher is built only if some image is missing (or its heads are). Embeddings are computed
-    in float32 on CPU and under `amp_dtype` autocast on CUDA, and stored as fp16.
+    under `amp_dtype` autocast (None: float32), as the cache's fingerprint says, and stored as fp16.
     """
+    compute = compute_identity(device, amp_dtype)
+    if cache.fields.get("compute") != compute:  # would mix precisions in one fingerprinted folder
+        raise CacheError(f"{cache.root} holds embeddings computed as {cache.fields.get('compute')}, not {compute}")
     mine = list(range(rank, len(dataset), world_size))
     todo = []
     with tqdm(mine, desc="checking cached teacher embeddings", disable=rank != 0, delay=2) as bar:

@@ -130,7 +130,8 @@ def _distill(cfg: DistillConfig, rt: Runtime) -> DistillResult:
             f"{cfg.data} is a plain image folder without masks: only the embedding loss is used "
             f"(token, output and ground-truth losses need masks to make prompts)."
         )
-    fields = fingerprint_fields(cfg.teacher, cfg.teacher_checkpoint, cfg.seed, dataset)  # reads the teacher file
+    # Reads the teacher file (its sha256). The device type and precision are part of it: bf16 != fp32 embeddings.
+    fields = fingerprint_fields(cfg.teacher, cfg.teacher_checkpoint, cfg.seed, dataset, rt.device, amp_dtype)
     if not (cache_root(cfg.cache_path, fields) / "cache.json").is_file():
         check_writable(Path(cfg.cache_path), "teacher-cache folder")  # (a complete cache may be read-only)
     identity = run_identity(cfg, fields)  # reads the student file

@@ -75,6 +75,28 @@ def test_fill_cache_embeds_once_counts_corrupt_and_stores_heads(tmp_path):
     assert fill_cache(cache, dataset, "no_such_teacher", None, 0, torch.device("cpu"))["cached"] == 2
 
 
+def test_a_cache_filled_under_one_precision_is_not_reused_under_another(tmp_path):
+    """fp32 and bf16 teacher embeddings live in different fingerprinted folders: each precision embeds its own,
+    they differ by more than fp16 storage rounding, and a cache cannot be filled in a precision it is not for."""
+    dataset = SyntheticDataset(2, seed=0)
+    fp32_fields = fingerprint_fields("sam_vit_test", None, 0, dataset, "cpu", None)
+    bf16_fields = fingerprint_fields("sam_vit_test", None, 0, dataset, "cpu", torch.bfloat16)
+    assert (fp32_fields["compute"], bf16_fields["compute"]) == ("cpu/float32", "cpu/bfloat16")
+    assert fingerprint_fields("sam_vit_test", None, 0, dataset, torch.device("cuda", 1), torch.bfloat16)["compute"] == (
+        "cuda/bfloat16"
+    )
+    fp32 = EmbeddingCache.open(tmp_path, fp32_fields)
+    assert fill_cache(fp32, dataset, "sam_vit_test", None, 0, torch.device("cpu"))["embedded"] == 2
+    bf16 = EmbeddingCache.open(tmp_path, bf16_fields)
+    assert bf16.root != fp32.root
+    counts = fill_cache(bf16, dataset, "sam_vit_test", None, 0, torch.device("cpu"), amp_dtype=torch.bfloat16)
+    assert (counts["cached"], counts["embedded"]) == (0, 2)  # nothing of the fp32 cache was taken
+    image_id = dataset.image_ids[0]
+    assert (fp32.read(image_id) - bf16.read(image_id)).abs().max() > 1e-2  # fp16 storage rounds by ~1e-3
+    with pytest.raises(CacheError, match=r"holds embeddings computed as cpu/float32, not cpu/bfloat16"):
+        fill_cache(fp32, dataset, "sam_vit_test", None, 0, torch.device("cpu"), amp_dtype=torch.bfloat16)
+
+
 def _two_entries(tmp_path):
     cache = EmbeddingCache.open(tmp_path, fingerprint_fields("sam_vit_test", None, 0, SyntheticDataset(2, seed=0)))
     embeddings = {name: torch.randn(256, 64, 64) for name in ("a", "b")}
