@@ -60,7 +60,11 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     try:
         with Image.open(path) as img:
             return np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError:  # Pillow's own message repeats the path: say it once
+        raise ImageError(
+            f"{path}: not a readable image (not a format Pillow knows); remove or replace the file"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{path}: not a readable image ({exc}); remove or replace the file") from exc
 
 
