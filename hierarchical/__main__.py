@@ -20,8 +20,9 @@ from hierarchical.compare import compare_generators, comparison_table, summarize
 from hierarchical.config import ConfigError, GeneratorConfig
 from hierarchical.generator import HierarchicalMaskGenerator
 from hierarchical.reprompt import REPROMPT_RULES
-from hierarchical.runner import collect_images, segment_files
+from hierarchical.runner import collect_images, segment_files, writable_folder
 from student_models import CheckpointError, build_sam
+from student_models.io import atomic_write_text
 from student_models.preprocessing import ImageError
 
 _SETTINGS = {
@@ -73,16 +74,24 @@ def main(argv: list[str] | None = None) -> int:
         paths = collect_images(args["inputs"])
         if args["limit"] is not None:
             paths = paths[: args["limit"]]
+        out_dir = writable_folder(args["out"])  # before the model is built: a bad --out fails at once
         if args["threads"] is not None:
             torch.set_num_threads(args["threads"])
         if args["checkpoint"] is None:
             print(f"note: no --checkpoint, {args['model']} has random weights (seed {args['seed']})", file=sys.stderr)
         torch.manual_seed(args["seed"])  # random weights, and so coverage and timings, repeat from run to run
         model = build_sam(args["model"], checkpoint=args["checkpoint"])
-    except (ConfigError, ImageError, CheckpointError, KeyError, ValueError) as exc:
+    except (ConfigError, ImageError, CheckpointError, KeyError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out_dir = Path(args["out"])
+    try:
+        return _run(args, model, config, paths, out_dir)
+    except OSError as exc:  # e.g. the disk filled up: the files written so far are whole (atomic writes)
+        print(f"error: cannot write the results to {out_dir}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args: dict, model: torch.nn.Module, config: GeneratorConfig, paths: list[Path], out_dir: Path) -> int:
     if args["compare"]:
         try:
             records = compare_generators(
@@ -92,15 +101,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         summary = summarize_comparison(records)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "compare.json").write_text(json.dumps({"summary": summary, "records": records}, indent=1))
+        atomic_write_text(out_dir / "compare.json", json.dumps({"summary": summary, "records": records}, indent=1))
         table = comparison_table(summary)
-        (out_dir / "compare.md").write_text(table + "\n")
+        atomic_write_text(out_dir / "compare.md", table + "\n")
         print(table)
         print({k: round(v, 3) for k, v in summary.items() if k.startswith("speedup")})
         print(f"records in {out_dir / 'compare.json'}, table in {out_dir / 'compare.md'}")
         return 0
-    summary = segment_files(HierarchicalMaskGenerator(model, config), paths, out_dir)
+    summary = segment_files(HierarchicalMaskGenerator(model, config, progress=True), paths, out_dir)
     print(summary.text())
     return 1 if summary.failures else 0
 

@@ -57,6 +57,7 @@ from segment_anything.utils.amg import (
     uncrop_points,
 )
 from torchvision.ops.boxes import batched_nms, box_area
+from tqdm import tqdm
 
 from hierarchical.config import ConfigError, GeneratorConfig
 from hierarchical.decoder import SharedImageDecoder
@@ -125,14 +126,18 @@ class HierarchicalMaskGenerator:
     uint8 RGB image (HxW gray and HxWx4 RGBA are converted) and returns SAM's records: segmentation
     (HxW bool array, or an RLE dict per `output_mode`), area (pixels), bbox (XYWH), predicted_iou,
     point_coords ([[x, y]]), stability_score, crop_box (XYWH). `last_timing` holds the
-    `GenerationTiming` of the latest call.
+    `GenerationTiming` of the latest call. `progress=True` shows a bar on stderr through each round's
+    prompt batches (the decoder phase is most of the time).
     """
 
-    def __init__(self, model: Sam, config: GeneratorConfig | None = None, **options: Any) -> None:
+    def __init__(
+        self, model: Sam, config: GeneratorConfig | None = None, progress: bool = False, **options: Any
+    ) -> None:
         if config is not None and options:
             raise ConfigError(f"pass either config= or keyword settings, not both (got {sorted(options)})")
         self.config = config if config is not None else GeneratorConfig.from_dict(options)
         self.model = model
+        self.progress = progress
         self.predictor = SamPredictor(model)
         cfg = self.config
         layers = (cfg.crop_n_layers, cfg.crop_n_points_downscale_factor)
@@ -221,13 +226,15 @@ class HierarchicalMaskGenerator:
             rounds = self.rounds[layer_idx]
             sparse_points = rounds.sparse_points(crop_size)
             coverage = torch.zeros(crop_size, dtype=torch.bool)
-            batches = self._prompt(sparse_points, crop_box, orig_size, coverage)
+            batches = self._prompt(sparse_points, crop_box, orig_size, "sparse round", coverage)
             self._timing.sparse_points += len(sparse_points)
             dense_points = rounds.second_points(sparse_points, coverage)
+            round_name = "second round"
         else:
             batches = []
             dense_points = scale_points(self.dense_grids[layer_idx], crop_size)
-        batches += self._prompt(dense_points, crop_box, orig_size)
+            round_name = "dense grid"
+        batches += self._prompt(dense_points, crop_box, orig_size, round_name)
         self._timing.dense_points += len(dense_points)
         self.predictor.reset_image()
         self._decoder = None
@@ -255,17 +262,21 @@ class HierarchicalMaskGenerator:
         points: np.ndarray,
         crop_box: list[int],
         orig_size: tuple[int, ...],
+        round_name: str,
         coverage: torch.Tensor | None = None,
     ) -> list[MaskData]:
         """Nx2 (x, y) crop-frame points -> filtered candidate batches; ORs high-logit pixels into `coverage`."""
         batches = []
-        for (batch_points,) in batch_iterator(self.config.points_per_batch, points):
-            start = time.perf_counter()
-            low_res, iou_preds = self._decode(batch_points)
-            self._timing.decoder_s += time.perf_counter() - start
-            start = time.perf_counter()
-            batches.append(self._filter_batch(low_res, iou_preds, batch_points, crop_box, orig_size, coverage))
-            self._timing.postprocess_s += time.perf_counter() - start
+        bar = tqdm(total=len(points), desc=round_name, unit="point", leave=False, disable=not self.progress)
+        with bar:
+            for (batch_points,) in batch_iterator(self.config.points_per_batch, points):
+                start = time.perf_counter()
+                low_res, iou_preds = self._decode(batch_points)
+                self._timing.decoder_s += time.perf_counter() - start
+                start = time.perf_counter()
+                batches.append(self._filter_batch(low_res, iou_preds, batch_points, crop_box, orig_size, coverage))
+                self._timing.postprocess_s += time.perf_counter() - start
+                bar.update(len(batch_points))
         self._timing.points_prompted += len(points)
         return batches
 

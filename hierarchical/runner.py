@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,16 +16,19 @@ from tqdm import tqdm
 
 from hierarchical.generator import HierarchicalMaskGenerator
 from hierarchical.overlay import render_overlay
+from student_models.io import atomic_write, atomic_write_text
 from student_models.preprocessing import ImageError, list_image_files, load_image
 
 
 @dataclass
 class RunSummary:
-    """What a run over files produced: written files per image, failures (path -> message), timings."""
+    """What a run over files produced: written files per image, failures (path -> message, which
+    names the path), images where no mask was found, timings."""
 
     out_dir: Path
     outputs: dict[str, dict[str, str]] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
+    without_masks: list[str] = field(default_factory=list)
     timings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def text(self) -> str:
@@ -33,8 +37,35 @@ class RunSummary:
             mean_total = np.mean([t["total_s"] for t in self.timings.values()])
             mean_points = np.mean([t["points_prompted"] for t in self.timings.values()])
             lines.append(f"mean {mean_total:.3f} s per image, {mean_points:.0f} points prompted per image")
-        lines += [f"failed: {path}: {message}" for path, message in self.failures.items()]
+        if self.without_masks:
+            names = ", ".join(Path(path).name for path in self.without_masks)
+            lines.append(f"no masks found in {len(self.without_masks)} image(s): {names}")
+        lines += [f"failed: {message}" for message in self.failures.values()]
         return "\n".join(lines)
+
+
+def writable_folder(folder: str | os.PathLike) -> Path:
+    """Create `folder` and write a file in it, or raise OSError with one line that says why (before any long step)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise OSError(
+            f"cannot write to the output folder {folder}: {exc.strerror or exc}; choose another --out"
+        ) from None
+    return folder
+
+
+def no_masks_line(name: str, generator: HierarchicalMaskGenerator) -> str:
+    """Why an image came out empty, and what to try."""
+    cfg, points = generator.config, generator.last_timing.points_prompted
+    return (
+        f"{name}: no masks found: none of the masks of {points} prompted points passed pred_iou_thresh="
+        f"{cfg.pred_iou_thresh} and stability_score_thresh={cfg.stability_score_thresh} (a trained --checkpoint, "
+        "or lower thresholds, finds more)"
+    )
 
 
 def collect_images(inputs: list[str | os.PathLike]) -> list[Path]:
@@ -69,38 +100,45 @@ def segment_files(
 ) -> RunSummary:
     """Run `generator` on each image file; write <stem>.json (records with COCO-RLE masks and the
     timing), <stem>.png (overlay) and one line per image in timings.txt. Unreadable images are
-    recorded as failures and skipped. The generator must have output_mode="coco_rle"."""
+    recorded as failures and skipped. The generator must have output_mode="coco_rle".
+
+    Every file is written atomically (a kill or a full disk leaves the earlier file or none, never
+    half of one); timings.txt is rewritten whole after each image, so it always lists the images done.
+    """
     if generator.config.output_mode != "coco_rle":
         raise ValueError("segment_files writes COCO RLE: build the generator with output_mode='coco_rle'")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = writable_folder(out_dir)
     summary = RunSummary(out_dir)
     used: set[str] = set()
-    with open(out_dir / "timings.txt", "w") as timing_file:
-        for path in tqdm(paths, desc="segment", disable=not progress):
-            try:
-                image = load_image(path)
-            except ImageError as exc:
-                summary.failures[str(path)] = str(exc)
-                continue
-            records = generator.generate(image)
-            timing = generator.last_timing
-            stem = _unique_stem(path, used)
-            json_path, png_path = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
-            payload = {
-                "image": str(path),
-                "height": image.shape[0],
-                "width": image.shape[1],
-                "config": generator.config.to_dict(),
-                "timing": timing.to_dict(),
-                "annotations": records,
-            }
-            json_path.write_text(json.dumps(payload))
-            masks = [mask_utils.decode(r["segmentation"]).astype(bool) for r in records]
-            Image.fromarray(render_overlay(image, masks)).save(png_path)
-            timing_file.write(f"{path.name}: {timing.line()}\n")
-            if progress:
-                tqdm.write(f"{path.name}: {timing.line()}")
-            summary.outputs[str(path)] = {"json": str(json_path), "overlay": str(png_path)}
-            summary.timings[str(path)] = timing.to_dict()
+    timing_lines: list[str] = []
+    for path in tqdm(paths, desc="segment", unit="image", disable=not progress):
+        try:
+            image = load_image(path)
+        except ImageError as exc:
+            summary.failures[str(path)] = str(exc)
+            continue
+        records = generator.generate(image)
+        timing = generator.last_timing
+        stem = _unique_stem(path, used)
+        json_path, png_path = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
+        payload = {
+            "image": str(path),
+            "height": image.shape[0],
+            "width": image.shape[1],
+            "config": generator.config.to_dict(),
+            "timing": timing.to_dict(),
+            "annotations": records,
+        }
+        atomic_write_text(json_path, json.dumps(payload))
+        masks = [mask_utils.decode(r["segmentation"]).astype(bool) for r in records]
+        with atomic_write(png_path, "wb") as png_file:
+            Image.fromarray(render_overlay(image, masks)).save(png_file, format="PNG")
+        timing_lines.append(f"{path.name}: {timing.line()}\n")
+        atomic_write_text(out_dir / "timings.txt", "".join(timing_lines))
+        tqdm.write(f"{path.name}: {timing.line()}")
+        if not records:
+            summary.without_masks.append(str(path))
+            tqdm.write(no_masks_line(path.name, generator))
+        summary.outputs[str(path)] = {"json": str(json_path), "overlay": str(png_path)}
+        summary.timings[str(path)] = timing.to_dict()
     return summary

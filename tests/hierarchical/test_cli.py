@@ -1,6 +1,9 @@
 """`python -m hierarchical`: outputs per image, bad files reported by name, clear argument errors."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +27,9 @@ def test_folder_run_writes_json_overlay_and_timings_and_names_bad_files(tmp_path
     assert main([str(folder), "--out", str(out), *FAST]) == 1  # one file failed
     printed = capsys.readouterr().out
     assert "2 image(s) segmented, 1 failed" in printed
-    assert "notes.jpg: not a readable image" in printed
+    failed = [line for line in printed.splitlines() if line.startswith("failed:")]
+    assert len(failed) == 1 and "notes.jpg: not a readable image" in failed[0]
+    assert failed[0].count(str(folder / "notes.jpg")) == 1  # the path once, not "path: path: ..."
     for stem in ("gray", "rgba"):
         payload = json.loads((out / f"{stem}.json").read_text())
         assert payload["config"]["hierarchical"] is True
@@ -86,3 +91,64 @@ def test_compare_writes_records_and_table(tmp_path, capsys):
     assert "speedup_dense_vs_sam" in result["summary"]
     assert "| dense |" in (out / "compare.md").read_text()
     assert "identical to SAM on 1/1 images" in capsys.readouterr().out
+
+
+def test_progress_through_the_decoder_rounds_goes_to_stderr(tmp_path, capsys):
+    path = tmp_path / "one.png"
+    Image.fromarray(synthetic_image(5, (32, 40))[0]).save(path)
+    args = [str(path), "--out", str(tmp_path / "o"), *FAST, "--points-per-side", "4", "--points-per-batch", "3"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    for bar in ("segment", "sparse round", "second round"):
+        assert bar in captured.err, bar
+    assert "second round" not in captured.out and "one.png: encoder" in captured.out  # bars on stderr only
+    assert main([*args, "--mode", "dense"]) == 0
+    assert "dense grid" in capsys.readouterr().err
+
+
+def test_an_image_without_masks_is_named_and_its_overlay_says_so(tmp_path, capsys):
+    path = tmp_path / "one.png"
+    photo = synthetic_image(5, (96, 128))[0]
+    Image.fromarray(photo).save(path)
+    out = tmp_path / "o"
+    assert main([str(path), "--out", str(out), *FAST, "--pred-iou-thresh", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "one.png: no masks found: none of the masks of 1 prompted points passed pred_iou_thresh=1.0" in printed
+    assert "no masks found in 1 image(s): one.png" in printed
+    assert json.loads((out / "one.json").read_text())["annotations"] == []
+    overlay = np.asarray(Image.open(out / "one.png"))
+    assert (overlay != photo).any(axis=-1).sum() > 100  # the words are on the picture, not an unchanged photo
+
+
+def test_a_write_that_fails_midway_leaves_the_earlier_files_whole(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "one.png"
+    Image.fromarray(synthetic_image(5, (32, 40))[0]).save(path)
+    out = tmp_path / "o"
+    assert main([str(path), "--out", str(out), *FAST]) == 0
+    before = {name: (out / name).read_bytes() for name in ("one.png", "timings.txt")}
+    capsys.readouterr()
+
+    def full_disk(image, file, *args, **kwargs):
+        file.write(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    assert main([str(path), "--out", str(out), *FAST]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert err == [f"error: cannot write the results to {out}: No space left on device"]
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert not list(out.glob(".*tmp*"))  # no temporary file left behind
+
+
+def test_an_unwritable_out_is_one_error_line_in_a_real_process(tmp_path):
+    path = tmp_path / "one.png"
+    Image.fromarray(synthetic_image(5, (32, 40))[0]).save(path)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    command = [sys.executable, "-m", "hierarchical", str(path), "--out", str(blocker / "o"), *FAST]
+    done = subprocess.run(command, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"error: cannot write to the output folder {blocker / 'o'}: Not a directory; choose another --out"
+    ]
+    assert blocker.read_text() == "not a folder"

@@ -1,4 +1,4 @@
-"""Our one-pass encoders give exactly SAM's RLEs; the overlay paints masks and leaves the rest."""
+"""Our one-pass encoders give exactly SAM's RLEs; the overlay paints masks, or says it found none."""
 
 import numpy as np
 import pytest
@@ -47,4 +47,13 @@ def test_overlay_tints_masked_pixels_only():
     assert out.shape == image.shape and out.dtype == np.uint8
     np.testing.assert_array_equal(out[~mask], image[~mask])
     assert (out[mask] != image[mask]).any(axis=-1).all()
-    np.testing.assert_array_equal(render_overlay(image, []), image)
+
+
+def test_overlay_without_masks_says_so_on_the_image():
+    image = np.full((120, 160, 3), 100, dtype=np.uint8)
+    out = render_overlay(image, [])
+    assert out.shape == image.shape and out.dtype == np.uint8
+    changed = (out != image).any(axis=-1)
+    assert changed[:40, :].sum() > 200  # the black band and white letters, top left
+    np.testing.assert_array_equal(out[60:], image[60:])  # the rest of the photo is untouched
+    assert (out.min(axis=-1) > 200).sum() > 50  # white letters on the band
