@@ -8,6 +8,7 @@ corrupt image gives None, which `collate` drops.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,6 +83,18 @@ class DistillDataset(Dataset):
             gt_masks=gt_masks,
             gt_boxes=gt_boxes,
         )
+
+
+def stream_items(dataset: DistillDataset, rank: int = 0, world_size: int = 1) -> Iterator[DistillItem]:
+    """This rank's share of `dataset` (items rank, rank + world_size, ...), read one at a time as it is consumed.
+
+    Validation goes through held-out images this way, so a process holds one of them at a time, not all: at
+    SA-1B 1% with a 10% split, holding them all took about 18 GB per process.
+    """
+    for position in range(rank, len(dataset), world_size):
+        item = dataset[position]
+        if item is not None:
+            yield item
 
 
 def collate(items: list[DistillItem | None]) -> list[DistillItem]:

@@ -13,7 +13,7 @@ does not say, and SAM's no-mask embedding keeps teacher and student on the same 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -220,8 +220,11 @@ def image_blind_embedding(embedding: torch.Tensor, input_size: tuple[int, int]) 
 
 
 @torch.no_grad()
-def agreement(student: Sam, teacher_heads: Sam, items: Sequence[DistillItem], max_prompts: int) -> dict[str, float]:
+def agreement(student: Sam, teacher_heads: Sam, items: Iterable[DistillItem], max_prompts: int) -> dict[str, float]:
     """Sums over validation prompts/images of student-teacher agreement, for the caller to reduce and average.
+
+    `items` is consumed one at a time and nothing of an item is kept after it is scored, so a stream
+    (`distill.data.stream_items`) keeps memory flat whatever the number of held-out images.
 
     Returns {"iou": sum of mask IoU (token 0, logits > 0, image area only), "blind_iou": the same for an
     image-blind student, "logit_l1": sum of the mean |student - teacher| token-0 logit gap in the image area,

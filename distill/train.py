@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from distill.cache import EmbeddingCache, cache_root, fill_cache, fingerprint_fields
 from distill.config import DistillConfig
-from distill.data import DistillDataset, collate, split_indices
+from distill.data import DistillDataset, collate, split_indices, stream_items
 from distill.losses import weighted_total
 from distill.model import DistillError, DistillStep, agreement
 from distill.run_folder import (
@@ -257,8 +257,8 @@ def _distill(cfg: DistillConfig, rt: Runtime) -> DistillResult:
         if not len(val_set):
             return
         model.eval()
-        mine = [val_set[i] for i in range(rt.rank, len(val_set), rt.world_size)]
-        sums = agreement(model.student, teacher_heads, collate(mine), cfg.val_prompts_per_image)
+        mine = stream_items(val_set, rt.rank, rt.world_size)  # one held-out image in memory at a time
+        sums = agreement(model.student, teacher_heads, mine, cfg.val_prompts_per_image)
         sums = dict(zip(sums, all_reduce_sum(list(sums.values()), rt), strict=True))
         model.train()
         scores = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import replace
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from distill.config import DistillConfig
-from distill.data import DistillItem, lowres_masks
+from distill.data import DistillItem, lowres_masks, stream_items
 from distill.model import DistillStep, agreement, decode, image_blind_embedding
 from distill.prompts import PromptSet
 from student_models.preprocessing import prepare_image
@@ -77,6 +78,38 @@ def test_agreement_counts_an_identical_student_as_perfect_and_reports_the_image_
     assert 0 <= sums["blind_iou"] < sums["prompts"]  # the image's average alone does not give its masks
     flat = replace(item, teacher_embedding=image_blind_embedding(item.teacher_embedding[None], item.input_size)[0])
     assert agreement(student, student, [flat], max_prompts=4)["blind_iou"] == sums["prompts"]
+
+
+def test_validation_holds_at_most_two_held_out_images_however_many_there_are(item_and_models):
+    """`agreement` over `stream_items`: images are read as they are scored and dropped after, so the number held
+    at once is bounded (the one scored and the one being read), not the number of held-out images."""
+    student, _, item = item_and_models
+
+    class CountingHeldOut:
+        """A held-out set whose items count how many of them are alive at once."""
+
+        def __init__(self, size: int) -> None:
+            self.size, self.alive, self.peak, self.read = size, 0, 0, []
+
+        def __len__(self) -> int:
+            return self.size
+
+        def __getitem__(self, position: int) -> DistillItem:
+            copy = replace(item, index=position)
+            self.alive += 1
+            self.peak = max(self.peak, self.alive)
+            weakref.finalize(copy, self._dropped)
+            self.read.append(position)
+            return copy
+
+        def _dropped(self) -> None:
+            self.alive -= 1
+
+    for size in (3, 12):
+        held_out = CountingHeldOut(size)
+        sums = agreement(student, student, stream_items(held_out, rank=1, world_size=2), max_prompts=2)
+        assert held_out.read == list(range(1, size, 2)) and sums["images"] == len(held_out.read)  # rank 1's share
+        assert held_out.peak <= 2 and held_out.alive == 0, (size, held_out.peak)  # a list would hold 6 of 12
 
 
 def test_image_blind_embedding_is_the_mean_over_the_image_cells_only():
