@@ -12,6 +12,7 @@ from benchmarks.records import RecordError
 from benchmarks.runs import StageMissingError
 from student_models import CheckpointError
 from student_models.data import DatasetError
+from student_models.device import add_device_argument
 from student_models.preprocessing import ImageError
 
 # Errors that mean "the input is wrong" or "the output cannot be written" (OSError: an unwritable
@@ -41,6 +42,11 @@ def _add_model_args(parser: argparse.ArgumentParser, onnx: bool) -> None:
     source.add_argument("--checkpoint", help="float checkpoint (path or known name); default: random init")
     source.add_argument("--quantized", help="simulated-quantized model file written by quantize.save_quantized")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights when no checkpoint is given")
+    add_device_argument(
+        parser,
+        help="where PyTorch runs: auto (CUDA when PyTorch sees a GPU, else CPU), cpu, cuda or cuda:N; "
+        "ONNX Runtime runs on the CPU",
+    )
     if onnx:
         source.add_argument("--onnx-encoder", help="ONNX encoder (with --onnx-decoder): run ONNX Runtime instead")
         parser.add_argument("--onnx-decoder", help="ONNX decoder exported with the encoder")
@@ -65,6 +71,7 @@ def get_parser() -> argparse.ArgumentParser:
     latency.add_argument("--warmup", type=int)
     latency.add_argument("--repeats", type=int)
     latency.add_argument("--decoder-boxes", type=int, help="box prompts per decoder call")
+    latency.add_argument("--image-batch", type=int, help="images per encoder call (PyTorch only; default 1)")
     latency.add_argument("--components", nargs="+", choices=("encoder", "decoder"))
     latency.add_argument("--out", required=True, help="folder for the JSON records")
 
@@ -94,6 +101,7 @@ def get_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="offline demo: distill -> quantize -> ONNX -> everything -> AP -> latency")
     demo.add_argument("--coco-root", help="evaluate AP on this COCO folder instead of the generated synthetic set")
     demo.add_argument("--out", default="demo_out", help="output folder (default: ./demo_out)")
+    add_device_argument(demo)
     return parser
 
 
@@ -113,7 +121,7 @@ def _coco(args: argparse.Namespace) -> None:
         target = OnnxModel(args.model, onnx_pair(args.onnx_encoder, args.onnx_decoder))
     else:
         target = load_torch_model(args.model, args.checkpoint, args.quantized, args.seed)
-    result, path = run_coco(target, coco_root=args.coco_root, out_dir=args.out, config=config)
+    result, path = run_coco(target, coco_root=args.coco_root, out_dir=args.out, config=config, device=args.device)
     metrics = ", ".join(f"{k}={v}" for k, v in result.metrics.items())
     print(f"COCO segm on {result.num_images} images, {result.num_prompts} box prompts: {metrics}")
     print(f"record: {path}")
@@ -128,22 +136,22 @@ def _latency(args: argparse.Namespace) -> None:
             warmup=args.warmup,
             repeats=args.repeats,
             decoder_boxes=args.decoder_boxes,
+            image_batch=args.image_batch,
             components=tuple(args.components) if args.components else None,
         )
     )
-    records, notes, path = run_latency(
+    records, path = run_latency(
         load_torch_model(args.model, args.checkpoint, args.quantized, args.seed),
         out_dir=args.out,
         config=config,
         onnx_pairs=[onnx_pair_in(d) for d in args.onnx_dir],
+        device=args.device,
     )
     for r in records:
         print(
-            f"{r['component']:8s} {r['runtime']:12s} {r['precision']:9s} threads={r['threads']}: "
+            f"{r['component']:8s} {r['runtime']:12s} {r['precision']:9s} batch={r['batch']} threads={r['threads']}: "
             f"median {r['median_ms']:.1f} ms (IQR {r['iqr_ms']:.1f}, n={r['repeats']})"
         )
-    for note in notes:
-        print(f"note: {note}")
     print(f"records: {path}")
 
 
@@ -161,6 +169,7 @@ def _everything(args: argparse.Namespace) -> None:
         out_dir=args.out,
         generator_options=_only_set(**{name: getattr(args, name) for name in settings}),
         methods=tuple(args.methods) if args.methods else None,
+        device=args.device,
     )
     for r in records:
         agreement = {
@@ -183,7 +192,7 @@ def _report(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from benchmarks.demo import run_demo
 
-    return 0 if run_demo(Path(args.out), coco_root=args.coco_root) else 1
+    return 0 if run_demo(Path(args.out), coco_root=args.coco_root, device=args.device) else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from benchmarks.coco_eval import open_coco
-from benchmarks.records import git_commit, make_out_dir, make_record, write_records
+from benchmarks.records import device_name, git_commit, make_out_dir, make_record, write_records
 from benchmarks.runs import LoadedModel, stage_api
 from student_models.preprocessing import list_image_files
 from student_models.synthetic import synthetic_sample
@@ -59,9 +59,11 @@ def run_everything(
     max_images: int | None = None,
     generator_options: dict[str, Any] | None = None,
     methods: tuple[str, ...] | None = None,
+    device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> tuple[list[dict[str, Any]], Path]:
-    """Compare the everything-mode generators on ``images``; one record per image and method.
+    """Compare the everything-mode generators on ``images`` with the model on ``device``; one record
+    per image and method.
 
     ``coco_root`` (instead of ``images``): a COCO folder, scored against its annotations.
     ``generator_options`` are `hierarchical.GeneratorConfig` fields (default: the paper's 32x32
@@ -78,8 +80,10 @@ def run_everything(
         paths, ground_truth = coco_everything_images(coco_root, max_images)
     else:
         paths, ground_truth = everything_images(images, max_images), None
+    # The generators run where the model is: SAM's on `sam.device`, ours batches its decoder there.
+    sam = loaded.sam.eval().to(device)
     results = compare_generators(
-        loaded.sam, paths, config, methods=methods or methods_all, progress=progress, ground_truth=ground_truth
+        sam, paths, config, methods=methods or methods_all, progress=progress, ground_truth=ground_truth
     )
     records = []
     for result in results:
@@ -91,7 +95,8 @@ def run_everything(
                 checkpoint=loaded.checkpoint,
                 precision=loaded.precision,
                 runtime="pytorch",
-                threads=torch.get_num_threads(),
+                threads=torch.get_num_threads() if torch.device(device).type == "cpu" else None,
+                device=device_name(device),
                 config=result["config"],
                 **figures,
             )

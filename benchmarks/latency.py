@@ -1,10 +1,11 @@
 """Latency of the image encoder and the mask decoder, measured separately.
 
 `LatencyRunner` is the timing loop (warm-up, synchronised repeats, median and inter-quartile
-range). `benchmark_latency` times a model in PyTorch eager (CPU; CUDA fp32 and bf16 when a GPU
-is present) and any ONNX Runtime encoder/decoder pairs it is given (float32, INT8), each at
-every requested thread count, and returns flat records with parameters, MACs (PyTorch's
-flop counter, MACs = FLOPs / 2) and ONNX file sizes next to the timings.
+range). `benchmark_latency` times a model in PyTorch eager on one device (the CPU at every
+requested thread count; a GPU in fp32 and under bf16 autocast) and any ONNX Runtime
+encoder/decoder pairs it is given (float32, INT8; on the CPU at every thread count), and returns
+flat records with parameters, MACs (PyTorch's flop counter, MACs = FLOPs / 2) and ONNX file
+sizes next to the timings.
 """
 
 from __future__ import annotations
@@ -38,19 +39,19 @@ class LatencyConfig:
     Attributes:
         warmup: untimed calls before timing (allocator, ORT graph optimisation, caches).
         repeats: timed calls; the record holds their median and inter-quartile range.
-        threads: intra-op thread counts to measure; None = (1, all cores): 1 thread is the
+        threads: intra-op thread counts of the CPU runs; None = (1, all cores): 1 thread is the
             edge-device proxy.
         decoder_boxes: box prompts per decoder call (1 = one interactive click).
+        image_batch: images per encoder call (1 = one photo; more shows a GPU's throughput).
         components: "encoder" and/or "decoder".
-        cuda: also time PyTorch on CUDA in fp32 and bf16 when a GPU is available.
     """
 
     warmup: int = 2
     repeats: int = 10
     threads: tuple[int, ...] | None = None
     decoder_boxes: int = 1
+    image_batch: int = 1
     components: tuple[str, ...] = COMPONENTS
-    cuda: bool = True
 
     def __post_init__(self) -> None:
         if self.warmup < 0 or self.repeats < 1:
@@ -60,8 +61,10 @@ class LatencyConfig:
         self.threads = tuple(int(t) for t in self.threads)
         if not self.threads or min(self.threads) < 1:
             raise ValueError(f"threads must be positive counts, got {self.threads}")
-        if self.decoder_boxes < 1:
-            raise ValueError(f"decoder_boxes must be >= 1, got {self.decoder_boxes}")
+        if self.decoder_boxes < 1 or self.image_batch < 1:
+            raise ValueError(
+                f"decoder_boxes and image_batch must be >= 1, got {self.decoder_boxes}, {self.image_batch}"
+            )
         self.components = tuple(self.components)
         unknown = set(self.components) - set(COMPONENTS)
         if unknown or not self.components:
@@ -128,13 +131,13 @@ def torch_threads(num_threads: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def example_inputs(decoder_boxes: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Fixed random inputs: image 1x3x1024x1024, embedding 1x256x64x64, boxes Bx4 in the 1024 frame."""
+def example_inputs(decoder_boxes: int = 1, seed: int = 0, image_batch: int = 1) -> dict[str, torch.Tensor]:
+    """Fixed random inputs: images Nx3x1024x1024, embedding 1x256x64x64, boxes Bx4 in the 1024 frame."""
     gen = torch.Generator().manual_seed(seed)
     corners = torch.rand(decoder_boxes, 2, 2, generator=gen) * IMAGE_SIZE
     boxes = torch.cat([corners.min(dim=1).values, corners.max(dim=1).values], dim=1)
     return {
-        "image": torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen),
+        "image": torch.randn(image_batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen),
         "embedding": torch.randn(1, EMBED_DIM, EMBED_SIDE, EMBED_SIDE, generator=gen),
         "boxes": boxes,
     }
@@ -159,15 +162,15 @@ def component_params(sam: Sam) -> dict[str, int]:
 
 
 @torch.no_grad()
-def count_macs(model_name: str, decoder_boxes: int = 1) -> dict[str, int]:
-    """MACs of the float model's encoder (one 1024x1024 image) and decoder (``decoder_boxes`` boxes).
+def count_macs(model_name: str, decoder_boxes: int = 1, image_batch: int = 1) -> dict[str, int]:
+    """MACs of the float model's encoder (``image_batch`` 1024x1024 images) and decoder (``decoder_boxes`` boxes).
 
     Counted on the meta device (no weights allocated, nothing computed), so even ViT-H is instant.
     """
     with torch.device("meta"):
         # No parameter needs grad: FlopCounterMode's module hooks reject no-grad views of grad leaves.
         sam = build_sam(model_name).requires_grad_(False)
-        inputs = {k: v.to("meta") for k, v in example_inputs(decoder_boxes).items()}
+        inputs = {k: v.to("meta") for k, v in example_inputs(decoder_boxes, image_batch=image_batch).items()}
     macs = {}
     with FlopCounterMode(display=False) as counter:
         sam.image_encoder(inputs["image"])
@@ -207,7 +210,6 @@ class _Job:
 
 
 def _torch_targets(sam: Sam, inputs: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype | None):
-    sam = sam.to(device)
     inputs = {k: v.to(device) for k, v in inputs.items()}
 
     def autocast():
@@ -242,42 +244,47 @@ def benchmark_latency(
     model_name: str,
     config: LatencyConfig | None = None,
     *,
+    device: str | torch.device = "cpu",
     checkpoint: str | None = None,
     precision: str = "fp32",
     onnx_pairs: list[OnnxPair] = (),
     onnx_runner_cls=None,
     progress: bool = True,
-) -> tuple[list[dict[str, Any]], list[str]]:
-    """Time ``sam`` (PyTorch) and the ``onnx_pairs`` (ONNX Runtime, via ``onnx_runner_cls``).
+) -> list[dict[str, Any]]:
+    """Time ``sam`` (PyTorch, on ``device``) and the ``onnx_pairs`` (ONNX Runtime, via ``onnx_runner_cls``).
 
-    Returns (records, notes): one "latency" record per component x runtime x precision x
-    threads, and human-readable notes about paths that were skipped (e.g. no CUDA).
+    On the CPU PyTorch runs in ``precision`` at each of ``config.threads``; on a GPU in fp32 and
+    under bf16 autocast (``threads`` None). ``sam`` is moved to ``device`` and back. Returns one
+    "latency" record per component x runtime x precision x threads.
     """
     config = config or LatencyConfig()
     if onnx_pairs and onnx_runner_cls is None:
         raise ValueError("onnx_pairs need an onnx_runner_cls (e.g. quantize.OnnxSam)")
-    inputs = example_inputs(config.decoder_boxes)
+    if onnx_pairs and config.image_batch != 1:
+        raise ValueError(f"ONNX encoders take one image per call; image_batch {config.image_batch} needs PyTorch alone")
+    device = torch.device(device)
+    inputs = example_inputs(config.decoder_boxes, image_batch=config.image_batch)
     params = component_params(sam)
-    macs = count_macs(model_name, config.decoder_boxes)
-    notes = []
+    macs = count_macs(model_name, config.decoder_boxes, config.image_batch)
+    batch = {"encoder": config.image_batch, "decoder": config.decoder_boxes}
+    home = next(sam.parameters()).device
+    sam.to(device)
     jobs = []
     cpu = torch.device("cpu")
+    if device.type == "cuda":
+        for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+            jobs.append(_Job("pytorch", name, None, device, partial(_torch_targets, sam, inputs, device, dtype)))
     for threads in config.threads:
-        jobs.append(_Job("pytorch", precision, threads, cpu, partial(_torch_targets, sam, inputs, cpu, None)))
+        if device.type == "cpu":
+            jobs.append(_Job("pytorch", precision, threads, cpu, partial(_torch_targets, sam, inputs, cpu, None)))
         for pair in onnx_pairs:
             make = partial(_onnx_targets, pair, threads, inputs, onnx_runner_cls)
             files = {"encoder": Path(pair.encoder), "decoder": Path(pair.decoder)}
             jobs.append(_Job("onnxruntime", pair.precision, threads, cpu, make, files))
-    if config.cuda and torch.cuda.is_available():
-        cuda = torch.device("cuda")
-        for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-            jobs.append(_Job("pytorch", name, None, cuda, partial(_torch_targets, sam, inputs, cuda, dtype)))
-    elif config.cuda:
-        notes.append("CUDA is not available here: the PyTorch CUDA fp32 and bf16 paths were skipped")
     records = []
     bar = tqdm(total=len(jobs) * len(config.components), desc="latency", unit="run", disable=not progress)
     for job in jobs:
-        sync = torch.cuda.synchronize if job.device.type == "cuda" else (lambda: None)
+        sync = partial(torch.cuda.synchronize, job.device) if job.device.type == "cuda" else (lambda: None)
         runner = LatencyRunner(config.warmup, config.repeats, sync)
         with torch_threads(job.threads or torch.get_num_threads()):
             targets = job.make_targets()
@@ -295,6 +302,7 @@ def benchmark_latency(
                         device=device_name(job.device),
                         config=config.to_dict(),
                         component=component,
+                        batch=batch[component],
                         params=params[component],
                         macs=macs[component],
                         onnx_file=str(job.files[component]) if component in job.files else None,
@@ -304,5 +312,5 @@ def benchmark_latency(
                 )
                 bar.update()
     bar.close()
-    sam.to("cpu")
-    return records, notes
+    sam.to(home)
+    return records

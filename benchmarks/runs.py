@@ -20,7 +20,7 @@ from segment_anything.modeling import Sam
 from benchmarks.coco_eval import CocoEvalConfig, CocoEvalResult, evaluate_coco
 from benchmarks.latency import LatencyConfig, OnnxPair, benchmark_latency
 from benchmarks.predictors import BoxPredictor, OnnxBoxPredictor, TorchBoxPredictor
-from benchmarks.records import git_commit, make_out_dir, make_record, write_records
+from benchmarks.records import device_name, git_commit, make_out_dir, make_record, write_records
 from student_models import build_sam, canonical_name
 
 ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder.onnx"
@@ -117,9 +117,11 @@ def run_coco(
     coco_root: str | os.PathLike,
     out_dir: str | os.PathLike,
     config: CocoEvalConfig | None = None,
+    device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> tuple[CocoEvalResult, Path]:
-    """COCO AP of a PyTorch model or of an ONNX pair; writes one "coco" record."""
+    """COCO AP of a PyTorch model (run on ``device``) or of an ONNX pair (ONNX Runtime, on the CPU);
+    writes one "coco" record."""
     config = config or CocoEvalConfig()
     make_out_dir(out_dir)
     git_commit()  # pinned before measuring
@@ -127,8 +129,9 @@ def run_coco(
     if isinstance(target, OnnxModel):
         predictor = OnnxBoxPredictor(onnx_runner(target.pair), config.chunk_size)
         name, ckpt, precision = canonical_name(target.model), str(target.pair.encoder.parent), target.pair.precision
+        device = "cpu"
     else:
-        predictor = TorchBoxPredictor(target.sam, config.chunk_size)
+        predictor = TorchBoxPredictor(target.sam, config.chunk_size, device)
         name, ckpt, precision = target.model, target.checkpoint, target.precision
     result = evaluate_coco(predictor, coco_root, config, progress)
     record = make_record(
@@ -138,6 +141,7 @@ def run_coco(
         precision=precision,
         runtime=predictor.runtime,
         threads=None,
+        device=device_name(device),
         config={**config.to_dict(), "coco_root": str(coco_root)},
         num_images=result.num_images,
         num_prompts=result.num_prompts,
@@ -153,20 +157,22 @@ def run_latency(
     out_dir: str | os.PathLike,
     config: LatencyConfig | None = None,
     onnx_pairs: list[OnnxPair] = (),
+    device: str | torch.device = "cpu",
     progress: bool = True,
-) -> tuple[list[dict[str, Any]], list[str], Path]:
-    """Encoder and decoder latency of a PyTorch model and of its exported ONNX pairs."""
+) -> tuple[list[dict[str, Any]], Path]:
+    """Encoder and decoder latency of a PyTorch model (on ``device``) and of its exported ONNX pairs (CPU)."""
     runner_cls = stage_api("quantize", "OnnxSam") if onnx_pairs else None
     make_out_dir(out_dir)
     git_commit()  # pinned before measuring
-    records, notes = benchmark_latency(
+    records = benchmark_latency(
         target.sam,
         target.model,
         config,
+        device=device,
         checkpoint=target.checkpoint,
         precision=target.precision,
         onnx_pairs=list(onnx_pairs),
         onnx_runner_cls=runner_cls,
         progress=progress,
     )
-    return records, notes, write_records(records, out_dir, f"latency-{target.model}-{target.precision}")
+    return records, write_records(records, out_dir, f"latency-{target.model}-{target.precision}")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 
 import pytest
 
-from benchmarks.__main__ import main
+from benchmarks.__main__ import get_parser, main
 from benchmarks.coco_eval import CocoEvalConfig, evaluate_coco, open_coco
 from benchmarks.records import make_record, write_records
 from tests.benchmarks.test_coco_eval import OraclePredictor
@@ -35,6 +36,19 @@ def test_coco_then_report(synthetic_coco, tmp_path, capsys):
     assert main(["report", "--records", str(records), "--out", str(tmp_path / "report")]) == 0
     assert (tmp_path / "report" / "ap_vs_latency.png").stat().st_size > 10_000
     assert "| tinyvit_test | random init | fp32 | pytorch |" in (tmp_path / "report" / "report.md").read_text()
+
+
+MODEL_FREE_COMMANDS = {"report"}  # reads records only
+
+
+def test_every_command_that_runs_a_model_takes_a_device(capsys):
+    (subcommands,) = [a for a in get_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert {"coco", "latency", "everything", "demo"} <= set(subcommands.choices)
+    for name, parser in subcommands.choices.items():
+        assert ("--device" in parser.format_help()) == (name not in MODEL_FREE_COMMANDS), name
+    with pytest.raises(SystemExit):
+        main(["latency", "--model", "tinyvit_test", "--device", "mps", "--out", "x"])
+    assert "argument --device: device 'mps': only auto, cpu, cuda and cuda:N are supported" in capsys.readouterr().err
 
 
 def test_errors_are_one_line_messages(tmp_path, capsys):

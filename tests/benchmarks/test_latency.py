@@ -8,7 +8,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import benchmarks.latency as latency
 from benchmarks.latency import LatencyConfig, LatencyRunner, benchmark_latency, count_macs, example_inputs
-from tests.helpers import tiny_model
+from benchmarks.records import cpu_name
+from tests.helpers import requires_cuda, tiny_model
 
 
 def test_runner_warms_up_then_reports_median_and_quartiles(monkeypatch):
@@ -39,32 +40,52 @@ def test_meta_device_macs_match_a_real_forward():
     assert macs["encoder"] == counter.get_total_flops() // 2
     one_box = count_macs("tinyvit_test", decoder_boxes=1)["decoder"]
     assert one_box < macs["decoder"] <= 2 * one_box
+    assert count_macs("tinyvit_test", image_batch=3)["encoder"] == 3 * macs["encoder"]
 
 
-def test_benchmark_latency_records_and_cuda_note():
+def test_cpu_records_hold_one_timing_per_thread_count_on_any_machine():
     sam = tiny_model()
     config = LatencyConfig(warmup=0, repeats=2, threads=(1,), components=("decoder",))
-    records, notes = benchmark_latency(sam, "tinyvit_test", config, progress=False)
+    records = benchmark_latency(sam, "tinyvit_test", config, device="cpu", progress=False)
 
     assert len(records) == 1
     record = records[0]
-    assert (record["kind"], record["component"], record["runtime"], record["threads"]) == (
+    assert (record["kind"], record["component"], record["runtime"], record["threads"], record["batch"]) == (
         "latency",
         "decoder",
         "pytorch",
         1,
+        1,
     )
+    assert record["device"] == cpu_name()
     assert record["repeats"] == 2 and record["median_ms"] > 0
     assert record["params"] == sum(p.numel() for m in (sam.prompt_encoder, sam.mask_decoder) for p in m.parameters())
     assert record["macs"] == count_macs("tinyvit_test")["decoder"]
     assert record["config"] == config.to_dict()
-    if not torch.cuda.is_available():
-        assert notes == ["CUDA is not available here: the PyTorch CUDA fp32 and bf16 paths were skipped"]
 
 
-def test_onnx_pairs_need_a_runner():
+@requires_cuda
+def test_cuda_records_time_fp32_and_bf16_on_the_gpu_then_give_the_model_back():
+    sam = tiny_model()
+    config = LatencyConfig(warmup=1, repeats=2, threads=(1,), image_batch=2)
+    records = benchmark_latency(sam, "tinyvit_test", config, device="cuda", progress=False)
+
+    got = {(r["precision"], r["component"]): r for r in records}
+    assert sorted(got) == [("bf16", "decoder"), ("bf16", "encoder"), ("fp32", "decoder"), ("fp32", "encoder")]
+    assert all(r["runtime"] == "pytorch" and r["threads"] is None and r["median_ms"] > 0 for r in records)
+    assert {r["device"] for r in records} == {torch.cuda.get_device_name(torch.cuda.current_device())}
+    assert got["fp32", "encoder"]["batch"] == 2
+    assert got["fp32", "encoder"]["macs"] == count_macs("tinyvit_test", image_batch=2)["encoder"]
+    assert next(sam.parameters()).device.type == "cpu"
+
+
+def test_onnx_pairs_need_a_runner_and_one_image_per_call():
     with pytest.raises(ValueError, match="onnx_pairs need an onnx_runner_cls"):
         benchmark_latency(tiny_model(), "tinyvit_test", onnx_pairs=[object()])
+    with pytest.raises(ValueError, match="ONNX encoders take one image per call; image_batch 2 needs PyTorch alone"):
+        benchmark_latency(
+            tiny_model(), "tinyvit_test", LatencyConfig(image_batch=2), onnx_pairs=[object()], onnx_runner_cls=object
+        )
 
 
 def test_config_round_trips_and_validates():
@@ -75,6 +96,8 @@ def test_config_round_trips_and_validates():
         LatencyConfig(repeats=0)
     with pytest.raises(ValueError, match="threads must be positive"):
         LatencyConfig(threads=(0,))
+    with pytest.raises(ValueError, match="decoder_boxes and image_batch must be >= 1"):
+        LatencyConfig(image_batch=0)
     with pytest.raises(ValueError, match="components must be among"):
         LatencyConfig(components=("neck",))
 
@@ -94,9 +117,9 @@ def test_onnx_records_name_the_file_they_timed(tmp_path):
         def decode(self, embedding, coords, labels):
             return coords, labels
 
-    config = LatencyConfig(warmup=0, repeats=1, threads=(1,), components=("encoder", "decoder"), cuda=False)
+    config = LatencyConfig(warmup=0, repeats=1, threads=(1,), components=("encoder", "decoder"))
     pair = latency.OnnxPair(encoder, decoder, "int8")
-    records, _ = benchmark_latency(
+    records = benchmark_latency(
         tiny_model(), "tinyvit_test", config, onnx_pairs=[pair], onnx_runner_cls=FakeRunner, progress=False
     )
     onnx = {r["component"]: r for r in records if r["runtime"] == "onnxruntime"}
