@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -57,15 +58,23 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: no such image file")
+    return decode_image(path, str(path))
+
+
+def decode_image(source: str | os.PathLike | BinaryIO, name: str) -> np.ndarray:
+    """Decode an image from a path or a binary file object (e.g. a member of a tar shard) as HxWx3 uint8 RGB.
+
+    `name` says in errors where the image came from.
+    """
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             return np.asarray(img.convert("RGB"))
     except UnidentifiedImageError:  # Pillow's own message repeats the path: say it once
         raise ImageError(
-            f"{path}: not a readable image (not a format Pillow knows); remove or replace the file"
+            f"{name}: not a readable image (not a format Pillow knows); remove or replace the file"
         ) from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"{path}: not a readable image ({exc}); remove or replace the file") from exc
+        raise ImageError(f"{name}: not a readable image ({exc}); remove or replace the file") from exc
 
 
 def prepare_image(image: np.ndarray, image_size: int = IMAGE_SIZE) -> PreparedImage:
