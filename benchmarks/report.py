@@ -98,6 +98,7 @@ LATENCY_COLUMNS = [
     ("precision", "precision"),
     ("runtime", "runtime"),
     ("threads", "threads"),
+    ("batch", "batch"),
     ("median ms", "median_ms"),
     ("IQR ms", "iqr_ms"),
     ("repeats", "repeats"),

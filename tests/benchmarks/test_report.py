@@ -29,6 +29,7 @@ def _records():
             threads=threads,
             config={},
             component="encoder",
+            batch=1,
             median_ms=ms,
             iqr_ms=1.0,
             macs=2_000_000_000,
@@ -52,7 +53,7 @@ def test_report_writes_tables_and_png(tmp_path):
 
     text = report.read_text()
     assert "| tinyvit_test | random init | fp32 | pytorch | 12.50 | 30.00 |" in text
-    assert "| tinyvit_test | encoder | int8 | onnxruntime | 2 | 20.00 | 1.00 |" in text
+    assert "| tinyvit_test | encoder | int8 | onnxruntime | 2 | 1 | 20.00 | 1.00 |" in text
     assert "2.00" in text  # GMACs column
     assert PUBLISHED_SOURCE in text
     assert "Not plotted (no encoder latency record of the same model/precision/runtime): sam_vit_test fp32" in text
