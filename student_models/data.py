@@ -1,4 +1,5 @@
-"""Datasets shared by the stages: SA-1B, COCO, a plain image folder, and generated shapes.
+"""Datasets shared by the stages: SA-1B (tar shards as released, or unpacked), COCO, a plain image folder,
+and generated shapes.
 
 Every dataset yields `Sample`s: an RGB image, its instance masks (or None for a plain folder)
 and their boxes. `open_dataset` picks the layout from what is on disk. A corrupt image in a
@@ -10,16 +11,18 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import io
 import json
 import os
+import tarfile
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from torch.utils.data import Dataset
 
-from student_models.preprocessing import ImageError, list_image_files, load_image
+from student_models.preprocessing import IMAGE_SUFFIXES, ImageError, decode_image, list_image_files, load_image
 from student_models.synthetic import synthetic_sample
 
 
@@ -120,8 +123,18 @@ def _decode_rle(segmentation: dict) -> np.ndarray:
     return mask_utils.decode(rle).astype(bool)
 
 
+def _sa1b_masks(text: str | bytes, where: str, image: np.ndarray) -> np.ndarray:
+    """The NxHxW bool masks of an SA-1B annotation file's text (`where` names the file in errors)."""
+    try:
+        annotations = json.loads(text)["annotations"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise DatasetError(f"{where}: not an SA-1B annotation file ({exc})") from exc
+    masks = [_decode_rle(a["segmentation"]) for a in annotations]
+    return np.stack(masks) if masks else np.zeros((0, *image.shape[:2]), dtype=bool)
+
+
 class SA1BDataset(SegmentationDataset):
-    """SA-1B layout: ``sa_N.jpg`` beside ``sa_N.json`` whose annotations hold COCO RLE masks."""
+    """SA-1B unpacked: ``sa_N.jpg`` beside ``sa_N.json`` whose annotations hold COCO RLE masks."""
 
     kind = "sa1b"
 
@@ -136,13 +149,71 @@ class SA1BDataset(SegmentationDataset):
         path = self.paths[index]
         image = load_image(path)
         json_path = path.with_suffix(".json")
+        return image, _sa1b_masks(json_path.read_text(), str(json_path), image)
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """Where a file's bytes lie inside an uncompressed tar shard."""
+
+    shard: Path
+    name: str
+    offset: int
+    size: int
+
+    def read(self) -> bytes:
         try:
-            annotations = json.loads(json_path.read_text())["annotations"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise DatasetError(f"{json_path}: not an SA-1B annotation file ({exc})") from exc
-        masks = [_decode_rle(a["segmentation"]) for a in annotations]
-        empty = np.zeros((0, *image.shape[:2]), dtype=bool)
-        return image, np.stack(masks) if masks else empty
+            with open(self.shard, "rb") as f:
+                f.seek(self.offset)
+                data = f.read(self.size)
+        except OSError as exc:
+            raise ImageError(f"{self.shard}: {exc.strerror or exc} (reading {self.name})") from exc
+        if len(data) != self.size:
+            raise ImageError(f"{self.shard}: cut short, {self.name} ends {self.size - len(data)} bytes early")
+        return data
+
+
+def _index_shard(shard: Path) -> dict[str, TarMember]:
+    """File name -> its `TarMember`, from the shard's headers only (tarfile seeks over the data)."""
+    try:
+        with tarfile.open(shard, "r:") as tar:
+            return {
+                PurePosixPath(m.name).name: TarMember(shard, m.name, m.offset_data, m.size) for m in tar if m.isfile()
+            }
+    except (tarfile.TarError, OSError) as exc:
+        raise DatasetError(f"{shard}: not a readable uncompressed tar shard ({exc})") from exc
+
+
+class SA1BShardDataset(SegmentationDataset):
+    """SA-1B as released: tar shards (``sa_000000.tar`` ...) of ``sa_N.jpg`` + ``sa_N.json``, read in place.
+
+    Opening reads each shard's headers once, an index of where every member's bytes lie; an item is then two
+    reads at known offsets. Nothing is unpacked, no file handle is kept (DataLoader workers share only the
+    index), and images come in the order of their names, as in the unpacked folder (`SA1BDataset`).
+    """
+
+    kind = "sa1b_tar"
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.shards = sorted(self.root.glob("*.tar"))
+        members: dict[str, TarMember] = {}
+        for shard in self.shards:
+            members.update(_index_shard(shard))
+        images = sorted(n for n in members if Path(n).suffix.lower() in IMAGE_SUFFIXES)
+        self.pairs = [
+            (members[n], members[f"{Path(n).stem}.json"]) for n in images if f"{Path(n).stem}.json" in members
+        ]
+        if not self.pairs:
+            raise DatasetError(
+                f"{root}: its {len(self.shards)} tar shard(s) hold no SA-1B pairs (sa_N.jpg + sa_N.json)"
+            )
+        super().__init__([Path(image.name).stem for image, _ in self.pairs])
+
+    def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        image_member, json_member = self.pairs[index]
+        image = decode_image(io.BytesIO(image_member.read()), f"{image_member.shard}:{image_member.name}")
+        return image, _sa1b_masks(json_member.read(), f"{json_member.shard}:{json_member.name}", image)
 
 
 class CocoDataset(SegmentationDataset):
@@ -184,7 +255,7 @@ class CocoDataset(SegmentationDataset):
 
 
 def open_dataset(path: str | os.PathLike | None, *, num_synthetic: int = 16, seed: int = 0) -> SegmentationDataset:
-    """Detect the layout at `path`: COCO, SA-1B, or a plain image folder; None -> synthetic."""
+    """Detect the layout at `path`: COCO, SA-1B tar shards or unpacked, or a plain image folder; None -> synthetic."""
     if path is None:
         return SyntheticDataset(num_synthetic, seed)
     root = Path(path)
@@ -192,11 +263,13 @@ def open_dataset(path: str | os.PathLike | None, *, num_synthetic: int = 16, see
         raise DatasetError(f"{root}: no such folder. Pass a COCO root, an SA-1B folder or a folder of images")
     if (root / "annotations").is_dir():
         return CocoDataset(root)
+    if any(root.glob("*.tar")):
+        return SA1BShardDataset(root)
     images = list_image_files(root)
     if not images:
         raise DatasetError(
             f"{root}: the folder holds no images. Expected a COCO root (annotations/instances_*.json), "
-            f"SA-1B pairs (sa_N.jpg + sa_N.json) or image files"
+            f"SA-1B pairs (sa_N.jpg + sa_N.json), SA-1B tar shards (sa_000000.tar ...) or image files"
         )
     if any(p.with_suffix(".json").is_file() for p in images):
         return SA1BDataset(root)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import tarfile
 
 import numpy as np
 import pytest
@@ -54,17 +55,66 @@ def test_empty_and_missing_folders_are_clear_errors(tmp_path):
         open_dataset(tmp_path / "absent")
 
 
-def test_sa1b_layout(tmp_path):
-    image, masks = synthetic_image(3)
-    Image.fromarray(image).save(tmp_path / "sa_1.jpg")
+def _write_sa1b_pair(folder, number: int) -> np.ndarray:
+    """sa_<number>.jpg + sa_<number>.json (COCO RLE masks) in `folder`; returns the masks."""
+    image, masks = synthetic_image(number)
+    Image.fromarray(image).save(folder / f"sa_{number}.jpg")
     annotations = []
     for mask in masks:
         rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
         annotations.append({"segmentation": {"size": rle["size"], "counts": rle["counts"].decode()}})
-    (tmp_path / "sa_1.json").write_text(json.dumps({"image": {"file_name": "sa_1.jpg"}, "annotations": annotations}))
+    image_info = {"file_name": f"sa_{number}.jpg"}
+    (folder / f"sa_{number}.json").write_text(json.dumps({"image": image_info, "annotations": annotations}))
+    return masks
+
+
+def test_sa1b_layout(tmp_path):
+    masks = _write_sa1b_pair(tmp_path, 1)
     dataset = open_dataset(tmp_path)
     assert dataset.kind == "sa1b"
     assert np.array_equal(dataset[0].masks, masks)
+
+
+def test_sa1b_tar_shards_read_equal_to_the_unpacked_folder(tmp_path):
+    """SA-1B as released (sa_000000.tar ..., members named ./sa_N.jpg) gives the unpacked folder's samples, in
+    its order, without unpacking (the shard folder holds only the shards afterwards)."""
+    unpacked, shards = tmp_path / "unpacked", tmp_path / "shards"
+    unpacked.mkdir()
+    shards.mkdir()
+    for number in (1, 10, 2):
+        _write_sa1b_pair(unpacked, number)
+    for shard, numbers in (("sa_000000.tar", (10, 2)), ("sa_000001.tar", (1,))):
+        with tarfile.open(shards / shard, "w") as tar:
+            for number in numbers:
+                for suffix in (".jpg", ".json"):
+                    tar.add(unpacked / f"sa_{number}{suffix}", arcname=f"./sa_{number}{suffix}")
+    folder, packed = open_dataset(unpacked), open_dataset(shards)
+    assert (folder.kind, packed.kind) == ("sa1b", "sa1b_tar")
+    assert packed.image_ids == folder.image_ids == ["sa_1", "sa_10", "sa_2"]
+    for index in range(len(folder)):
+        want, got = folder[index], packed[index]
+        assert got.image_id == want.image_id and np.array_equal(got.image, want.image)
+        assert np.array_equal(got.masks, want.masks) and np.array_equal(got.boxes, want.boxes)
+    assert sorted(p.name for p in shards.iterdir()) == ["sa_000000.tar", "sa_000001.tar"]
+
+
+def test_sa1b_shard_errors_name_the_shard(tmp_path):
+    (tmp_path / "sa_000000.tar").write_bytes(b"not a tar at all" * 64)
+    with pytest.raises(DatasetError, match=r"sa_000000\.tar: not a readable uncompressed tar shard"):
+        open_dataset(tmp_path)
+    (tmp_path / "sa_000000.tar").unlink()
+    _write_sa1b_pair(tmp_path, 1)
+    with tarfile.open(tmp_path / "sa_000000.tar", "w") as tar:
+        tar.add(tmp_path / "sa_1.jpg", arcname="sa_1.jpg")
+        tar.add(tmp_path / "sa_1.json", arcname="sa_1.json")
+    for name in ("sa_1.jpg", "sa_1.json"):
+        (tmp_path / name).unlink()
+    dataset = open_dataset(tmp_path)
+    shard = tmp_path / "sa_000000.tar"
+    shard.write_bytes(shard.read_bytes()[:1024])  # cut short after it was indexed: the image is skipped, named
+    with pytest.warns(UserWarning, match=r"sa_000000\.tar: cut short, sa_1\.jpg ends \d+ bytes early"):
+        assert dataset[0] is None
+    assert dataset.skipped == ["sa_1"]
 
 
 def test_unparsable_coco_annotations_name_the_file(tmp_path):
