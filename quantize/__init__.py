@@ -1,10 +1,23 @@
-"""Post-training quantization of SAM models (Q-TinySAM) and their ONNX / ONNX Runtime deployment."""
+"""Post-training quantization of SAM models (Q-TinySAM) and their ONNX / ONNX Runtime deployment.
+
+The quantization itself (`quantize_`, the config, checkpoints) needs only PyTorch; the export and
+the ONNX Runtime runner are imported on first use, so quantizing (on a GPU machine, say) never
+loads ONNX or ONNX Runtime.
+"""
+
+from importlib import import_module
 
 from quantize.checkpoint import load_quantized, read_quantized, save_quantized
 from quantize.config import PTQConfig
-from quantize.onnx_export import ExportCheckError, ExportResult, export_onnx
-from quantize.onnx_runtime import OnnxSam, box_prompts, point_prompts
+from quantize.prompts import box_prompts, point_prompts
 from quantize.ptq import QuantReport, quantize_, quantized_layers
+
+_DEPLOYMENT = {
+    "ExportCheckError": "quantize.onnx_export",
+    "ExportResult": "quantize.onnx_export",
+    "export_onnx": "quantize.onnx_export",
+    "OnnxSam": "quantize.onnx_runtime",
+}
 
 __all__ = [
     "ExportCheckError",
@@ -21,3 +34,9 @@ __all__ = [
     "read_quantized",
     "save_quantized",
 ]
+
+
+def __getattr__(name: str):
+    if name in _DEPLOYMENT:
+        return getattr(import_module(_DEPLOYMENT[name]), name)
+    raise AttributeError(f"module 'quantize' has no attribute {name!r}")

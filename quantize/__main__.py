@@ -2,6 +2,9 @@
 
     python -m quantize --model tinyvit_5m --checkpoint student.pt --w-bits 8 --a-bits 8 \\
         --calib ../shared/data/coco_val2017_tiny --out runs/q8
+
+Calibration, the scale search and the fidelity summary run on `--device` (a GPU when present);
+the ONNX export and its ONNX Runtime check run on a CPU copy.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from quantize.calibration import prepare_calibration
+from quantize.calibration import box_prompt_loop, prepare_calibration
 from quantize.checkpoint import save_quantized
 from quantize.config import SEARCH_METHODS, PTQConfig
 from quantize.fidelity import TorchSam, fidelity, run_model
@@ -24,6 +27,7 @@ from quantize.onnx_export import ExportCheckError, export_onnx
 from quantize.ptq import quantize_
 from student_models import CheckpointError, build_sam, canonical_name
 from student_models.data import DatasetError, open_dataset
+from student_models.device import add_device_argument
 from student_models.io import atomic_write_text
 from student_models.preprocessing import ImageError
 
@@ -54,6 +58,7 @@ def get_parser() -> argparse.ArgumentParser:
         "--no-conv-outputs", action="store_true", help="leave convolution outputs unquantized (float Conv in ONNX)"
     )
     parser.add_argument("--no-export", action="store_true", help="skip the ONNX export")
+    add_device_argument(parser)
     return parser
 
 
@@ -98,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     if args.checkpoint is None:
         print(f"WARNING: no --checkpoint: quantizing {args.model} with RANDOM weights (a pipeline demo only)")
     torch.manual_seed(0)
-    sam = build_sam(args.model, args.checkpoint)
+    sam = build_sam(args.model, args.checkpoint).to(args.device)
     # A copy, not a second build: without a checkpoint a second build would draw other random weights.
     float_model = TorchSam(copy.deepcopy(sam)) if args.num_eval else None
     dataset = open_dataset(args.calib)
@@ -106,11 +111,13 @@ def run(args: argparse.Namespace) -> int:
     if not samples:
         raise DatasetError(f"no readable calibration image in {args.calib or 'the synthetic set'}")
     start = time.time()
-    report = quantize_(sam, config, samples[: config.num_calib], model_name=args.model)
+    calibration = prepare_calibration(samples[: config.num_calib], config.num_calib, config.max_prompts, config.seed)
+    report = quantize_(sam, config, box_prompt_loop(calibration), model_name=args.model)
     summary = {
         "model": canonical_name(args.model),
         "checkpoint": args.checkpoint,
         "calibration": f"{dataset.kind}: {args.calib or 'synthetic'}",
+        "device": str(args.device),
         "config": config.to_dict(),
         "quantize_seconds": round(time.time() - start, 1),
         "report": report.summary(),

@@ -2,8 +2,9 @@
 
     python -m quantize.bench --model tinyvit_5m --data ../shared/data/coco_val2017_tiny --out runs/quantize_bench
 
-Calibrates on the first `--num-calib` images (GT boxes as prompts), measures on the next
-`--num-eval`, writes `bench.json` and `bench.md` (the tables of the quantization section of
+Calibrates on the first `--num-calib` images (GT boxes as prompts) on `--device`, measures
+fidelity on the next `--num-eval` (PyTorch models on `--device`, ONNX files in ONNX Runtime on
+the CPU), writes `bench.json` and `bench.md` (the tables of the quantization section of
 docs/BENCHMARKS.md) to `--out`.
 """
 
@@ -21,15 +22,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quantize.calibration import prepare_calibration
+from quantize.calibration import box_prompt_loop, prepare_calibration
 from quantize.config import PTQConfig
 from quantize.fidelity import TorchSam, fidelity, median_latency_ms, run_model
 from quantize.onnx_export import export_onnx
-from quantize.onnx_runtime import OnnxSam, box_prompts
+from quantize.onnx_runtime import OnnxSam
 from quantize.ort_baseline import ort_quantize_static
+from quantize.prompts import box_prompts
 from quantize.ptq import quantize_
 from student_models import build_sam
 from student_models.data import open_dataset
+from student_models.device import add_device_argument
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -50,6 +53,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per latency figure (median)")
     parser.add_argument("--skip-latency", action="store_true", help="fidelity only")
     parser.add_argument("--decoder-prompts", type=int, default=4, help="box prompts per decoder call in timing")
+    add_device_argument(parser)
     return parser
 
 
@@ -96,7 +100,7 @@ def run(args: argparse.Namespace) -> dict:
 
     def fresh():
         torch.manual_seed(0)
-        return build_sam(args.model, args.checkpoint)
+        return build_sam(args.model, args.checkpoint).to(args.device)
 
     float_sam = fresh()
     reference = run_model(TorchSam(float_sam), eval_items)
@@ -108,6 +112,7 @@ def run(args: argparse.Namespace) -> dict:
         "num_eval": len(evaluation),
         "prompts_per_image": args.max_prompts,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "device": str(args.device),
         "git_commit": _git_commit(),
         "fidelity": [],
         "latency": [],
@@ -127,7 +132,7 @@ def run(args: argparse.Namespace) -> dict:
                 num_alphas=args.num_alphas, rounds=args.rounds, keep_float=tuple(args.keep_float),
             )  # fmt: skip
             start = time.time()
-            quantize_(sam, config, calib, model_name=args.model)
+            quantize_(sam, config, box_prompt_loop(calib_items), model_name=args.model)
             seconds = time.time() - start
             row = {"name": f"ours W{bits}A{bits} {method} (PyTorch, simulated)", "quantize_s": round(seconds, 1)}
             records["fidelity"].append({**row, **fidelity(reference, run_model(TorchSam(sam), eval_items))})

@@ -1,8 +1,15 @@
-"""Calibration data: images and prompts in, per-layer statistics and search samples out.
+"""Calibration data: a forward loop in, per-layer statistics and search samples out.
 
-`prepare_calibration` turns images (or dataset `Sample`s with boxes) into preprocessed tensors and
-box prompts. `collect` runs the float model over them once with hooks on every quantizable layer
-and fills each layer's `LayerCalibrator`: the running max of every input (`MaxCalibrator`), and a
+Calibration takes a caller's forward loop, as NVIDIA ModelOpt's `quantize(model, config,
+forward_loop)` does: `loop(sam)` runs the calibration data through `sam` on the model's own
+device and yields, per batch, the task outputs (Bx4x256x256 mask logits, Bx4 IoU predictions).
+It is called once per pass (a probe of one batch, the float statistics pass, the output-quantizer
+pass), so each call must run the same data; it must not switch gradients off, and each batch needs
+its own forward pass (the Hessian metric backpropagates each batch's task loss). `box_prompt_loop` is the loop over prepared images with
+box prompts (`prepare_calibration`) that `quantize_` builds when given images.
+
+`collect` runs the float model through the loop once with hooks on every quantizable layer and
+fills each layer's `LayerCalibrator`: the running max of every input (`MaxCalibrator`), and a
 small random selection of input values with, for the Hessian metric, the gradient of the task
 loss at the matching output positions. `collect_outputs` runs the quantized model once more for the
 output quantizers of convolutions (their input depends on the layer's own quantized input and weight).
@@ -10,7 +17,7 @@ output quantizers of convolutions (their input depends on the layer's own quanti
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +29,7 @@ from tqdm import tqdm
 
 from quantize.modules import ActQuantizer, QuantConv2d, QuantConvTranspose2d, QuantLayer, QuantLinear
 from quantize.onnx_modules import DecoderForExport
-from quantize.onnx_runtime import box_prompts
+from quantize.prompts import box_prompts
 from student_models.data import Sample
 from student_models.preprocessing import prepare_image
 
@@ -34,6 +41,28 @@ class CalibItem:
     image: torch.Tensor
     coords: torch.Tensor
     labels: torch.Tensor
+
+
+# loop(sam) -> per calibration batch, (Bx4x256x256 mask logits, Bx4 IoU predictions); see the module docstring.
+ForwardLoop = Callable[[nn.Module], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of `model`'s parameters (a SAM model lives on one device)."""
+    return next(model.parameters()).device
+
+
+def box_prompt_loop(items: list[CalibItem]) -> ForwardLoop:
+    """The forward loop over prepared `items`: each moved to the model's device, encoded and decoded."""
+
+    def loop(sam: nn.Module) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        device = model_device(sam)
+        decoder = DecoderForExport(sam)
+        for item in items:
+            embedding = sam.image_encoder(item.image.to(device))
+            yield decoder(embedding, item.coords.to(device), item.labels.to(device))
+
+    return loop
 
 
 def random_boxes(height: int, width: int, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -81,7 +110,7 @@ class MaxCalibrator:
 
     def collect(self, x: torch.Tensor) -> None:
         value = x.detach().amax() if self.positive else x.detach().abs().amax()
-        self.amax = torch.maximum(self.amax, value.float().clamp(min=0))
+        self.amax = torch.maximum(self.amax.to(value.device), value.float().clamp(min=0))
 
     def compute_amax(self) -> torch.Tensor:
         return self.amax.clamp(min=1e-8)
@@ -91,12 +120,12 @@ def _selection(layer: QuantLayer, inputs: tuple[torch.Tensor, ...], tokens: int,
     """Choose sample positions: (sampled inputs, output -> matching slice, op(inputs, weight) -> output)."""
 
     def pick(n: int, k: int) -> torch.Tensor:
-        return torch.randperm(n, generator=gen)[: min(n, k)]
+        return torch.randperm(n, generator=gen)[: min(n, k)]  # on the CPU, where `gen` is
 
     def pick_with_peaks(magnitude: torch.Tensor, k: int) -> torch.Tensor:
         """k indices: the quarter with the largest `magnitude` (outliers decide clipping), the rest random."""
         top = magnitude.topk(min(len(magnitude), max(1, k // 4))).indices
-        rest = pick(len(magnitude), k)
+        rest = pick(len(magnitude), k).to(magnitude.device)
         return torch.cat([top, rest[~torch.isin(rest, top)]])[: min(len(magnitude), k)]
 
     if isinstance(layer, QuantLinear):
@@ -204,42 +233,44 @@ def fisher_task_loss(masks: torch.Tensor, iou: torch.Tensor, gen: torch.Generato
 
 
 def collect(
-    sam: nn.Module, layers: dict[str, QuantLayer], items: list[CalibItem], with_grads: bool, tokens: int, seed: int
-) -> dict[str, LayerCalibrator]:
-    """Run the float model over `items` with hooks on `layers`; gradients of `fisher_task_loss` if asked."""
-    gen = torch.Generator().manual_seed(seed)
+    sam: nn.Module, layers: dict[str, QuantLayer], loop: ForwardLoop, with_grads: bool, tokens: int, seed: int
+) -> tuple[dict[str, LayerCalibrator], int]:
+    """Run the float model through `loop` with hooks on `layers`; gradients of `fisher_task_loss` if
+    asked. Returns the calibrators and the number of batches the loop ran."""
+    gen = torch.Generator().manual_seed(seed)  # sample positions: drawn on the CPU whatever the device
+    label_gen = torch.Generator(model_device(sam)).manual_seed(seed)  # the loss's labels, next to the logits
     calibrators = {name: LayerCalibrator(layer) for name, layer in layers.items()}
     handles = [
         layer.register_forward_hook(lambda mod, inp, out, c=calibrators[name]: c.collect(inp, out, tokens, gen))
         for name, layer in layers.items()
     ]
-    decoder = DecoderForExport(sam)
     # Every layer output must be on the autograd graph, including those that do not depend on the
     # image (the first token self-attention), hence gradients through the parameters.
     params = list(sam.parameters())
     trainable = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(with_grads)
+    batches = 0
     try:
-        for item in tqdm(items, desc="calibration pass", leave=False):
-            with torch.set_grad_enabled(with_grads):
-                masks, iou = decoder(sam.image_encoder(item.image), item.coords, item.labels)
+        with torch.set_grad_enabled(with_grads):
+            for masks, iou in tqdm(loop(sam), desc="calibration pass", leave=False):
+                batches += 1
                 if with_grads:
-                    fisher_task_loss(masks, iou, gen).backward()
+                    fisher_task_loss(masks, iou, label_gen).backward()
     finally:
         for handle in handles:
             handle.remove()
         for p, flag in zip(params, trainable, strict=True):
             p.grad = None
             p.requires_grad_(flag)
-    return calibrators
+    return calibrators, batches
 
 
 @torch.no_grad()
 def collect_outputs(
-    sam: nn.Module, quantizers: dict[str, ActQuantizer], items: list[CalibItem], samples: int, seed: int
+    sam: nn.Module, quantizers: dict[str, ActQuantizer], loop: ForwardLoop, samples: int, seed: int
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Run the (quantized) model over `items` and return, per output quantizer, (max|x|, up to
+    """Run the (quantized) model through `loop` and return, per output quantizer, (max|x|, up to
     `samples` values per call drawn at random) of the tensor it receives."""
     gen = torch.Generator().manual_seed(seed)
     amax = {name: MaxCalibrator() for name in quantizers}
@@ -248,14 +279,13 @@ def collect_outputs(
     def record(name: str, x: torch.Tensor) -> None:
         amax[name].collect(x)
         flat = x.detach().flatten()
-        pick = torch.randperm(flat.numel(), generator=gen)[:samples]
+        pick = torch.randperm(flat.numel(), generator=gen)[:samples].to(flat.device)
         values[name].append(flat[pick])
 
     handles = [q.register_forward_pre_hook(lambda m, inp, n=name: record(n, inp[0])) for name, q in quantizers.items()]
-    decoder = DecoderForExport(sam)
     try:
-        for item in items:
-            decoder(sam.image_encoder(item.image), item.coords, item.labels)
+        for _ in loop(sam):
+            pass
     finally:
         for handle in handles:
             handle.remove()

@@ -18,25 +18,29 @@ import numpy as np
 import torch
 from segment_anything.modeling import Sam
 
-from quantize.calibration import CalibItem
+from quantize.calibration import CalibItem, model_device
 from quantize.onnx_modules import DecoderForExport
 
 
 class TorchSam:
-    """A PyTorch SAM behind the `OnnxSam` interface (numpy in, numpy out)."""
+    """A PyTorch SAM behind the `OnnxSam` interface (numpy in, numpy out), run on the model's device."""
 
     def __init__(self, sam: Sam) -> None:
         self.sam = sam.eval()
         self.decoder = DecoderForExport(sam)
+        self.device = model_device(sam)
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(self.device)
 
     @torch.no_grad()
     def embed(self, image: np.ndarray) -> np.ndarray:
-        return self.sam.image_encoder(torch.from_numpy(image)).numpy()
+        return self.sam.image_encoder(self._tensor(image)).cpu().numpy()
 
     @torch.no_grad()
     def decode(self, embedding: np.ndarray, coords: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        masks, iou = self.decoder(torch.from_numpy(embedding), torch.from_numpy(coords), torch.from_numpy(labels))
-        return masks.numpy(), iou.numpy()
+        masks, iou = self.decoder(self._tensor(embedding), self._tensor(coords), self._tensor(labels))
+        return masks.cpu().numpy(), iou.cpu().numpy()
 
 
 def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:

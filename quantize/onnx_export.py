@@ -13,11 +13,14 @@
 
 After writing each file, ORT runs it on a probe input and its outputs are compared with PyTorch
 (the int8 graph with the simulated-quantized PyTorch model); a failed check raises `ExportCheckError`.
+Both the export and the check run on the CPU: a model on a GPU is exported from a CPU copy.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import itertools
 import json
 import os
 import shutil
@@ -241,6 +244,20 @@ def layer_placement(sam: Sam, precision: str) -> tuple[list[str], list[str], lis
     return int8, simulated, float_layers
 
 
+def cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` itself when it is on the CPU, else a copy on the CPU (the original stays on its device).
+
+    The copy takes each parameter and buffer to the CPU one tensor at a time, so the GPU never holds
+    two models.
+    """
+    tensors = list(itertools.chain(model.parameters(), model.buffers()))
+    if all(t.device.type == "cpu" for t in tensors):
+        return model
+    memo = {id(p): torch.nn.Parameter(p.detach().cpu(), p.requires_grad) for p in model.parameters()}
+    memo.update({id(b): b.detach().cpu() for b in model.buffers()})
+    return copy.deepcopy(model, memo)
+
+
 @torch.no_grad()
 def export_onnx(
     sam: Sam, out_dir: str | os.PathLike, precision: str = "float32", ort_format: bool = True, prefix: str = ""
@@ -252,7 +269,7 @@ def export_onnx(
     its ``export_{precision}.json``, in ``{prefix}{precision}.failed/`` for debugging.
 
     Args:
-        sam: a float or quantized SAM model.
+        sam: a float or quantized SAM model, on any device (exported from a CPU copy).
         precision: "float32", or "int8" (the QDQ graph; needs a model quantized to <= 8 bits).
         ort_format: also write the .ort files ONNX Runtime Mobile loads.
     Raises:
@@ -260,6 +277,7 @@ def export_onnx(
     """
     if precision not in TOLERANCE:
         raise ValueError(f"precision must be one of {sorted(TOLERANCE)}, got {precision!r}")
+    sam = cpu_copy(sam)
     layers = [m for m in sam.modules() if isinstance(m, QuantLayer)]
     if precision == "int8":
         if not layers:

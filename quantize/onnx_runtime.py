@@ -20,6 +20,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+# Re-exported: callers (benchmarks) import the prompt helpers next to the runner that takes them.
+from quantize.prompts import box_prompts, point_prompts  # noqa: F401
+
 # ORT rewrites DequantizeLinear(int8 weight) -> MatMul with a float input (a layer whose input is left float) into
 # MatMulNBits, whose default accuracy level 4 quantizes that float input again, per block of 32 values,
 # on the fly: an extra rounding the simulated model does not have (it made 10-24% of the next layer's
@@ -118,27 +121,6 @@ def write_ort_format(path: Path) -> Path:
     options.add_session_config_entry("session.save_model_format", "ORT")
     open_session(path, options=options)
     return target
-
-
-def box_prompts(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Bx4 XYXY boxes (1024 frame) -> (Bx2x2 corner coords, Bx2 labels 2/3), SAM's box encoding."""
-    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-    coords = boxes.reshape(-1, 2, 2)
-    labels = np.tile(np.array([[2.0, 3.0]], dtype=np.float32), (len(boxes), 1))
-    return coords, labels
-
-
-def point_prompts(points: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """BxNx2 points + BxN labels -> the same with SAM's padding point (label -1) appended.
-
-    SAM's prompt encoder appends this point itself when no box is given; the ONNX decoder expects
-    the caller to do it, as SAM's own ONNX model does.
-    """
-    points = np.asarray(points, dtype=np.float32)
-    labels = np.asarray(labels, dtype=np.float32)
-    pad_coords = np.zeros((points.shape[0], 1, 2), dtype=np.float32)
-    pad_labels = -np.ones((labels.shape[0], 1), dtype=np.float32)
-    return np.concatenate([points, pad_coords], axis=1), np.concatenate([labels, pad_labels], axis=1)
 
 
 class OnnxSam:

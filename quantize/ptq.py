@@ -3,8 +3,8 @@
 Steps: fold BatchNorms and install the attention adapters (numerically identical rewrites); find
 the quantizable layers (Linear, Conv2d, ConvTranspose2d, MatMul) of the chosen parts, minus the
 keep-float patterns; find which inputs come straight from a Softmax or a GELU (twin-uniform
-candidates) with one probing pass; swap in quantized layers; run the float model over the
-calibration set collecting statistics (and task-loss gradients for the Hessian metric); search
+candidates) with one probing pass; swap in quantized layers; run the float model through the
+calibration forward loop collecting statistics (and task-loss gradients for the Hessian metric); search
 each layer's scales; enable the quantizers. Layers never called during calibration (TinyViT's
 unused classification head) stay float.
 """
@@ -23,11 +23,17 @@ from torch import nn
 from tqdm import tqdm
 
 from quantize.adapters import fold_batchnorms, install_attention_adapters, set_submodule
-from quantize.calibration import collect, collect_outputs, prepare_calibration
+from quantize.calibration import (
+    ForwardLoop,
+    box_prompt_loop,
+    collect,
+    collect_outputs,
+    model_device,
+    prepare_calibration,
+)
 from quantize.config import PTQConfig
 from quantize.core import int_range
 from quantize.modules import QuantLayer, quantized_copy
-from quantize.onnx_modules import DecoderForExport
 from quantize.search import LayerSearchResult, search_layer, search_output_scale
 from student_models.checkpoints import guess_model
 from student_models.data import Sample
@@ -86,8 +92,9 @@ def find_layers(sam: Sam, config: PTQConfig) -> tuple[list[str], list[str]]:
 
 
 @torch.no_grad()
-def probe_input_kinds(sam: Sam, names: list[str], item, config: PTQConfig) -> dict[str, list[str]]:
-    """For each layer, the kind of each input: twin_softmax / twin_gelu when it is a Softmax / GELU output."""
+def probe_input_kinds(sam: Sam, names: list[str], loop: ForwardLoop, config: PTQConfig) -> dict[str, list[str]]:
+    """For each layer, the kind of each input: twin_softmax / twin_gelu when it is a Softmax / GELU output
+    (from the loop's first batch)."""
     twin = config.method != "minmax"
     produced: dict[int, str] = {}
     keep_alive = []
@@ -114,7 +121,8 @@ def probe_input_kinds(sam: Sam, names: list[str], item, config: PTQConfig) -> di
 
         handles.append(modules[name].register_forward_pre_hook(record))
     try:
-        DecoderForExport(sam)(sam.image_encoder(item.image), item.coords, item.labels)
+        if next(iter(loop(sam)), None) is None:
+            raise ValueError("quantization needs at least one calibration batch; the forward loop ran none")
     finally:
         for handle in handles:
             handle.remove()
@@ -123,10 +131,11 @@ def probe_input_kinds(sam: Sam, names: list[str], item, config: PTQConfig) -> di
 
 def apply_quantized_layers(sam: Sam, kinds: dict[str, list[str]], config: PTQConfig) -> dict[str, QuantLayer]:
     """Swap each named layer for a quantized copy with the given input kinds; returns them by name."""
+    device = model_device(sam)
     layers = {}
     for name, input_kinds in kinds.items():
         layer = quantized_copy(sam.get_submodule(name), config.w_bits, config.a_bits, input_kinds, config.conv_outputs)
-        set_submodule(sam, name, layer)
+        set_submodule(sam, name, layer.to(device))  # its quantizers' buffers next to the shared parameters
         layers[name] = layer
     return layers
 
@@ -134,33 +143,37 @@ def apply_quantized_layers(sam: Sam, kinds: dict[str, list[str]], config: PTQCon
 def quantize_(
     sam: Sam,
     config: PTQConfig,
-    calib_images: Iterable[np.ndarray | Sample],
+    calibration: ForwardLoop | Iterable[np.ndarray | Sample],
     show_progress: bool = True,
     model_name: str | None = None,
 ) -> QuantReport:
     """Quantize `sam` in place (fake-quantized weights and activations) and return a `QuantReport`.
 
+    Calibration and the scale search run on the model's device (a CUDA model stays on its GPU).
+
     Args:
         sam: a float SAM model (e.g. from `student_models.build_sam`), in eval mode.
         config: the `PTQConfig`.
-        calib_images: HxWx3 uint8 RGB images, or dataset `Sample`s whose boxes become the
-            calibration prompts (random boxes otherwise); the first `config.num_calib` are used.
+        calibration: a forward loop, `loop(sam)` yielding (Bx4x256x256 mask logits, Bx4 IoU) per
+            calibration batch (see `quantize.calibration`), or HxWx3 uint8 RGB images or dataset
+            `Sample`s, whose boxes become the prompts (random boxes otherwise): the first
+            `config.num_calib` are run through `box_prompt_loop`.
         model_name: the `student_models` name the model was built with (recorded for
             `save_quantized`); found from the state dict's keys and shapes when not given.
     """
     if any(isinstance(m, QuantLayer) for m in sam.modules()):
         raise ValueError("this model is already quantized; build a fresh float model to quantize again")
     model_name = model_name or guess_model(sam.state_dict())
-    items = prepare_calibration(calib_images, config.num_calib, config.max_prompts, config.seed)
+    loop = calibration if callable(calibration) else image_loop(calibration, config)
     sam.eval()
     prepare_structure(sam)
     names, kept = find_layers(sam, config)
-    kinds = probe_input_kinds(sam, names, items[0], config)
+    kinds = probe_input_kinds(sam, names, loop, config)
     unused = [name for name in names if name not in kinds]
     originals = {name: sam.get_submodule(name) for name in kinds}
     layers = apply_quantized_layers(sam, kinds, config)
-    calibrators = collect(sam, layers, items, config.method == "hessian", config.search_tokens, config.seed)
-    report = QuantReport(config.to_dict(), kept_float=kept, num_calib=len(items))
+    calibrators, batches = collect(sam, layers, loop, config.method == "hessian", config.search_tokens, config.seed)
+    report = QuantReport(config.to_dict(), kept_float=kept, num_calib=batches)
     for name, calibrator in tqdm(calibrators.items(), desc=f"{config.method} scale search", disable=not show_progress):
         if not calibrator.called:  # no calibration data reached it: keep float
             set_submodule(sam, name, originals[name])
@@ -176,21 +189,26 @@ def quantize_(
             "error": result.error,
         }
         calibrator.reset()
-    calibrate_output_quantizers(sam, report, items, config)
+    calibrate_output_quantizers(sam, report, loop, config)
     report.unused = unused
     sam.ptq_config, sam.quantized_model_name = config, model_name
     return report
 
 
+def image_loop(images: Iterable[np.ndarray | Sample], config: PTQConfig) -> ForwardLoop:
+    """The box-prompt forward loop over the first `config.num_calib` images (their boxes, else random ones)."""
+    return box_prompt_loop(prepare_calibration(images, config.num_calib, config.max_prompts, config.seed))
+
+
 @torch.no_grad()
-def calibrate_output_quantizers(sam: Sam, report: QuantReport, items: list, config: PTQConfig) -> None:
+def calibrate_output_quantizers(sam: Sam, report: QuantReport, loop: ForwardLoop, config: PTQConfig) -> None:
     """Set the scales of the convolutions' output quantizers from one pass of the quantized model."""
     quantizers = {
         name: layer.output_quant
         for name, layer in quantized_layers(sam).items()
         if getattr(layer, "output_quant", None) is not None
     }
-    stats = collect_outputs(sam, quantizers, items, config.search_tokens * 1024, config.seed)
+    stats = collect_outputs(sam, quantizers, loop, config.search_tokens * 1024, config.seed)
     qmax = int_range(config.a_bits)[1]
     for name, quantizer in quantizers.items():
         if name not in stats:

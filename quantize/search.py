@@ -101,9 +101,10 @@ def search_layer(calibrator: LayerCalibrator, config: PTQConfig) -> LayerSearchR
     params = [1.0 for _ in layer.input_quants]
 
     def input_scale(j: int, value: float) -> tuple[torch.Tensor, torch.Tensor]:
+        one = torch.ones((), device=amax[j].device)  # on the model's device, as amax is
         if layer.input_quants[j].kind == "twin_softmax":
-            return torch.tensor(1.0), torch.tensor(value)
-        return torch.as_tensor(value * amax[j] / qmax), torch.tensor(1.0)
+            return one, one * value
+        return value * amax[j] / qmax, one
 
     def weight_q(alpha: float | None) -> torch.Tensor | None:
         if alpha is None:

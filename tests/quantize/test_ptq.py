@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from quantize import PTQConfig, load_quantized, quantize_, quantized_layers, save_quantized
-from quantize.calibration import prepare_calibration
+from quantize.calibration import box_prompt_loop, prepare_calibration
 from quantize.fidelity import TorchSam, fidelity, run_model
+from quantize.onnx_modules import DecoderForExport
 from student_models import CheckpointError, save_checkpoint
 from tests.helpers import synthetic_image, tiny_model
 from tests.quantize.conftest import FAST
@@ -76,3 +77,35 @@ def test_bad_input_messages(quantized_tinyvit, tmp_path):
         load_quantized(tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="already quantized"):
         quantize_(sam, PTQConfig(**FAST), [synthetic_image(0)[0]])
+
+
+def test_images_calibrate_through_the_box_prompt_loop(quantized_tinyvit):
+    """Images are shorthand for `box_prompt_loop`: the same loop, the same scales, bit for bit."""
+    sam, _ = quantized_tinyvit
+    items = prepare_calibration([synthetic_image(0)[0]], FAST["num_calib"], FAST["max_prompts"], seed=0)
+    looped = tiny_model("tinyvit_test")
+    quantize_(looped, PTQConfig(method="mse", **FAST), box_prompt_loop(items), show_progress=False)
+    expected = sam.state_dict()
+    for key, value in looped.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
+
+
+def test_a_callers_forward_loop_drives_calibration():
+    """A ModelOpt-style loop with point prompts: called once per pass, the probe stops after one batch."""
+    image = torch.from_numpy(prepare_calibration([synthetic_image(2)[0]], 1, 1, seed=0)[0].image.numpy())
+    points = [torch.tensor([[[100.0, 200.0], [0.0, 0.0]]]), torch.tensor([[[700.0, 300.0], [0.0, 0.0]]])]
+    labels = torch.tensor([[1.0, -1.0]])  # one foreground point and SAM's padding point
+    batches_run = []
+
+    def loop(sam):
+        decoder = DecoderForExport(sam)
+        for coords in points:
+            batches_run.append(len(batches_run))
+            yield decoder(sam.image_encoder(image), coords, labels)
+
+    sam = tiny_model("sam_vit_test")
+    report = quantize_(sam, PTQConfig(method="minmax", parts=("decoder",), **FAST), loop, show_progress=False)
+    assert report.num_calib == 2 and report.layers
+    assert len(batches_run) == 1 + 2 + 2  # probe (first batch only), statistics pass, output-quantizer pass
+    with pytest.raises(ValueError, match="needs at least one calibration batch; the forward loop ran none"):
+        quantize_(tiny_model("sam_vit_test"), PTQConfig(**FAST), lambda sam: iter(()))
