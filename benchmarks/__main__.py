@@ -1,4 +1,4 @@
-"""Command line: ``python -m benchmarks coco|latency|everything|report|demo``; see ``--help`` of each."""
+"""Command line: ``python -m benchmarks coco|latency|everything|distill|report|demo``; see ``--help`` of each."""
 
 from __future__ import annotations
 
@@ -7,9 +7,12 @@ import sys
 from pathlib import Path
 
 from benchmarks.coco_eval import CocoEvalConfig, DetectionsError
+from benchmarks.distill_throughput import add_arguments as add_distill_arguments
+from benchmarks.distill_throughput import run as run_distill_benchmark
 from benchmarks.latency import LatencyConfig
 from benchmarks.records import RecordError
 from benchmarks.runs import StageMissingError
+from distill import CacheError, DistillError
 from student_models import CheckpointError
 from student_models.data import DatasetError
 from student_models.device import add_device_argument
@@ -18,6 +21,8 @@ from student_models.preprocessing import ImageError
 # Errors that mean "the input is wrong" or "the output cannot be written" (OSError: an unwritable
 # --out, a full disk): reported in one line, exit status 1, as the other commands do.
 USER_ERRORS = (
+    CacheError,
+    DistillError,
     DatasetError,
     DetectionsError,
     ImageError,
@@ -97,6 +102,8 @@ def get_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="records -> Markdown table + AP-vs-latency plot")
     report.add_argument("--records", required=True, help="folder of JSON records (searched recursively)")
     report.add_argument("--out", required=True, help="folder for report.md and ap_vs_latency.png")
+
+    add_distill_arguments(sub.add_parser("distill", help="distillation throughput split by phase, peak memory"))
 
     demo = sub.add_parser("demo", help="offline demo: distill -> quantize -> ONNX -> everything -> AP -> latency")
     demo.add_argument("--coco-root", help="evaluate AP on this COCO folder instead of the generated synthetic set")
@@ -198,6 +205,7 @@ def _demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     handlers = {"coco": _coco, "latency": _latency, "everything": _everything, "report": _report, "demo": _demo}
+    handlers["distill"] = run_distill_benchmark
     try:
         return handlers[args.command](args) or 0
     except USER_ERRORS as exc:

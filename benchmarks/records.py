@@ -1,6 +1,6 @@
 """Benchmark records: one flat dict per measured figure set, written as JSON.
 
-Every record says what was measured (``kind``: "coco", "latency" or "everything"), on what
+Every record says what was measured (``kind``: "coco", "latency", "everything" or "distill"), on what
 (``model``, ``checkpoint``, ``precision``, ``runtime``, ``threads``), where (``device``: the CPU
 model name from /proc/cpuinfo, or the CUDA device name) and from which code (``git_commit``),
 with the exact ``config`` that produced it, then its figures as top-level keys (``ap``,
@@ -24,7 +24,7 @@ import torch
 
 from student_models.io import atomic_write_text
 
-RECORD_KINDS = ("coco", "latency", "everything")
+RECORD_KINDS = ("coco", "latency", "everything", "distill")
 IDENTITY_FIELDS = ("kind", "model", "checkpoint", "precision", "runtime", "threads", "device", "git_commit")
 
 

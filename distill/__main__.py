@@ -32,9 +32,21 @@ def get_parser() -> argparse.ArgumentParser:
         prog="python -m distill",
         description="TinySAM full-stage distillation of a SAM student image encoder from a frozen SAM teacher.",
         epilog=MODES.format(demo=_demo_settings()),
-        argument_default=argparse.SUPPRESS,
     )
-    add = parser.add_argument
+    add_settings(parser)
+    return parser
+
+
+def add_settings(parser: argparse.ArgumentParser, leave_out: tuple[str, ...] = ()) -> None:
+    """Add a flag for every DistillConfig setting but those named in `leave_out` (field names).
+
+    A flag not given is absent from the parsed namespace (`config_from_args` passes only what the user set).
+    """
+
+    def add(flag: str, **kwargs) -> None:
+        if flag.removeprefix("--").replace("-", "_") not in leave_out:
+            parser.add_argument(flag, default=argparse.SUPPRESS, **kwargs)
+
     switch = argparse.BooleanOptionalAction
     add("--teacher", help="teacher model name (default vit_h; sam_vit_test for the demo)")
     add("--teacher-checkpoint", help="teacher weights: a path or a known name such as sam_vit_h_4b8939")
@@ -87,15 +99,19 @@ def get_parser() -> argparse.ArgumentParser:
     add("--val-prompts-per-image", type=int)
     add("--freeze-bn", action=switch, help="keep the student's BatchNorm statistics fixed (small per-GPU batches)")
     add("--log-every", type=int)
-    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> DistillConfig:
+    """The one rule: without --data the demo's settings, with it the recipe's; the flags given override either."""
+    values = {key.replace("-", "_"): value for key, value in vars(args).items()}
+    return DistillConfig.demo(**values) if "data" not in values else DistillConfig(**values)
 
 
 def main(argv: list[str] | None = None) -> int:
-    values = {key.replace("-", "_"): value for key, value in vars(get_parser().parse_args(argv)).items()}
+    args = get_parser().parse_args(argv)
     try:
-        demo = "data" not in values
-        config = DistillConfig.demo(**values) if demo else DistillConfig(**values)
-        if demo:
+        config = config_from_args(args)
+        if config.data is None:
             print(f"demo mode (no --data): generated shapes, small settings ({_demo_settings()}); flags override them")
         else:
             print("full recipe (--data given): TinySAM's settings; flags override them")

@@ -32,6 +32,7 @@ from distill.losses import (
     output_loss,
     token_loss,
 )
+from distill.phases import PhaseTimer
 from distill.prompts import (
     PromptSet,
     choose_masks,
@@ -109,6 +110,7 @@ class DistillStep(nn.Module):
         self.student, self.teacher = student, teacher_heads
         self.config, self.use_prompts = config, use_prompts
         self.epoch = 0  # set by the training loop; seeds the prompts with (seed, epoch, image index)
+        self.phases = PhaseTimer()  # disabled; `benchmarks distill` enables it to split a step's time by phase
 
     def train(self, mode: bool = True) -> DistillStep:
         """Train the student (BatchNorm frozen if configured); the teacher heads always stay in eval mode."""
@@ -122,10 +124,14 @@ class DistillStep(nn.Module):
 
     def forward(self, images: torch.Tensor, items: Sequence[DistillItem]) -> dict[str, torch.Tensor]:
         cfg = self.config
-        student_emb = self.student.image_encoder(images)
-        teacher_emb = torch.stack([item.teacher_embedding for item in items]).to(student_emb.device)
+        phase = self.phases.phase
+        with phase("student_forward"):
+            student_emb = self.student.image_encoder(images)
+        with phase("data"):
+            teacher_emb = torch.stack([item.teacher_embedding for item in items]).to(student_emb.device)
         check_embedding_shapes(student_emb, teacher_emb, cfg.student, cfg.teacher)
-        terms = embedding_loss(student_emb.float(), teacher_emb)
+        with phase("student_forward"):
+            terms = embedding_loss(student_emb.float(), teacher_emb)
         if not self.use_prompts:
             return terms
         per_image = [
@@ -150,18 +156,27 @@ class DistillStep(nn.Module):
     def _prompt_terms(self, student_emb: torch.Tensor, teacher_emb: torch.Tensor, item: DistillItem) -> dict:
         """Hard prompt iterations on one image, then the token/output/GT terms at the final prompts."""
         cfg = self.config
+        phase = self.phases.phase
         if item.gt_masks is None or len(item.gt_masks) == 0:
             return {}
-        rng = np.random.default_rng([cfg.seed, self.epoch, item.index])
-        picked = choose_masks(len(item.gt_masks), cfg.prompts_per_image, rng)
-        gt_np, boxes = item.gt_masks[picked], item.gt_boxes[picked]
-        prompts = initial_prompts(gt_np, boxes, rng, cfg.box_prob, cfg.box_noise_frac, cfg.box_noise_max)
-        iterations = draw_iterations(rng, cfg.max_prompt_iters) if cfg.hard_prompts else 0
-        valid = valid_lowres_region(item.input_size)
+        with phase("prompt_sampling"):
+            rng = np.random.default_rng([cfg.seed, self.epoch, item.index])
+            picked = choose_masks(len(item.gt_masks), cfg.prompts_per_image, rng)
+            gt_np, boxes = item.gt_masks[picked], item.gt_boxes[picked]
+            prompts = initial_prompts(gt_np, boxes, rng, cfg.box_prob, cfg.box_noise_frac, cfg.box_noise_max)
+            iterations = draw_iterations(rng, cfg.max_prompt_iters) if cfg.hard_prompts else 0
+            valid = valid_lowres_region(item.input_size)
         with torch.no_grad():
             for _ in range(iterations):
                 prompts = self._next_prompts(prompts, gt_np, student_emb.detach(), teacher_emb, valid, rng)
-            teacher_out = decode(self.teacher, teacher_emb, prompts)
+            with phase("teacher_decoder"):
+                teacher_out = decode(self.teacher, teacher_emb, prompts)
+        with phase("student_forward"):
+            return self._final_terms(student_emb, teacher_out, prompts, gt_np, iterations)
+
+    def _final_terms(self, student_emb, teacher_out: DecoderOutput, prompts: PromptSet, gt_np, iterations) -> dict:
+        """The student's decoder at the final prompts, and the token/output/GT terms against the teacher's."""
+        cfg = self.config
         student_out = decode(self.student, student_emb, prompts)
         gt = torch.from_numpy(gt_np).to(student_emb.device)
         terms = {"prompt_iters": torch.tensor(float(iterations), device=gt.device)}
@@ -184,20 +199,24 @@ class DistillStep(nn.Module):
     def _next_prompts(self, prompts, gt_np, student_emb, teacher_emb, valid, rng) -> PromptSet:
         """Add one corrective point per prompt from the current error region (mode gt or disagreement)."""
         cfg = self.config
+        phase = self.phases.phase
         need_student = cfg.prompt_mode == "disagreement" or cfg.prompt_source == "student"
         need_teacher = cfg.prompt_mode == "disagreement" or cfg.prompt_source == "teacher"
         student_mask = teacher_mask = None
         if need_student:
-            student_mask = (decode(self.student, student_emb, prompts).chosen(prompts.multimask)[0] > 0).cpu().numpy()
+            with phase("student_forward"):
+                student_mask = decode(self.student, student_emb, prompts).chosen(prompts.multimask)[0] > 0
         if need_teacher:
-            teacher_mask = (decode(self.teacher, teacher_emb, prompts).chosen(prompts.multimask)[0] > 0).cpu().numpy()
-        if cfg.prompt_mode == "disagreement":
-            prediction, target = student_mask, teacher_mask
-        else:
-            prediction = student_mask if cfg.prompt_source == "student" else teacher_mask
-            target = gt_np
-        coords, labels = error_points(prediction, target, rng, valid, cfg.negative_points)
-        return prompts.add_points(coords, labels)
+            with phase("teacher_decoder"):
+                teacher_mask = decode(self.teacher, teacher_emb, prompts).chosen(prompts.multimask)[0] > 0
+        with phase("prompt_sampling"):
+            if cfg.prompt_mode == "disagreement":
+                prediction, target = student_mask.cpu().numpy(), teacher_mask.cpu().numpy()
+            else:
+                prediction = (student_mask if cfg.prompt_source == "student" else teacher_mask).cpu().numpy()
+                target = gt_np
+            coords, labels = error_points(prediction, target, rng, valid, cfg.negative_points)
+            return prompts.add_points(coords, labels)
 
 
 def validation_prompts(item: DistillItem, max_prompts: int) -> PromptSet:

@@ -36,6 +36,7 @@ from distill.config import DistillConfig
 from distill.data import DistillDataset, collate, split_indices, stream_items
 from distill.losses import weighted_total
 from distill.model import DistillError, DistillStep, agreement
+from distill.phases import PhaseTimer
 from distill.run_folder import (
     RUN_FILES,
     JsonLog,
@@ -73,8 +74,11 @@ class DistillResult:
     steps: int
 
 
-def distill(config: DistillConfig) -> DistillResult:
-    """Distil `config.student` from `config.teacher`; see the module docstring. Works under torchrun."""
+def distill(config: DistillConfig, phases: PhaseTimer | None = None) -> DistillResult:
+    """Distil `config.student` from `config.teacher`; see the module docstring. Works under torchrun.
+
+    `phases`, an enabled `PhaseTimer`, records where each step's time goes (`benchmarks distill`).
+    """
     runtime = setup_runtime(config.device)
     previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     if config.deterministic:
@@ -83,13 +87,13 @@ def distill(config: DistillConfig) -> DistillResult:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=runtime.device.type == "cuda")
     try:
-        return _distill(config, runtime)
+        return _distill(config, runtime, phases or PhaseTimer())
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         teardown_runtime(runtime)
 
 
-def _distill(cfg: DistillConfig, rt: Runtime) -> DistillResult:
+def _distill(cfg: DistillConfig, rt: Runtime, phases: PhaseTimer) -> DistillResult:
     # tqdm.write: a message printed while a progress bar is on screen gets a line of its own.
     say = tqdm.write if rt.is_main else (lambda *a, **k: None)
     out = Path(cfg.out)
@@ -225,6 +229,7 @@ def _distill(cfg: DistillConfig, rt: Runtime) -> DistillResult:
         student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)  # gloo has no SyncBatchNorm on CPU
         say(f"BatchNorm statistics synchronised across the {rt.world_size} process(es) (SyncBatchNorm)")
     model = DistillStep(student, teacher_heads, cfg, use_prompts).to(rt.device).train()
+    model.phases = phases
     step_fn = DistributedDataParallel(model, find_unused_parameters=True) if rt.distributed else model
     params = [p for p in model.student.parameters() if p.requires_grad]
     decoder = {id(p) for p in model.student.mask_decoder.parameters()}
@@ -298,17 +303,20 @@ def _distill(cfg: DistillConfig, rt: Runtime) -> DistillResult:
                 num_workers=cfg.num_workers,
                 pin_memory=rt.device.type == "cuda",
             )
-            for items in loader:
+            for items in phases.timed(loader, "data"):
                 tic = time.perf_counter()
                 if not items:
                     raise DistillError(f"step {step + 1}: every image of the batch became unreadable after caching")
-                images = torch.stack([item.image for item in items]).to(rt.device, non_blocking=True)
+                with phases.phase("data"):
+                    images = torch.stack([item.image for item in items]).to(rt.device, non_blocking=True)
                 with torch.autocast(rt.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     terms = step_fn(images, items)
-                loss = weighted_total(terms, weights)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
+                with phases.phase("backward"):
+                    loss = weighted_total(terms, weights)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                with phases.phase("optimizer"):
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
                 # NaN/inf guard: every rank agrees before anyone stops, so none is left waiting.
                 bad = all_reduce_sum([float(not (torch.isfinite(loss) and torch.isfinite(grad_norm)))], rt)[0]
                 if bad:
@@ -320,8 +328,10 @@ def _distill(cfg: DistillConfig, rt: Runtime) -> DistillResult:
                         f"terms={values}); stopped without updating the weights, {last}. Lower --lr or check the data, "
                         f"then rerun with --resume."
                     )
-                optimizer.step()
-                scheduler.step()
+                with phases.phase("optimizer"):
+                    optimizer.step()
+                    scheduler.step()
+                phases.end_step()
                 step += 1
                 record = all_reduce_mean({"loss": loss.item(), **{k: v.item() for k, v in terms.items()}}, rt)
                 seconds = time.perf_counter() - tic
@@ -331,6 +341,7 @@ def _distill(cfg: DistillConfig, rt: Runtime) -> DistillResult:
                     lr=scheduler.get_last_lr()[0],
                     grad_norm=float(grad_norm),
                     step_seconds=seconds,
+                    images=len(items) * rt.world_size,
                     images_per_second=len(items) * rt.world_size / seconds,
                 )
                 if step % cfg.log_every == 0 or step == total_steps:
