@@ -22,6 +22,7 @@ from hierarchical.generator import HierarchicalMaskGenerator
 from hierarchical.reprompt import REPROMPT_RULES
 from hierarchical.runner import collect_images, segment_files, writable_folder
 from student_models import CheckpointError, build_sam
+from student_models.device import add_device_argument
 from student_models.io import atomic_write_text
 from student_models.preprocessing import ImageError
 
@@ -57,6 +58,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--mode", choices=("hierarchical", "dense"), default="hierarchical")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    add_device_argument(parser)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights when no --checkpoint is given")
     parser.add_argument("--compare", action="store_true", default=False, help="benchmark SAM vs dense vs hierarchical")
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         if args["checkpoint"] is None:
             print(f"note: no --checkpoint, {args['model']} has random weights (seed {args['seed']})", file=sys.stderr)
         torch.manual_seed(args["seed"])  # random weights, and so coverage and timings, repeat from run to run
-        model = build_sam(args["model"], checkpoint=args["checkpoint"])
+        model = build_sam(args["model"], checkpoint=args["checkpoint"]).to(args["device"])
     except (ConfigError, ImageError, CheckpointError, KeyError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -9,7 +9,6 @@ settings and returns flat records (one per image and method) for `benchmarks` to
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -22,7 +21,7 @@ from segment_anything.modeling import Sam
 from tqdm import tqdm
 
 from hierarchical.config import GeneratorConfig
-from hierarchical.generator import HierarchicalMaskGenerator
+from hierarchical.generator import HierarchicalMaskGenerator, clock
 from hierarchical.reprompt import REPROMPT_RULES
 from student_models.preprocessing import load_image, to_rgb
 
@@ -35,19 +34,20 @@ RECALL_IOU = 0.9
 class _ModuleTimer:
     """Adds up the seconds spent in one module's forward, via hooks (SAM's generator has no timers)."""
 
-    def __init__(self, module: torch.nn.Module) -> None:
+    def __init__(self, module: torch.nn.Module, device: torch.device) -> None:
         self.seconds = 0.0
         self._start = 0.0
+        self._device = device
         self._handles = [
             module.register_forward_pre_hook(lambda *_: self._begin()),
             module.register_forward_hook(lambda *_: self._end()),
         ]
 
     def _begin(self) -> None:
-        self._start = time.perf_counter()
+        self._start = clock(self._device)
 
     def _end(self) -> None:
-        self.seconds += time.perf_counter() - self._start
+        self.seconds += clock(self._device) - self._start
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -56,11 +56,11 @@ class _ModuleTimer:
 
 def _run_sam(model: Sam, config: GeneratorConfig, image: np.ndarray) -> tuple[list[dict], dict[str, Any]]:
     generator = SamAutomaticMaskGenerator(model, **config.sam_kwargs())
-    encoder, decoder = _ModuleTimer(model.image_encoder), _ModuleTimer(model.mask_decoder)
+    encoder, decoder = _ModuleTimer(model.image_encoder, model.device), _ModuleTimer(model.mask_decoder, model.device)
     try:
-        start = time.perf_counter()
+        start = clock(model.device)
         records = generator.generate(image)
-        total = time.perf_counter() - start
+        total = clock(model.device) - start
     finally:
         encoder.remove()
         decoder.remove()
@@ -77,9 +77,9 @@ def _run_sam(model: Sam, config: GeneratorConfig, image: np.ndarray) -> tuple[li
 
 def _run_ours(model: Sam, config: GeneratorConfig, image: np.ndarray) -> tuple[list[dict], dict[str, Any]]:
     generator = HierarchicalMaskGenerator(model, config)
-    start = time.perf_counter()
+    start = clock(model.device)
     records = generator.generate(image)
-    total = time.perf_counter() - start
+    total = clock(model.device) - start
     timing = generator.last_timing
     return records, {
         "seconds": total,
@@ -133,8 +133,10 @@ def matched_mask_iou(reference: list[dict], candidate: list[dict]) -> dict[str, 
 @torch.no_grad()
 def warm_up(model: Sam) -> None:
     """One untimed encoder pass and one decoder call, so no method pays first-call set-up costs."""
-    embedding = model.image_encoder(torch.zeros(1, 3, model.image_encoder.img_size, model.image_encoder.img_size))
-    sparse, dense = model.prompt_encoder(points=(torch.zeros(1, 1, 2), torch.ones(1, 1)), boxes=None, masks=None)
+    size, device = model.image_encoder.img_size, model.device
+    embedding = model.image_encoder(torch.zeros(1, 3, size, size, device=device))
+    points = (torch.zeros(1, 1, 2, device=device), torch.ones(1, 1, device=device))
+    sparse, dense = model.prompt_encoder(points=points, boxes=None, masks=None)
     model.mask_decoder(
         image_embeddings=embedding,
         image_pe=model.prompt_encoder.get_dense_pe(),

@@ -7,7 +7,8 @@ IoU: pixels above it count as covered), and `reprompt_rule`, which points the se
 (`hierarchical/reprompt.py`: "lattice", SAM's own grid, or "tinysam", TinySAM's published rule,
 which fixes the sparse grid at a quarter per side). `decoder_micro_batch` is ours too: how many
 prompts the mask decoder takes at a time inside each `points_per_batch` batch (see
-`hierarchical/decoder.py`; it changes the speed, not the output).
+`hierarchical/decoder.py`; it changes the speed and the float rounding, not the contract's result);
+None picks per device: 4 on a CPU, the whole batch on a GPU.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class GeneratorConfig:
     sparse_points_per_side: int | None = None
     high_score_thresh: float = 8.5
     reprompt_rule: str = "lattice"
-    decoder_micro_batch: int = 4
+    decoder_micro_batch: int | None = None
 
     def __post_init__(self) -> None:
         if self.sparse_points_per_side is None:
@@ -56,9 +57,10 @@ class GeneratorConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(self.decoder_micro_batch, bool) or not isinstance(self.decoder_micro_batch, int):
-            raise ConfigError(f"decoder_micro_batch must be an integer, got {self.decoder_micro_batch!r}")
-        if self.decoder_micro_batch < MIN_MICRO_BATCH:
+        micro_batch = self.decoder_micro_batch
+        if micro_batch is not None and (isinstance(micro_batch, bool) or not isinstance(micro_batch, int)):
+            raise ConfigError(f"decoder_micro_batch must be an integer or None, got {micro_batch!r}")
+        if micro_batch is not None and micro_batch < MIN_MICRO_BATCH:
             raise ConfigError(
                 f"decoder_micro_batch must be >= {MIN_MICRO_BATCH} (a single prompt per decoder call changes the "
                 f"outputs' last bits), got {self.decoder_micro_batch}"

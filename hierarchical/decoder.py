@@ -31,6 +31,16 @@ from segment_anything.modeling.transformer import Attention
 # One prompt alone sends the decoder's per-prompt products down other CPU kernel paths (matrix-vector)
 # whose results differ in the last bits; a SAM batch smaller than the micro-batch goes to SAM's own code.
 MIN_MICRO_BATCH = 2
+# On a CPU, 4 prompts keep each micro-batch's B x 4096 x 256 intermediates (16 MB) near the caches.
+CPU_MICRO_BATCH = 4
+
+
+def default_micro_batch(device: torch.device, points_per_batch: int) -> int:
+    """The micro-batch when none is set: `CPU_MICRO_BATCH` on a CPU; on a GPU the whole prompt batch in
+    one call, since a GPU is bound by kernel launches, not caches, and only the shared image-side work pays."""
+    if device.type == "cpu":
+        return CPU_MICRO_BATCH
+    return max(MIN_MICRO_BATCH, points_per_batch)
 
 
 def _project_like_sam(linear: torch.nn.Linear, tokens: torch.Tensor) -> torch.Tensor:

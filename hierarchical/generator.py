@@ -60,7 +60,7 @@ from torchvision.ops.boxes import batched_nms, box_area
 from tqdm import tqdm
 
 from hierarchical.config import ConfigError, GeneratorConfig
-from hierarchical.decoder import SharedImageDecoder
+from hierarchical.decoder import SharedImageDecoder, default_micro_batch
 from hierarchical.encoding import build_records, encode_masks
 from hierarchical.grid import coverage_from_logits, layer_point_grids, layer_points_per_side, scale_points
 from hierarchical.reprompt import TwoRounds
@@ -68,6 +68,13 @@ from student_models.preprocessing import to_rgb
 
 # Per-candidate fields kept until NMS; "masks" is a list of HxW bool tensors (crop frame).
 _TENSOR_KEYS = ("iou_preds", "points", "stability_score", "boxes")
+
+
+def clock(device: torch.device) -> float:
+    """`time.perf_counter()` once `device` has finished its queued work (CUDA kernels run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 @dataclass
@@ -97,20 +104,20 @@ class GenerationTiming:
         )
 
 
-def _empty_candidates() -> MaskData:
+def _empty_candidates(device: torch.device) -> MaskData:
     return MaskData(
-        iou_preds=torch.zeros(0),
-        points=torch.zeros(0, 2, dtype=torch.float64),
-        stability_score=torch.zeros(0),
-        boxes=torch.zeros(0, 4, dtype=torch.int64),
+        iou_preds=torch.zeros(0, device=device),
+        points=torch.zeros(0, 2, dtype=torch.float64, device=device),
+        stability_score=torch.zeros(0, device=device),
+        boxes=torch.zeros(0, 4, dtype=torch.int64, device=device),
         masks=[],
     )
 
 
-def _concat(parts: list[MaskData]) -> MaskData:
+def _concat(parts: list[MaskData], device: torch.device) -> MaskData:
     """Concatenate candidate batches once (MaskData.cat re-copies and deep-copies on every call)."""
     if not parts:
-        return _empty_candidates()
+        return _empty_candidates(device)
     merged = MaskData(masks=[m for part in parts for m in part["masks"]])
     for key in parts[0]._stats:
         if key != "masks":
@@ -128,6 +135,9 @@ class HierarchicalMaskGenerator:
     point_coords ([[x, y]]), stability_score, crop_box (XYWH). `last_timing` holds the
     `GenerationTiming` of the latest call. `progress=True` shows a bar on stderr through each round's
     prompt batches (the decoder phase is most of the time).
+
+    The work runs on the model's device (CPU or CUDA): every tensor made here is made there, and
+    only the returned records' masks and fields are copied to the CPU.
     """
 
     def __init__(
@@ -139,6 +149,7 @@ class HierarchicalMaskGenerator:
         self.model = model
         self.progress = progress
         self.predictor = SamPredictor(model)
+        self.device = model.device
         cfg = self.config
         layers = (cfg.crop_n_layers, cfg.crop_n_points_downscale_factor)
         self.dense_grids = layer_point_grids(cfg.points_per_side, *layers)
@@ -161,9 +172,8 @@ class HierarchicalMaskGenerator:
         start = time.perf_counter()
         if self.config.min_mask_region_area > 0:
             data, masks = self._remove_small_regions(data, masks)
-        stacked = torch.stack(masks) if masks else torch.zeros(0, *image.shape[:2], dtype=torch.bool)
-        segmentations = encode_masks(stacked, self.config.output_mode)
-        areas = stacked.flatten(1).sum(1).numpy()
+        segmentations = encode_masks(masks, self.config.output_mode)
+        areas = masks.flatten(1).sum(1).numpy()
         data.to_numpy()
         records = build_records(
             segmentations,
@@ -179,27 +189,30 @@ class HierarchicalMaskGenerator:
         self.last_timing = self._timing
         return records
 
-    def _generate_masks(self, image: np.ndarray) -> tuple[MaskData, list[torch.Tensor]]:
-        """All crops -> (per-mask fields, HxW bool masks in the image frame), after the crop NMS."""
+    def _generate_masks(self, image: np.ndarray) -> tuple[MaskData, torch.Tensor]:
+        """All crops -> (per-mask fields, KxHxW bool masks in the image frame), after the crop NMS, on the CPU."""
         orig_size = image.shape[:2]
         cfg = self.config
         crop_boxes, layers = generate_crop_boxes(orig_size, cfg.crop_n_layers, cfg.crop_overlap_ratio)
         parts = [self._process_crop(image, box, i, orig_size) for box, i in zip(crop_boxes, layers, strict=True)]
-        data = _concat(parts)
-        start = time.perf_counter()
+        data = _concat(parts, self.device)
+        start = clock(self.device)
         if len(crop_boxes) > 1:
             # SAM: between crops, prefer masks from smaller crops.
             scores = 1 / box_area(data["crop_boxes"])
             keep = batched_nms(
                 data["boxes"].float(),
                 scores,
-                torch.zeros(len(data["boxes"])),
+                torch.zeros_like(scores),
                 iou_threshold=cfg.crop_nms_thresh,
             )
             data.filter(keep)
-        masks = data["masks"]
+        masks = torch.stack(data["masks"]) if data["masks"] else torch.zeros(0, *orig_size, dtype=torch.bool)
         del data["masks"]
-        self._timing.postprocess_s += time.perf_counter() - start
+        masks = masks.cpu()  # one copy of the survivors; RLE and the small-region clean-up run on the CPU
+        for key, value in data.items():
+            data[key] = value.cpu()
+        self._timing.postprocess_s += clock(self.device) - start
         return data, masks
 
     def _process_crop(
@@ -208,24 +221,25 @@ class HierarchicalMaskGenerator:
         x0, y0, x1, y1 = crop_box
         crop = image[y0:y1, x0:x1, :]
         crop_size = crop.shape[:2]
-        start = time.perf_counter()
+        start = clock(self.device)
         self.predictor.set_image(crop)
-        self._timing.encoder_s += time.perf_counter() - start
-        start = time.perf_counter()
+        self._timing.encoder_s += clock(self.device) - start
+        start = clock(self.device)
         _, no_mask_dense = self.model.prompt_encoder(points=None, boxes=None, masks=None)
+        micro_batch = self.config.decoder_micro_batch or default_micro_batch(self.device, self.config.points_per_batch)
         self._decoder = SharedImageDecoder(
             self.model.mask_decoder,
             self.predictor.features,
             self.model.prompt_encoder.get_dense_pe(),
             no_mask_dense,
-            micro_batch=self.config.decoder_micro_batch,
+            micro_batch=micro_batch,
         )
-        self._timing.decoder_s += time.perf_counter() - start
+        self._timing.decoder_s += clock(self.device) - start
 
         if self.config.hierarchical:
             rounds = self.rounds[layer_idx]
             sparse_points = rounds.sparse_points(crop_size)
-            coverage = torch.zeros(crop_size, dtype=torch.bool)
+            coverage = torch.zeros(crop_size, dtype=torch.bool, device=self.device)
             batches = self._prompt(sparse_points, crop_box, orig_size, "sparse round", coverage)
             self._timing.sparse_points += len(sparse_points)
             dense_points = rounds.second_points(sparse_points, coverage)
@@ -239,12 +253,12 @@ class HierarchicalMaskGenerator:
         self.predictor.reset_image()
         self._decoder = None
 
-        start = time.perf_counter()
-        data = _concat(batches)
+        start = clock(self.device)
+        data = _concat(batches, self.device)
         keep = batched_nms(
             data["boxes"].float(),
             data["iou_preds"],
-            torch.zeros(len(data["boxes"])),
+            torch.zeros_like(data["iou_preds"]),
             iou_threshold=self.config.box_nms_thresh,
         )
         data.filter(keep)
@@ -253,8 +267,10 @@ class HierarchicalMaskGenerator:
             data["masks"] = list(uncrop_masks(torch.stack(data["masks"]), crop_box, orig_h, orig_w))
         data["boxes"] = uncrop_boxes_xyxy(data["boxes"], crop_box)
         data["points"] = uncrop_points(data["points"], crop_box)
-        data["crop_boxes"] = torch.tensor([crop_box], dtype=torch.int64).repeat(len(data["masks"]), 1)
-        self._timing.postprocess_s += time.perf_counter() - start
+        data["crop_boxes"] = torch.tensor([crop_box], dtype=torch.int64, device=self.device).repeat(
+            len(data["masks"]), 1
+        )
+        self._timing.postprocess_s += clock(self.device) - start
         return data
 
     def _prompt(
@@ -270,12 +286,12 @@ class HierarchicalMaskGenerator:
         bar = tqdm(total=len(points), desc=round_name, unit="point", leave=False, disable=not self.progress)
         with bar:
             for (batch_points,) in batch_iterator(self.config.points_per_batch, points):
-                start = time.perf_counter()
+                start = clock(self.device)
                 low_res, iou_preds = self._decode(batch_points)
-                self._timing.decoder_s += time.perf_counter() - start
-                start = time.perf_counter()
+                self._timing.decoder_s += clock(self.device) - start
+                start = clock(self.device)
                 batches.append(self._filter_batch(low_res, iou_preds, batch_points, crop_box, orig_size, coverage))
-                self._timing.postprocess_s += time.perf_counter() - start
+                self._timing.postprocess_s += clock(self.device) - start
                 bar.update(len(batch_points))
         self._timing.points_prompted += len(points)
         return batches
@@ -302,7 +318,7 @@ class HierarchicalMaskGenerator:
         num_masks = low_res.shape[1]
         low_res = low_res.flatten(0, 1)
         iou_preds = iou_preds.flatten(0, 1)
-        point_t = torch.as_tensor(points.repeat(num_masks, axis=0))
+        point_t = torch.as_tensor(points.repeat(num_masks, axis=0), device=low_res.device)
         if cfg.pred_iou_thresh > 0.0:
             keep = iou_preds > cfg.pred_iou_thresh
             low_res, iou_preds, point_t = low_res[keep], iou_preds[keep], point_t[keep]
@@ -334,9 +350,9 @@ class HierarchicalMaskGenerator:
             )
         return MaskData(iou_preds=iou_preds, points=point_t, stability_score=stability, boxes=boxes, masks=list(masks))
 
-    def _remove_small_regions(self, data: MaskData, masks: list[torch.Tensor]) -> tuple[MaskData, list[torch.Tensor]]:
-        """SAM's `postprocess_small_regions` on binary masks (no RLE round trip); same result and order."""
-        if not masks:
+    def _remove_small_regions(self, data: MaskData, masks: torch.Tensor) -> tuple[MaskData, torch.Tensor]:
+        """SAM's `postprocess_small_regions` on KxHxW bool CPU masks (no RLE round trip); same result and order."""
+        if not len(masks):
             return data, masks
         min_area = self.config.min_mask_region_area
         new_masks, scores = [], []
@@ -358,4 +374,4 @@ class HierarchicalMaskGenerator:
                 masks[i] = stacked[i]
                 data["boxes"][i] = boxes[i]
         data.filter(keep)
-        return data, [masks[i] for i in keep.tolist()]
+        return data, masks[keep]

@@ -152,3 +152,12 @@ def test_an_unwritable_out_is_one_error_line_in_a_real_process(tmp_path):
         f"error: cannot write to the output folder {blocker / 'o'}: Not a directory; choose another --out"
     ]
     assert blocker.read_text() == "not a folder"
+
+
+def test_device_option(tmp_path, capsys):
+    path = tmp_path / "one.png"
+    Image.fromarray(synthetic_image(5, (32, 40))[0]).save(path)
+    assert main([str(path), "--out", str(tmp_path / "o"), *FAST, "--device", "cpu"]) == 0
+    with pytest.raises(SystemExit):
+        main([str(path), "--out", str(tmp_path / "o"), *FAST, "--device", "tpu"])
+    assert "--device: device 'tpu'" in capsys.readouterr().err

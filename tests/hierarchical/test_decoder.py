@@ -10,7 +10,7 @@ of the computed function (a dropped term, a wrong token, a scale error) stays wi
 import pytest
 import torch
 
-from hierarchical.decoder import SharedImageDecoder
+from hierarchical.decoder import CPU_MICRO_BATCH, SharedImageDecoder, default_micro_batch
 
 RELATIVE_TOLERANCE = 1e-5  # 16x the largest last-bit difference measured (6e-7, 2-prompt micro-batches)
 
@@ -52,3 +52,9 @@ def test_rejects_batched_images_and_bad_micro_batch(tiny_sam, image_embedding):
         SharedImageDecoder(tiny_sam.mask_decoder, image_embedding.expand(2, -1, -1, -1), image_pe, dense[:1])
     with pytest.raises(ValueError, match="micro_batch must be >= 2"):
         SharedImageDecoder(tiny_sam.mask_decoder, image_embedding, image_pe, dense[:1], micro_batch=1)
+
+
+def test_micro_batch_per_device():
+    assert default_micro_batch(torch.device("cpu"), 64) == CPU_MICRO_BATCH
+    assert default_micro_batch(torch.device("cuda", 0), 64) == 64  # one decoder call per prompt batch
+    assert default_micro_batch(torch.device("cuda", 0), 1) == 2  # never below the minimum
