@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The GPU check of issue 11, in one call from the repository root, under 6 minutes:
+#   1. every CUDA-path test (pytest -m cuda), then the tests that once failed on a GPU machine;
+#   2. a short GPU benchmark: tinyvit_5m encoder latency on CUDA (fp32 and bf16, batch 1 and 8),
+#      COCO AP and everything mode on 2 images with the model on CUDA, and a report of the records.
+# Logs, JUnit XML, JSON records and report.md go under $OUT (default ./gpu_check_out); summary.txt
+# there has one line per step. Each step has its own time limit, cut to what is left of the whole
+# budget, so a hanging step cannot push the run past 6 minutes. Without a GPU the tests still run
+# (the CUDA ones skip with their reason) and the benchmark steps are reported as skipped, not failed.
+# Exit status: 0 when no step failed or timed out. Use the Python environment of the project
+# (PYTHON=... to pick another interpreter); COCO_ROOT=DIR to benchmark on a COCO folder.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT="${OUT:-./gpu_check_out}"
+PYTHON="${PYTHON:-python}"
+BUDGET_S="${BUDGET_S:-340}" # of the 6 minutes: leaves time to start Python and write the summary
+START=$(date +%s)
+FAILED=0
+mkdir -p "$OUT/logs" "$OUT/records" || { echo "error: cannot create $OUT" >&2; exit 1; }
+: >"$OUT/summary.txt"
+
+note() { echo "$*" | tee -a "$OUT/summary.txt"; }
+
+# step NAME LIMIT_S COMMAND...: run COMMAND with at most LIMIT_S seconds (and never past the budget),
+# its output in logs/NAME.log; one summary line with status and seconds.
+step() {
+    local name=$1 limit=$2
+    shift 2
+    local left=$((BUDGET_S - ($(date +%s) - START)))
+    ((limit > left)) && limit=$left
+    if ((limit < 5)); then
+        note "$name: not run (the ${BUDGET_S} s budget is spent)"
+        FAILED=1
+        return
+    fi
+    local began=$(date +%s) rc
+    timeout --kill-after=10 "$limit" "$@" >"$OUT/logs/$name.log" 2>&1
+    rc=$?
+    local took=$(($(date +%s) - began)) status=passed
+    if ((rc == 124 || rc == 137)); then
+        status="TIMED OUT after ${limit} s"
+        FAILED=1
+    elif ((rc != 0)); then
+        status="FAILED (exit $rc)"
+        FAILED=1
+    fi
+    note "$name: $status in ${took} s ($(tail -n 1 "$OUT/logs/$name.log"))"
+}
+
+{
+    date -u +"%Y-%m-%dT%H:%M:%SZ"
+    git rev-parse --short HEAD 2>/dev/null
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+    "$PYTHON" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "gpus", torch.cuda.device_count())'
+    nproc
+} >"$OUT/environment.txt" 2>&1
+
+step tests-cuda 150 "$PYTHON" -m pytest -q -m cuda --junitxml="$OUT/junit-cuda.xml" tests
+step tests-once-failed-on-gpu 120 "$PYTHON" -m pytest -q --junitxml="$OUT/junit-once-failed.xml" \
+    tests/distill/test_train.py::test_torchrun_two_gloo_processes_match_one_process \
+    tests/benchmarks/test_latency.py tests/hierarchical/test_decoder.py tests/hierarchical/test_dense_equals_sam.py
+
+if ! "$PYTHON" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+    note "benchmark: skipped, PyTorch sees no CUDA GPU here"
+else
+    bench=("$PYTHON" -m benchmarks)
+    model=(--model tinyvit_5m --device cuda) # random weights: the timings hold, the AP does not
+    for batch in 1 8; do
+        step "latency-encoder-batch$batch" 45 "${bench[@]}" latency "${model[@]}" --components encoder \
+            --image-batch "$batch" --warmup 3 --repeats 20 --out "$OUT/records"
+    done
+    coco_root="${COCO_ROOT:-../shared/data/coco_val2017_tiny}"
+    if [[ ! -f "$coco_root/annotations/instances_val2017.json" ]]; then
+        coco_root="$OUT/synthetic_coco"
+        step synthetic-coco 30 "$PYTHON" -c \
+            "import sys; from benchmarks import write_synthetic_coco; write_synthetic_coco(sys.argv[1], num_images=2)" \
+            "$coco_root"
+    fi
+    step coco-2-images 60 "${bench[@]}" coco "${model[@]}" --coco-root "$coco_root" --max-images 2 \
+        --chunk-size 64 --out "$OUT/records"
+    step everything-2-images 75 "${bench[@]}" everything "${model[@]}" --coco-root "$coco_root" \
+        --max-images 2 --out "$OUT/records"
+    step report 30 "${bench[@]}" report --records "$OUT/records" --out "$OUT/report"
+fi
+
+note "total: $(($(date +%s) - START)) s; $([[ $FAILED == 0 ]] && echo "all steps passed" || echo "SOME STEPS FAILED")"
+note "logs, records and report under $OUT"
+exit "$FAILED"
