@@ -19,6 +19,7 @@ from distill.losses import (
     weighted_total,
 )
 from distill.model import DistillError, DistillStep, agreement, decode
+from distill.phases import PhaseTimer
 from distill.prompts import PromptSet, error_points, initial_prompts, noisy_boxes, sample_in_masks
 from distill.train import DistillResult, distill
 
@@ -29,6 +30,7 @@ __all__ = [
     "DistillResult",
     "DistillStep",
     "EmbeddingCache",
+    "PhaseTimer",
     "PromptSet",
     "agreement",
     "decode",
