@@ -37,7 +37,9 @@ from distill.runtime import choose_device
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`python -m distill`'s setting flags, the measured and skipped steps, and --out (the records folder)."""
-    add_settings(parser, leave_out=("out", "steps", "resume", "overwrite", "cache_only", "log_every"))
+    # What the benchmark sets itself: its own steps in a temporary run folder, no validation, one checkpoint.
+    fixed = ("out", "steps", "resume", "overwrite", "cache_only", "log_every", "checkpoint_every")
+    add_settings(parser, leave_out=(*fixed, "val_images", "val_fraction", "val_prompts_per_image"))
     parser.add_argument("--measure", type=int, default=5, help="steps measured (default 5)")
     parser.add_argument("--skip", type=int, default=1, help="first steps left out of the figures (default 1)")
     parser.add_argument("--out", required=True, help="folder for the JSON record")

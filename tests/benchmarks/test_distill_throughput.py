@@ -40,3 +40,6 @@ def test_bad_settings_are_one_error_line(tmp_path, capsys):
     assert main(["distill", "--batch-size", "0", "--out", str(tmp_path)]) == 1
     assert capsys.readouterr().err == "error: batch_size must be >= 1, got 0\n"
     assert not any(tmp_path.iterdir())
+    with pytest.raises(SystemExit):  # the benchmark sets these itself (no validation, its own steps)
+        main(["distill", "--val-images", "2", "--out", str(tmp_path)])
+    assert "unrecognized arguments: --val-images 2" in capsys.readouterr().err
