@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distill import DistillError
-from distill.__main__ import main
+from distill.__main__ import get_parser, main
 from distill.runtime import choose_device, setup_runtime
 
 
@@ -62,6 +62,12 @@ def test_device_cuda_without_a_gpu_is_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: device 'cuda': PyTorch sees no CUDA GPU here; use --device cpu"), err
     assert not (tmp_path / "teacher_cache").exists()
+
+
+def test_help_shows_device_and_what_it_means_under_torchrun():
+    text = " ".join(get_parser().format_help().split())
+    assert "--device DEVICE auto (CUDA when PyTorch sees a GPU, else CPU), cpu, cuda or cuda:N" in text
+    assert "under torchrun, auto and cuda give process r cuda:r" in text
 
 
 def test_misspelt_device_is_refused_by_the_config(tmp_path, capsys):
