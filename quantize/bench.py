@@ -11,12 +11,15 @@ docs/BENCHMARKS.md) to `--out`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import statistics
 import subprocess
 import time
+from collections.abc import Iterator
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +28,12 @@ import torch
 from quantize.calibration import box_prompt_loop, prepare_calibration
 from quantize.config import PTQConfig
 from quantize.fidelity import TorchSam, fidelity, median_latency_ms, run_model
+from quantize.modules import ActQuantizer, WeightQuantizer
 from quantize.onnx_export import export_onnx
 from quantize.onnx_runtime import OnnxSam
 from quantize.ort_baseline import ort_quantize_static
 from quantize.prompts import box_prompts
-from quantize.ptq import quantize_
+from quantize.ptq import quantize_, quantized_layers
 from student_models import build_sam
 from student_models.data import open_dataset
 from student_models.device import add_device_argument
@@ -53,8 +57,45 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per latency figure (median)")
     parser.add_argument("--skip-latency", action="store_true", help="fidelity only")
     parser.add_argument("--decoder-prompts", type=int, default=4, help="box prompts per decoder call in timing")
+    parser.add_argument(
+        "--float-groups",
+        nargs="+",
+        default=[],
+        type=_float_group,
+        metavar="NAME=PATTERN[,PATTERN]",
+        help="fidelity of the first method's 8-bit model with each group's layers (fnmatch) back in float",
+    )
+    parser.add_argument(
+        "--twin-convs-too",
+        action="store_true",
+        help="also quantize and export the first method with twin-uniform convolution inputs (PTQConfig.twin_convs)",
+    )
     add_device_argument(parser)
     return parser
+
+
+def _float_group(text: str) -> tuple[str, list[str]]:
+    name, _, patterns = text.partition("=")
+    if not name or not patterns:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATTERN[,PATTERN], got {text!r}")
+    return name, patterns.split(",")
+
+
+@contextlib.contextmanager
+def layers_in_float(sam: torch.nn.Module, patterns: list[str]) -> Iterator[None]:
+    """Switch off every quantizer of the quantized layers matching `patterns`, then restore them."""
+    layers = [layer for name, layer in quantized_layers(sam).items() if any(fnmatchcase(name, p) for p in patterns)]
+    if not layers:
+        raise ValueError(f"--float-groups patterns {patterns} match no quantized layer")
+    quantizers = [q for layer in layers for q in layer.modules() if isinstance(q, ActQuantizer | WeightQuantizer)]
+    saved = [q.enabled for q in quantizers]
+    for q in quantizers:
+        q.enabled = False
+    try:
+        yield
+    finally:
+        for q, enabled in zip(quantizers, saved, strict=True):
+            q.enabled = enabled
 
 
 def _git_commit() -> str:
@@ -124,23 +165,37 @@ def run(args: argparse.Namespace) -> dict:
         {"name": "float32 ONNX (ORT)", **fidelity(reference, run_model(OnnxSam(*files["float32"]), eval_items))}
     )
 
+    # (label, method, twin_convs): each method with the default config, and with --twin-convs-too the
+    # first method with twin-uniform convolution inputs as well (the default before issue 14).
+    variants = [(method, method, False) for method in args.methods]
+    if args.twin_convs_too:
+        variants.append((f"{args.methods[0]} twin-convs", args.methods[0], True))
     for bits in args.bits:
-        for method in args.methods:
+        for label, method, twin_convs in variants:
             sam = fresh()
             config = PTQConfig(
                 w_bits=bits, a_bits=bits, method=method, num_calib=args.num_calib, max_prompts=args.max_prompts,
                 num_alphas=args.num_alphas, rounds=args.rounds, keep_float=tuple(args.keep_float),
+                twin_convs=twin_convs,
             )  # fmt: skip
             start = time.time()
             quantize_(sam, config, box_prompt_loop(calib_items), model_name=args.model)
             seconds = time.time() - start
-            row = {"name": f"ours W{bits}A{bits} {method} (PyTorch, simulated)", "quantize_s": round(seconds, 1)}
+            row = {"name": f"ours W{bits}A{bits} {label} (PyTorch, simulated)", "quantize_s": round(seconds, 1)}
             records["fidelity"].append({**row, **fidelity(reference, run_model(TorchSam(sam), eval_items))})
-            if bits == 8 and method in (args.methods[0], "minmax"):  # the first method and the all-int8 baseline
-                result = export_onnx(sam, out, "int8", prefix=f"ours_{method}_")
-                key = f"ours INT8 {method}"
+            if bits == 8 and label == args.methods[0]:  # which layer types cost the most fidelity
+                for group, patterns in args.float_groups:
+                    with layers_in_float(sam, patterns):
+                        quantized = run_model(TorchSam(sam), eval_items)
+                    name = f"ours W8A8 {label}, {group} in float (PyTorch, simulated)"
+                    records["fidelity"].append({"name": name, **fidelity(reference, quantized)})
+            # Exported: the first method, the all-int8 baseline and the twin-convs comparison.
+            if bits == 8 and (method in (args.methods[0], "minmax") or twin_convs):
+                tag = label.replace(" ", "_")
+                result = export_onnx(sam, out, "int8", prefix=f"ours_{tag}_")
+                key = f"ours INT8 {label}"
                 files[key] = (Path(result.files["encoder"]), Path(result.files["decoder"]))
-                records[f"export_{method}"] = {
+                records[f"export_{tag}"] = {
                     "checks": [c.__dict__ for c in result.checks],
                     "int8_layers": len(result.int8_layers),
                     "simulated_layers": result.simulated_layers,
