@@ -55,6 +55,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-eval", type=int, default=2, help="held-out images for the fidelity summary")
     parser.add_argument("--no-twin", action="store_true", help="plain uniform quantization everywhere")
     parser.add_argument(
+        "--twin-convs", action="store_true", help="twin-uniform post-GELU inputs of convolutions too (slower in ORT)"
+    )
+    parser.add_argument(
         "--no-conv-outputs", action="store_true", help="leave convolution outputs unquantized (float Conv in ONNX)"
     )
     parser.add_argument("--no-export", action="store_true", help="skip the ONNX export")
@@ -72,6 +75,8 @@ def config_from_args(args: argparse.Namespace) -> PTQConfig:
     overrides = {key: value for key, value in given.items() if value is not None}
     if args.no_twin:
         overrides.update(twin_softmax=False, twin_gelu=False)
+    if args.twin_convs:
+        overrides.update(twin_convs=True)
     if args.no_conv_outputs:
         overrides.update(conv_outputs=False)
     return PTQConfig(**overrides)

@@ -1,5 +1,9 @@
 """Structural rewrites that make a SAM model quantizable, all numerically identical (up to float rounding).
 
+- `fuse_reparameterizable`: RepViT's token mixer (timm's ``RepVggDw``: a depthwise 3x3 conv + a
+  depthwise 1x1 conv + identity, then BatchNorm) becomes the one depthwise 3x3 conv it is at
+  inference (its own ``fuse()``, as RepViT and EdgeSAM deploy it): one quantized layer and one
+  integer kernel instead of three branches, each rounded on its own.
 - `fold_batchnorms`: Conv2d + BatchNorm2d pairs in an nn.Sequential (TinyViT's ``ConvBN``, timm's
   ``ConvNorm``) become one Conv2d with a bias and an Identity: the deployed graph has no BN, so the
   quantized weight must be the folded one.
@@ -17,6 +21,7 @@ import math
 import torch
 from segment_anything.modeling import image_encoder as sam_vit
 from segment_anything.modeling import transformer as sam_transformer
+from timm.models.repvit import RepVggDw
 from torch import nn
 
 from student_models.tiny_vit import MatMul
@@ -85,6 +90,21 @@ def install_attention_adapters(model: nn.Module) -> list[str]:
             set_submodule(model, name, adapter(module))
             replaced.append(name)
     return replaced
+
+
+# Blocks whose fuse() returns the single layer they compute at inference (timm's re-parameterization).
+REPARAMETERIZABLE = (RepVggDw,)
+
+
+@torch.no_grad()
+def fuse_reparameterizable(model: nn.Module) -> list[str]:
+    """Replace each re-parameterizable block by its fused layer (eval mode: BatchNorm statistics); returns the names."""
+    fused = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, REPARAMETERIZABLE):
+            set_submodule(model, name, module.fuse())
+            fused.append(name)
+    return fused
 
 
 @torch.no_grad()

@@ -5,8 +5,9 @@ forward_loop)` does: `loop(sam)` runs the calibration data through `sam` on the 
 device and yields, per batch, the task outputs (Bx4x256x256 mask logits, Bx4 IoU predictions).
 It is called once per pass (a probe of one batch, the float statistics pass, the output-quantizer
 pass), so each call must run the same data; it must not switch gradients off, and each batch needs
-its own forward pass (the Hessian metric backpropagates each batch's task loss). `box_prompt_loop` is the loop over prepared images with
-box prompts (`prepare_calibration`) that `quantize_` builds when given images.
+its own forward pass (the Hessian metric backpropagates each batch's task loss). `box_prompt_loop`
+is the loop over prepared images with box prompts (`prepare_calibration`) that `quantize_` builds
+when given images.
 
 `collect` runs the float model through the loop once with hooks on every quantizable layer and
 fills each layer's `LayerCalibrator`: the running max of every input (`MaxCalibrator`), and a

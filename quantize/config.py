@@ -22,6 +22,11 @@ class PTQConfig:
         alpha_min, alpha_max, num_alphas: the candidate grid s = alpha * max|x| / (2^(b-1) - 1).
         rounds: alternating weight/activation search rounds.
         twin_softmax, twin_gelu: two-range quantization of post-softmax / post-GELU inputs.
+        twin_convs: twin-uniform ranges for convolution inputs too. Off by default: in ONNX Runtime
+            a twin input of a convolution costs a transpose per range (1x1) or a float convolution
+            (depthwise, transposed), at the largest activations of a CNN stage, while the products of
+            the transformer blocks (Linear after GELU, attention after softmax) take their two ranges
+            as two integer products (docs/BENCHMARKS.md, issue 14).
         conv_outputs: also quantize the output of each non-pointwise convolution whose input is
             uniformly quantized (one more rounding per such layer; scale by output MSE over the
             alpha grid, min/max for "minmax"), so that ONNX Runtime runs it as an integer
@@ -48,6 +53,7 @@ class PTQConfig:
     rounds: int = 3
     twin_softmax: bool = True
     twin_gelu: bool = True
+    twin_convs: bool = False
     conv_outputs: bool = True
     max_split_exponent: int = 12
     keep_float: tuple[str, ...] = ()

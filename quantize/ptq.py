@@ -1,12 +1,12 @@
-"""`quantize_`: post-training quantization of a SAM model in place, from a few calibration images.
+"""`quantize_`: post-training quantization of a SAM model in place, from a calibration forward loop.
 
-Steps: fold BatchNorms and install the attention adapters (numerically identical rewrites); find
-the quantizable layers (Linear, Conv2d, ConvTranspose2d, MatMul) of the chosen parts, minus the
-keep-float patterns; find which inputs come straight from a Softmax or a GELU (twin-uniform
-candidates) with one probing pass; swap in quantized layers; run the float model through the
-calibration forward loop collecting statistics (and task-loss gradients for the Hessian metric); search
-each layer's scales; enable the quantizers. Layers never called during calibration (TinyViT's
-unused classification head) stay float.
+Steps: fuse re-parameterizable blocks, fold BatchNorms and install the attention adapters
+(numerically identical rewrites); find the quantizable layers (Linear, Conv2d, ConvTranspose2d,
+MatMul) of the chosen parts, minus the keep-float patterns; find which inputs come straight from a
+Softmax or a GELU (twin-uniform candidates) with one probing pass; swap in quantized layers; run
+the float model through the calibration forward loop collecting statistics (and task-loss
+gradients for the Hessian metric); search each layer's scales; enable the quantizers. Layers never
+called during calibration (TinyViT's unused classification head) stay float.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from segment_anything.modeling import Sam
 from torch import nn
 from tqdm import tqdm
 
-from quantize.adapters import fold_batchnorms, install_attention_adapters, set_submodule
+from quantize.adapters import fold_batchnorms, fuse_reparameterizable, install_attention_adapters, set_submodule
 from quantize.calibration import (
     ForwardLoop,
     box_prompt_loop,
@@ -33,7 +33,7 @@ from quantize.calibration import (
 )
 from quantize.config import PTQConfig
 from quantize.core import int_range
-from quantize.modules import QuantLayer, quantized_copy
+from quantize.modules import ActQuantizer, QuantLayer, quantized_copy
 from quantize.search import LayerSearchResult, search_layer, search_output_scale
 from student_models.checkpoints import guess_model
 from student_models.data import Sample
@@ -72,6 +72,7 @@ class QuantReport:
 
 def prepare_structure(sam: Sam) -> None:
     """The numerically identical rewrites every quantized model gets (also re-applied on load)."""
+    fuse_reparameterizable(sam)
     fold_batchnorms(sam)
     install_attention_adapters(sam)
 
@@ -116,7 +117,8 @@ def probe_input_kinds(sam: Sam, names: list[str], loop: ForwardLoop, config: PTQ
 
         def record(mod, inp, name=name):
             found = [produced.get(id(x), "uniform") for x in inp]
-            wanted = {"twin_softmax": twin and config.twin_softmax, "twin_gelu": twin and config.twin_gelu}
+            twin_here = twin and (config.twin_convs or not isinstance(mod, nn.Conv2d | nn.ConvTranspose2d))
+            wanted = {"twin_softmax": twin_here and config.twin_softmax, "twin_gelu": twin_here and config.twin_gelu}
             kinds[name] = [k if wanted.get(k, False) else "uniform" for k in found]
 
         handles.append(modules[name].register_forward_pre_hook(record))
@@ -190,6 +192,8 @@ def quantize_(
         }
         calibrator.reset()
     calibrate_output_quantizers(sam, report, loop, config)
+    for consumer, producer in share_requantized_scales(sam, loop).items():
+        report.layers[consumer.rpartition(".input_quants.")[0]]["input_scale_from"] = producer
     report.unused = unused
     sam.ptq_config, sam.quantized_model_name = config, model_name
     return report
@@ -218,6 +222,41 @@ def calibrate_output_quantizers(sam: Sam, report: QuantReport, loop: ForwardLoop
         quantizer.scale.copy_(alpha * amax / qmax)
         quantizer.enabled = True
         report.layers[name]["output_alpha"] = alpha
+
+
+@torch.no_grad()
+def share_requantized_scales(sam: Sam, loop: ForwardLoop) -> dict[str, str]:
+    """Give each input quantizer that receives another quantizer's output unchanged that quantizer's scale.
+
+    A convolution's output quantizer feeding the next layer directly (RepViT's stem into its first
+    token mixer, a strided depthwise conv into a 1x1 one) would round twice, to two grids; ONNX
+    Runtime merges such a DequantizeLinear -> QuantizeLinear pair into one rounding, so the graph
+    would compute something the simulation does not. On one grid the second rounding is exact.
+    Found from the loop's first batch; returns {consumer quantizer: producer quantizer}.
+    """
+    quantizers = {m: name for name, m in sam.named_modules() if isinstance(m, ActQuantizer) and m.enabled}
+    produced: dict[int, ActQuantizer] = {}
+    keep_alive = []
+    pairs: dict[ActQuantizer, ActQuantizer] = {}
+
+    def remember(quantizer, inputs, output):
+        produced[id(output)] = quantizer
+        keep_alive.append(output)
+
+    def find(quantizer, inputs):
+        producer = produced.get(id(inputs[0]))
+        if producer is not None and producer is not quantizer and quantizer.kind == "uniform":
+            pairs[quantizer] = producer
+
+    handles = [h for q in quantizers for h in (q.register_forward_hook(remember), q.register_forward_pre_hook(find))]
+    try:
+        next(iter(loop(sam)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    for consumer, producer in pairs.items():
+        consumer.scale.copy_(producer.scale)
+    return {quantizers[consumer]: quantizers[producer] for consumer, producer in pairs.items()}
 
 
 def quantized_layers(sam: nn.Module) -> dict[str, QuantLayer]:

@@ -12,6 +12,7 @@ import quantize.onnx_runtime
 from quantize.modules import ActQuantizer, QuantLayer, WeightQuantizer, quantized_copy
 from quantize.onnx_export import _export, check_int8, export_mode
 from quantize.onnx_runtime import count_kernels
+from quantize.ptq import share_requantized_scales
 
 
 class ConvBlock(nn.Module):
@@ -130,3 +131,34 @@ def test_convolutions_with_output_quantizer_run_as_qlinearconv(tmp_path):
     assert check.passed, check
     assert check.info["forced_quantizers"] == 4  # two inputs, two outputs
     assert count_kernels(path).get("QLinearConv", 0) == 2
+
+
+class ConvChain(nn.Module):
+    """3x3 conv (quantized output) straight into a depthwise 3x3 conv (quantized input and output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = quantized_copy(nn.Conv2d(8, 16, 3, padding=1), 8, 8, ["uniform"], conv_outputs=True)
+        self.conv2 = quantized_copy(nn.Conv2d(16, 16, 3, padding=1, groups=16), 8, 8, ["uniform"], conv_outputs=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.conv1(x))
+
+
+def test_a_quantizer_straight_after_another_shares_its_grid(tmp_path):
+    """ORT merges DequantizeLinear(s1) -> QuantizeLinear(s2) into one rounding: the check sees it, one grid fixes it."""
+    x = torch.randn(1, 8, 32, 32, generator=torch.Generator().manual_seed(3))
+    block = calibrated_block(x, ConvChain())
+    block.conv2.input_quants[0].scale.mul_(1.3)  # a second grid, as a separate scale search may choose
+    _, path, _, expected, float_out = export_block(block, x, tmp_path / "two_grids.onnx")
+    check = check_int8(block, path, (x,), ["x"], expected, float_out)
+    assert not check.passed and check.rel_diff["y.shipped_vs_instrumented.max"] > 1e-2, check
+
+    assert share_requantized_scales(block, lambda model: iter([model(x)])) == {
+        "conv2.input_quants.0": "conv1.output_quant"
+    }
+    assert block.conv2.input_quants[0].scale == block.conv1.output_quant.scale
+    _, path, _, expected, float_out = export_block(block, x, tmp_path / "one_grid.onnx")
+    check = check_int8(block, path, (x,), ["x"], expected, float_out)
+    assert check.passed, check

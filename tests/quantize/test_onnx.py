@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from quantize import OnnxSam, box_prompts, export_onnx, point_prompts
+from quantize import OnnxSam, PTQConfig, box_prompts, export_onnx, point_prompts, quantize_, quantized_layers
 from quantize.fidelity import TorchSam
+from quantize.modules import QuantConv2d
 from quantize.onnx_export import TOLERANCE
-from tests.helpers import tiny_model
+from tests.helpers import synthetic_image, tiny_model
+from tests.quantize.conftest import FAST
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +94,16 @@ def test_failed_export_leaves_no_shippable_file(exports, tmp_path, monkeypatch):
     result = export_onnx(sam, tmp_path, "float32", ort_format=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["decoder.onnx", "encoder.onnx", "export_float32.json"]
     assert result.files == {"encoder": str(tmp_path / "encoder.onnx"), "decoder": str(tmp_path / "decoder.onnx")}
+
+
+@pytest.mark.slow
+def test_repvit_m0_9_exports_and_passes_the_int8_check(tmp_path):
+    """EdgeSAM's CNN student, the real architecture with random weights (about 3 minutes on 2 busy cores)."""
+    sam = tiny_model("repvit_m0_9")
+    report = quantize_(sam, PTQConfig(method="minmax", **FAST), [synthetic_image(0)[0]], show_progress=False)
+    mixer = "image_encoder.backbone.stages_0.blocks.0.token_mixer"
+    assert isinstance(quantized_layers(sam)[mixer], QuantConv2d)  # RepVggDw's three branches: one depthwise conv
+    assert report.layers[mixer]["input_scale_from"] == "image_encoder.backbone.stem.conv2.c.output_quant"
+    result = export_onnx(sam, tmp_path, "int8", ort_format=False)
+    assert all(check.passed for check in result.checks), result.checks
+    assert result.ort_kernels["encoder"].get("QLinearConv", 0) >= 20, result.ort_kernels["encoder"]
