@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,7 @@ from segment_anything import SamAutomaticMaskGenerator
 from segment_anything.modeling import Sam
 from tqdm import tqdm
 
+from hierarchical.agreement import Agreement, agreement_with_sam
 from hierarchical.config import GeneratorConfig
 from hierarchical.generator import HierarchicalMaskGenerator, clock
 from hierarchical.reprompt import REPROMPT_RULES
@@ -29,6 +30,8 @@ HIERARCHICAL_METHODS = tuple(f"hierarchical-{rule}" for rule in REPROMPT_RULES)
 METHODS = ("sam", "dense", *HIERARCHICAL_METHODS)
 # A dense mask counts as found when the hierarchical mode returns a mask this close to it.
 RECALL_IOU = 0.9
+# The counts of `Agreement` that add up over images.
+AGREEMENT_COUNTS = tuple(f.name for f in fields(Agreement) if f.type == "int")
 
 
 class _ModuleTimer:
@@ -90,28 +93,6 @@ def _run_ours(model: Sam, config: GeneratorConfig, image: np.ndarray) -> tuple[l
     }
 
 
-def same_records(reference: list[dict], candidate: list[dict], score_atol: float = 1e-5) -> bool:
-    """True when two record lists hold the same masks, boxes, points and areas in the same order,
-    with scores equal to `score_atol` (COCO-RLE or uncompressed segmentations compare as given;
-    binary masks element-wise)."""
-    if len(reference) != len(candidate):
-        return False
-    for ref, cand in zip(reference, candidate, strict=True):
-        for key in ("area", "bbox", "point_coords", "crop_box"):
-            if ref[key] != cand[key]:
-                return False
-        for key in ("predicted_iou", "stability_score"):
-            if abs(ref[key] - cand[key]) > score_atol:
-                return False
-        seg_ref, seg_cand = ref["segmentation"], cand["segmentation"]
-        if isinstance(seg_ref, np.ndarray):
-            if not np.array_equal(seg_ref, seg_cand):
-                return False
-        elif seg_ref != seg_cand:
-            return False
-    return True
-
-
 def matched_mask_iou(reference: list[dict], candidate: list[dict]) -> dict[str, float | None]:
     """Agreement of `candidate` masks with `reference` masks (both with COCO-RLE segmentations).
 
@@ -171,7 +152,8 @@ def compare_generators(
     Returns:
         One flat record per image and method: image, method, seconds, encoder_s, decoder_s,
         postprocess_s, points_prompted, masks, the config as a dict; "dense" records carry
-        `identical_to_sam` (when SAM ran), hierarchical records `miou_vs_dense` and
+        `agrees_with_sam` and `agreement_with_sam` (`hierarchical.agreement`'s contract and its
+        counts of records and pixels, when SAM ran), hierarchical records `miou_vs_dense` and
         `recall90_vs_dense` (when dense ran).
     """
     unknown = sorted(set(methods) - set(METHODS))
@@ -198,7 +180,9 @@ def compare_generators(
             outputs[method] = masks
             record = {"image": name, "method": method, **timing, "masks": len(masks), "config": cfg.to_dict()}
             if method == "dense" and "sam" in outputs:
-                record["identical_to_sam"] = same_records(outputs["sam"], masks)
+                agreement = agreement_with_sam(model, image, outputs["sam"], masks, cfg)
+                record["agrees_with_sam"] = agreement.holds
+                record["agreement_with_sam"] = agreement.to_dict()
             if method in HIERARCHICAL_METHODS and "dense" in outputs:
                 agreement = matched_mask_iou(outputs["dense"], masks)
                 record["miou_vs_dense"] = agreement["miou"]
@@ -223,8 +207,11 @@ def summarize_comparison(records: list[dict[str, Any]]) -> dict[str, Any]:
         }
         points = [r["points_prompted"] for r in rows if r["points_prompted"] is not None]
         entry["points_prompted"] = float(np.mean(points)) if points else None
-        if method == "dense" and "identical_to_sam" in rows[0]:
-            entry["identical_to_sam"] = f"{sum(r['identical_to_sam'] for r in rows)}/{len(rows)}"
+        if method == "dense" and "agrees_with_sam" in rows[0]:
+            entry["agrees_with_sam"] = f"{sum(r['agrees_with_sam'] for r in rows)}/{len(rows)}"
+            counts = [r["agreement_with_sam"] for r in rows]
+            entry["agreement_with_sam"] = {key: sum(c[key] for c in counts) for key in AGREEMENT_COUNTS}
+            entry["agreement_with_sam"]["violations"] = sum(len(c["violations"]) for c in counts)
         if method in HIERARCHICAL_METHODS and "miou_vs_dense" in rows[0]:
             scored = [r for r in rows if r["miou_vs_dense"] is not None]
             for key in ("miou_vs_dense", "recall90_vs_dense"):
@@ -254,8 +241,14 @@ def comparison_table(summary: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for method, entry in summary["methods"].items():
-        if "identical_to_sam" in entry:
-            agreement = f"identical to SAM on {entry['identical_to_sam']} images"
+        if "agrees_with_sam" in entry:
+            counts = entry["agreement_with_sam"]
+            agreement = (
+                f"SAM's records under the contract on {entry['agrees_with_sam']} images: "
+                f"{counts['records_equal']} equal, {counts['records_borderline']} borderline, "
+                f"{counts['unpaired_borderline']} unpaired at a threshold, {counts['violations']} violations; "
+                f"{counts['pixels_differing']} of {counts['pixels_compared']} pixels differ"
+            )
         elif entry.get("miou_vs_dense") is not None:
             agreement = (
                 f"vs dense: mIoU {entry['miou_vs_dense']:.3f}, recall@{RECALL_IOU} {entry['recall90_vs_dense']:.3f} "

@@ -16,8 +16,8 @@ order: SAM's first-block projections see a non-contiguous input, so PyTorch runs
 then bias add (not a fused addmm), and so do we. The outputs equal `MaskDecoder.forward`'s to float
 rounding, and bit for bit wherever the float kernels give each output row the same bits whatever
 the number of rows (on our Intel Xeon build machine: micro-batches of 4 or more; not on every CPU).
-`tests/hierarchical/test_decoder.py` checks micro-batch sizes against SAM's batch to 1e-5 of the
-output's magnitude.
+`tests/hierarchical/test_decoder.py` checks micro-batch sizes against SAM's batch to `LOGIT_EPS` of the
+output's magnitude, the epsilon of the generator's contract (`hierarchical/agreement.py`).
 """
 
 from __future__ import annotations

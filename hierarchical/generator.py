@@ -1,13 +1,15 @@
 """`HierarchicalMaskGenerator`: SAM's automatic mask generator, done in a cheaper order, plus TinySAM's
 two-round (sparse, then uncovered dense) prompting.
 
-Dense mode (`hierarchical=False`) returns exactly what `segment_anything.SamAutomaticMaskGenerator`
-returns for the same model, image and settings (same masks, order, scores). It is faster because
-of the order of work, never by approximating:
+Dense mode (`hierarchical=False`) returns what `segment_anything.SamAutomaticMaskGenerator` returns
+for the same model, image and settings, under the contract of `hierarchical/agreement.py`: the same
+records except where float rounding meets a threshold (a pixel whose logit lies within a stated
+epsilon of the mask threshold, a score within a stated tolerance). It is faster because of the
+order of work, never by approximating:
 
 1. the crop is encoded once; the decoder's image-side work shared by all prompts is done once per
    crop, and the rest runs on micro-batches of a few prompts that fit in the CPU caches
-   (`hierarchical/decoder.py`: SAM's operations on the same values, bit-identical outputs);
+   (`hierarchical/decoder.py`: SAM's operations on the same values, equal to float rounding);
    filtering still follows SAM's own `points_per_batch` batches;
 2. masks failing the predicted-IoU filter are dropped on the 256x256 logits, *before* the bilinear
    upsampling to full resolution that dominates SAM's cost (SAM upsamples all 3 masks of every

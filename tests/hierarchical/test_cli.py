@@ -86,11 +86,12 @@ def test_compare_writes_records_and_table(tmp_path, capsys):
     methods = [r["method"] for r in result["records"]]
     assert methods == ["sam", "dense", "hierarchical-lattice"]
     dense = result["records"][1]
-    assert dense["identical_to_sam"] is True and dense["masks"] == 3
+    assert dense["agrees_with_sam"] is True and dense["masks"] == 3
+    assert dense["agreement_with_sam"]["records_equal"] + dense["agreement_with_sam"]["records_borderline"] == 3
     assert 0.0 <= result["records"][2]["miou_vs_dense"] <= 1.0
     assert "speedup_dense_vs_sam" in result["summary"]
     assert "| dense |" in (out / "compare.md").read_text()
-    assert "identical to SAM on 1/1 images" in capsys.readouterr().out
+    assert "SAM's records under the contract on 1/1 images: " in capsys.readouterr().out
 
 
 def test_progress_through_the_decoder_rounds_goes_to_stderr(tmp_path, capsys):

@@ -5,10 +5,10 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from hierarchical.compare import (
+    AGREEMENT_COUNTS,
     compare_generators,
     comparison_table,
     matched_mask_iou,
-    same_records,
     summarize_comparison,
 )
 
@@ -33,22 +33,6 @@ def test_matched_iou_takes_each_reference_masks_best_match():
     assert matched_mask_iou([], candidate) == {"miou": None, "recall90": None}
 
 
-def test_same_records_notices_any_difference():
-    record = {
-        "segmentation": np.eye(3, dtype=bool),
-        "area": 3,
-        "bbox": [0, 0, 2, 2],
-        "predicted_iou": 0.9,
-        "point_coords": [[1.0, 1.0]],
-        "stability_score": 0.95,
-        "crop_box": [0, 0, 3, 3],
-    }
-    assert same_records([record], [dict(record, predicted_iou=0.9 + 1e-7)])
-    assert not same_records([record], [dict(record, predicted_iou=0.91)])
-    assert not same_records([record], [dict(record, segmentation=~np.eye(3, dtype=bool))])
-    assert not same_records([record], [])
-
-
 def test_summary_means_and_speedups():
     rows = []
     for image in ("a", "b"):
@@ -70,7 +54,10 @@ def test_summary_means_and_speedups():
                     "masks": 3,
                 }
             )
-    rows[1]["identical_to_sam"] = rows[5]["identical_to_sam"] = True
+    for row, holds, differing in ((rows[1], True, 2), (rows[5], False, 5)):
+        counts = dict.fromkeys(AGREEMENT_COUNTS, 1)
+        row["agrees_with_sam"], row["agreement_with_sam"] = holds, dict(counts, pixels_differing=differing)
+        row["agreement_with_sam"]["violations"] = [] if holds else ["point (1.0, 2.0): a mask of area 3 in SAM only"]
     for row, miou, recall in zip(rows[2::4] + rows[3::4], (0.8, 0.6, 0.9, 0.7), (0.5, 0.3, 1.0, 0.0), strict=True):
         row["miou_vs_dense"], row["recall90_vs_dense"] = miou, recall
     for row, instances, miou in zip(rows[1::4], (3, 1), (0.5, 0.9), strict=True):  # dense, images a and b
@@ -80,13 +67,18 @@ def test_summary_means_and_speedups():
     assert summary["speedup_dense_vs_sam"] == pytest.approx(2.0)
     assert summary["speedup_hierarchical-lattice_vs_dense"] == pytest.approx(2.0)
     assert summary["speedup_hierarchical-tinysam_vs_sam"] == pytest.approx(8.0)
-    assert summary["methods"]["dense"]["identical_to_sam"] == "2/2"
+    assert summary["methods"]["dense"]["agrees_with_sam"] == "1/2"
+    assert summary["methods"]["dense"]["agreement_with_sam"] == dict(
+        dict.fromkeys(AGREEMENT_COUNTS, 2), pixels_differing=7, violations=1
+    )
     assert summary["methods"]["dense"]["miou_vs_gt"] == pytest.approx((3 * 0.5 + 0.9) / 4)  # pooled over instances
     lattice, tinysam = summary["methods"]["hierarchical-lattice"], summary["methods"]["hierarchical-tinysam"]
     assert lattice["miou_vs_dense"] == pytest.approx(0.7) and lattice["recall90_vs_dense"] == pytest.approx(0.4)
     assert tinysam["miou_vs_dense"] == pytest.approx(0.8) and tinysam["recall90_vs_dense"] == pytest.approx(0.5)
     assert (lattice["points_prompted"], tinysam["points_prompted"]) == (300, 200)
-    assert "recall@0.9 0.500 (2 images)" in comparison_table(summary)
+    table = comparison_table(summary)
+    assert "recall@0.9 0.500 (2 images)" in table
+    assert "contract on 1/2 images: 2 equal, 2 borderline, 2 unpaired at a threshold, 1 violations; 7 of 2" in table
 
 
 def test_unknown_method_is_named():
