@@ -80,6 +80,7 @@ def test_a_real_difference_breaks_the_contract(tiny_sam, case):
     for message, candidate in cases.items():
         agreement = check(tiny_sam, image, records, candidate)
         assert not agreement.holds and message in " ".join(agreement.violations), message
+        assert agreement.records_equal + agreement.records_borderline == 11  # all but the bad one
 
 
 def test_a_record_missing_at_a_threshold_is_borderline(tiny_sam, case):
