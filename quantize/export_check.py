@@ -81,6 +81,24 @@ def _graph_name(name: str, tensors: dict[str, list[str]]) -> str:
     return max(matches, key=len) if matches else name
 
 
+def twin_steps(
+    forced: list[torch.Tensor], own: tuple[torch.Tensor, ...], scales: tuple[torch.Tensor, torch.Tensor]
+) -> float:
+    """Largest difference between ORT's and PyTorch's twin-uniform values (low + high), in steps.
+
+    A value's step is that of the range it lies in (non-zero high part: the high range). A value
+    at the boundary that the two put in different ranges, after a last-bit difference upstream (a
+    softmax value at the split), counts in steps of the coarser of the two ranges: one step is
+    then a tie, as within a range; counted per part it would look like up to 2^(b-1) - 1 steps.
+    """
+
+    def step(parts) -> torch.Tensor:
+        return torch.where(parts[1] != 0, scales[1], scales[0])
+
+    unit = torch.maximum(step(forced), step(own))
+    return float(((forced[0] + forced[1]) - (own[0] + own[1])).abs().div(unit).max())
+
+
 @contextlib.contextmanager
 def forced_quantizers(
     module: nn.Module, tensors: dict[str, list[str]], values: dict[str, np.ndarray]
@@ -115,6 +133,8 @@ def forced_quantizers(
                 differs += int((forced != part).sum())
                 steps = max(steps, float(((forced - part).abs() / scale).max()))
                 forced_parts.append(forced)
+            if isinstance(own, tuple):
+                steps = twin_steps(forced_parts, parts, scales)
             key = name if call == 0 else f"{name}#{call}"
             stats[key] = {"mismatch": differs / sum(part.numel() for part in parts), "max_steps": steps}
             return tuple(forced_parts) if isinstance(own, tuple) else forced_parts[0]

@@ -9,6 +9,7 @@ from onnx import numpy_helper
 from torch import nn
 
 import quantize.onnx_runtime
+from quantize.export_check import twin_steps
 from quantize.modules import ActQuantizer, QuantLayer, WeightQuantizer, quantized_copy
 from quantize.onnx_export import _export, check_int8, export_mode
 from quantize.onnx_runtime import count_kernels
@@ -162,3 +163,16 @@ def test_a_quantizer_straight_after_another_shares_its_grid(tmp_path):
     _, path, _, expected, float_out = export_block(block, x, tmp_path / "one_grid.onnx")
     check = check_int8(block, path, (x,), ["x"], expected, float_out)
     assert check.passed, check
+
+
+def test_twin_steps_counts_a_boundary_tie_as_one_step_and_keeps_errors_within_a_range():
+    split = 2.0**-6
+    scales = (torch.tensor(split / 128), torch.tensor(1 / 127))  # a twin-softmax input's two ranges
+    zero = torch.zeros(1)
+    # ORT put a value at the split in the low range's top level, PyTorch in the high range (2 levels up).
+    ort = [torch.tensor([127 * split / 128]), zero]
+    own = (zero, torch.tensor([2 / 127]))
+    assert twin_steps(ort, own, scales) < 1.0
+    assert twin_steps([torch.tensor([10 * split / 128]), zero], (torch.tensor([12 * split / 128]), zero), scales) == (
+        pytest.approx(2.0)
+    )
