@@ -9,8 +9,8 @@ from importlib import import_module
 
 from quantize.checkpoint import load_quantized, read_quantized, save_quantized
 from quantize.config import PTQConfig
-from quantize.prompts import box_prompts, point_prompts
 from quantize.ptq import QuantReport, quantize_, quantized_layers
+from student_models.prompts import box_prompts, point_prompts
 
 _DEPLOYMENT = {
     "ExportCheckError": "quantize.onnx_export",

@@ -32,11 +32,11 @@ from quantize.modules import ActQuantizer, WeightQuantizer
 from quantize.onnx_export import ExportCheckError, export_onnx
 from quantize.onnx_runtime import OnnxSam
 from quantize.ort_baseline import ort_quantize_static
-from quantize.prompts import box_prompts
 from quantize.ptq import quantize_, quantized_layers
 from student_models import build_sam
 from student_models.data import open_dataset
 from student_models.device import add_device_argument
+from student_models.prompts import box_prompts
 
 
 def get_parser() -> argparse.ArgumentParser:

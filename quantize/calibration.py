@@ -29,10 +29,10 @@ from torch import nn
 from tqdm import tqdm
 
 from quantize.modules import ActQuantizer, QuantConv2d, QuantConvTranspose2d, QuantLayer, QuantLinear
-from quantize.onnx_modules import DecoderForExport
-from quantize.prompts import box_prompts
 from student_models.data import Sample
 from student_models.preprocessing import prepare_image
+from student_models.prompts import box_prompts
+from student_models.sam_runner import PointPromptDecoder
 
 
 @dataclass
@@ -58,7 +58,7 @@ def box_prompt_loop(items: list[CalibItem]) -> ForwardLoop:
 
     def loop(sam: nn.Module) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         device = model_device(sam)
-        decoder = DecoderForExport(sam)
+        decoder = PointPromptDecoder(sam)
         for item in items:
             embedding = sam.image_encoder(item.image.to(device))
             yield decoder(embedding, item.coords.to(device), item.labels.to(device))

@@ -19,7 +19,7 @@ import torch
 from segment_anything.modeling import Sam
 
 from quantize.calibration import CalibItem, model_device
-from quantize.onnx_modules import DecoderForExport
+from student_models.sam_runner import PointPromptDecoder
 
 
 class TorchSam:
@@ -27,7 +27,7 @@ class TorchSam:
 
     def __init__(self, sam: Sam) -> None:
         self.sam = sam.eval()
-        self.decoder = DecoderForExport(sam)
+        self.decoder = PointPromptDecoder(sam)
         self.device = model_device(sam)
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:

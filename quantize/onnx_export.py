@@ -37,7 +37,7 @@ from segment_anything.modeling import Sam
 
 from quantize.export_check import forced_quantizers, run_instrumented
 from quantize.modules import ActQuantizer, QuantConv2d, QuantConvTranspose2d, QuantLayer, WeightQuantizer
-from quantize.onnx_modules import DecoderForExport, EncoderForExport
+from quantize.onnx_modules import EncoderForExport
 from quantize.onnx_runtime import count_kernels, open_session, write_ort_format
 from quantize.qdq_graph import (
     fold_weight_quantization,
@@ -46,6 +46,7 @@ from quantize.qdq_graph import (
     quantize_conv_bias,
     unshare_weight_dequantize,
 )
+from student_models.sam_runner import PointPromptDecoder
 
 OPSET = 20
 # Agreement required between ORT and PyTorch, relative to the reference output's scale:
@@ -329,7 +330,7 @@ def _write_and_check(sam: Sam, out_dir: Path, precision: str, ort_format: bool, 
     image, coords, labels = probe_inputs()
     result = ExportResult(precision)
     result.int8_layers, result.simulated_layers, result.float_layers = layer_placement(sam, precision)
-    encoder, decoder = EncoderForExport(sam), DecoderForExport(sam)
+    encoder, decoder = EncoderForExport(sam), PointPromptDecoder(sam)
     float_enc = float_dec = None
     if precision == "int8":
         with export_mode(sam, "float32"):

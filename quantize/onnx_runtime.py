@@ -21,7 +21,7 @@ import onnx
 import onnxruntime as ort
 
 # Re-exported: callers (benchmarks) import the prompt helpers next to the runner that takes them.
-from quantize.prompts import box_prompts, point_prompts  # noqa: F401
+from student_models.prompts import box_prompts, point_prompts  # noqa: F401
 
 # ORT rewrites DequantizeLinear(int8 weight) -> MatMul with a float input (a layer whose input is left float) into
 # MatMulNBits, whose default accuracy level 4 quantizes that float input again, per block of 32 values,

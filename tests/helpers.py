@@ -19,7 +19,9 @@ requires_coco = pytest.mark.skipif(
     not (COCO_ROOT / "annotations" / "instances_val2017.json").is_file(),
     reason=f"needs the 80-image COCO subset at {COCO_ROOT} (only beside the project checkout)",
 )
-_skip_without_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (PyTorch sees none here)")
+_skip_without_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (PyTorch sees none here)"
+)
 
 
 def requires_cuda(test):

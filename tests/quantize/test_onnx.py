@@ -62,14 +62,14 @@ def test_onnx_sam_dynamic_prompts(exports, tmp_path):
 
 
 def test_decoder_graph_equals_sam_prompt_encoder_and_decoder():
-    from quantize.onnx_modules import DecoderForExport
+    from student_models.sam_runner import PointPromptDecoder
 
     sam = tiny_model("sam_vit_test")
     embedding = torch.randn(1, 256, 64, 64)
     boxes = torch.tensor([[10.0, 20, 400, 500], [0, 0, 1000, 700]])
     coords, labels = (torch.from_numpy(a) for a in box_prompts(boxes.numpy()))
     with torch.no_grad():
-        masks, iou = DecoderForExport(sam)(embedding, coords, labels)
+        masks, iou = PointPromptDecoder(sam)(embedding, coords, labels)
         sparse, dense = sam.prompt_encoder(points=None, boxes=boxes, masks=None)
         ref_masks, ref_iou = sam.mask_decoder.predict_masks(embedding, sam.prompt_encoder.get_dense_pe(), sparse, dense)
     torch.testing.assert_close(masks, ref_masks, rtol=0, atol=1e-5)

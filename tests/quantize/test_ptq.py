@@ -8,8 +8,8 @@ import torch
 from quantize import PTQConfig, load_quantized, quantize_, quantized_layers, save_quantized
 from quantize.calibration import box_prompt_loop, prepare_calibration
 from quantize.fidelity import TorchSam, fidelity, run_model
-from quantize.onnx_modules import DecoderForExport
 from student_models import CheckpointError, save_checkpoint
+from student_models.sam_runner import PointPromptDecoder
 from tests.helpers import synthetic_image, tiny_model
 from tests.quantize.conftest import FAST
 
@@ -98,7 +98,7 @@ def test_a_callers_forward_loop_drives_calibration():
     batches_run = []
 
     def loop(sam):
-        decoder = DecoderForExport(sam)
+        decoder = PointPromptDecoder(sam)
         for coords in points:
             batches_run.append(len(batches_run))
             yield decoder(sam.image_encoder(image), coords, labels)

@@ -1,4 +1,4 @@
-"""SAM's prompts as one labelled point list (numpy), the form the decoder graph takes.
+"""SAM's prompts as one labelled point list (numpy), the form `sam_runner.PointPromptDecoder` and its ONNX graph take.
 
 Boxes become their two corners with labels 2 and 3; points keep labels 1 (foreground) and 0
 (background) and get SAM's padding point (label -1) appended, as SAM's own ONNX model expects.
