@@ -180,7 +180,7 @@ def _everything(args: argparse.Namespace) -> None:
     )
     for r in records:
         agreement = {
-            k: r[k] for k in ("identical_to_sam", "miou_vs_dense", "recall90_vs_dense", "miou_vs_gt") if k in r
+            k: r[k] for k in ("agrees_with_sam", "miou_vs_dense", "recall90_vs_dense", "miou_vs_gt") if k in r
         }
         counts = f"{r['points_prompted']} points, {r['masks']} masks"
         print(f"{r['image']} {r['method']:20s}: {r['seconds']:.2f} s, {counts} {agreement}")
