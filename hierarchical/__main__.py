@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         model = build_sam(args["model"], checkpoint=args["checkpoint"]).to(args["device"])
     except (ConfigError, ImageError, CheckpointError, KeyError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 1
     try:
         return _run(args, model, config, paths, out_dir)
     except OSError as exc:  # e.g. the disk filled up: the files written so far are whole (atomic writes)
@@ -101,7 +101,7 @@ def _run(args: dict, model: torch.nn.Module, config: GeneratorConfig, paths: lis
             )
         except ConfigError as exc:  # the hierarchical method's settings, when --mode dense skipped their check
             print(f"error: {exc}", file=sys.stderr)
-            return 2
+            return 1
         summary = summarize_comparison(records)
         atomic_write_text(out_dir / "compare.json", json.dumps({"summary": summary, "records": records}, indent=1))
         table = comparison_table(summary)

@@ -61,16 +61,16 @@ def test_random_weights_repeat_with_the_seed(tmp_path):
 
 
 def test_argument_errors_are_clear(tmp_path, capsys):
-    assert main([str(tmp_path / "missing.png"), "--out", str(tmp_path / "o")]) == 2
+    assert main([str(tmp_path / "missing.png"), "--out", str(tmp_path / "o")]) == 1
     assert "missing.png: no such file or folder" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main([str(empty), "--out", str(tmp_path / "o")]) == 2
+    assert main([str(empty), "--out", str(tmp_path / "o")]) == 1
     assert "folder holds no image files" in capsys.readouterr().err
     (empty / "a.png").write_bytes(b"")
-    assert main([str(empty), "--out", str(tmp_path / "o"), "--points-per-side", "0"]) == 2
+    assert main([str(empty), "--out", str(tmp_path / "o"), "--points-per-side", "0"]) == 1
     assert "points_per_side must be a positive integer" in capsys.readouterr().err
-    assert main([str(empty), "--out", str(tmp_path / "o"), *FAST, "--reprompt-rule", "tinysam"]) == 2
+    assert main([str(empty), "--out", str(tmp_path / "o"), *FAST, "--reprompt-rule", "tinysam"]) == 1
     assert "reprompt_rule='tinysam' prompts a sparse grid of points_per_side // 4 = 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([str(empty), "--out", str(tmp_path / "o"), "--reprompt-rule", "sam"])
@@ -148,7 +148,7 @@ def test_an_unwritable_out_is_one_error_line_in_a_real_process(tmp_path):
     blocker.write_text("not a folder")
     command = [sys.executable, "-m", "hierarchical", str(path), "--out", str(blocker / "o"), *FAST]
     done = subprocess.run(command, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True)
-    assert done.returncode == 2
+    assert done.returncode == 1
     assert done.stderr.splitlines() == [
         f"error: cannot write to the output folder {blocker / 'o'}: Not a directory; choose another --out"
     ]
