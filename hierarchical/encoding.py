@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from pycocotools import mask as mask_utils
 from segment_anything.utils.amg import box_xyxy_to_xywh
+
+from student_models.masks import encode_rle
 
 
 def masks_to_uncompressed_rle(masks: torch.Tensor) -> list[dict[str, Any]]:
@@ -35,23 +36,12 @@ def masks_to_uncompressed_rle(masks: torch.Tensor) -> list[dict[str, Any]]:
     return out
 
 
-def masks_to_coco_rle(masks: torch.Tensor) -> list[dict[str, Any]]:
-    """KxHxW bool -> K compressed COCO RLEs with `counts` as str (JSON-ready), as SAM's `coco_encode_rle`."""
-    if masks.shape[0] == 0:
-        return []
-    stacked = np.asfortranarray(masks.permute(1, 2, 0).cpu().numpy().astype(np.uint8))
-    rles = mask_utils.encode(stacked)
-    for rle in rles:
-        rle["counts"] = rle["counts"].decode("utf-8")
-    return rles
-
-
 def encode_masks(masks: torch.Tensor, output_mode: str) -> list[Any]:
     """KxHxW bool -> K segmentations in SAM's `output_mode` ("binary_mask" gives HxW bool arrays)."""
     if output_mode == "binary_mask":
         return list(masks.cpu().numpy())
     if output_mode == "coco_rle":
-        return masks_to_coco_rle(masks)
+        return encode_rle(masks)
     if output_mode == "uncompressed_rle":
         return masks_to_uncompressed_rle(masks)
     raise ValueError(f"unknown output_mode {output_mode!r}")

@@ -19,6 +19,7 @@ import torch
 from segment_anything.modeling import Sam
 
 from quantize.calibration import CalibItem, model_device
+from student_models.masks import mask_iou
 from student_models.sam_runner import PointPromptDecoder
 
 
@@ -50,14 +51,6 @@ def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
     return float("inf") if noise == 0 else 10.0 * np.log10(signal / noise)
 
 
-def mask_iou(reference: np.ndarray, test: np.ndarray) -> float:
-    """Mean IoU of binarised masks (logit > 0) over all leading dims; empty-vs-empty counts as 1."""
-    a, b = reference > 0, test > 0
-    inter = (a & b).reshape(-1, a.shape[-2] * a.shape[-1]).sum(1)
-    union = (a | b).reshape(-1, a.shape[-2] * a.shape[-1]).sum(1)
-    return float(np.where(union > 0, inter / np.maximum(union, 1), 1.0).mean())
-
-
 @dataclass
 class Outputs:
     """Per image: embedding (1x256x64x64), mask logits (Bx4x256x256)."""
@@ -86,7 +79,9 @@ def fidelity(reference: Outputs, test: Outputs) -> dict[str, float]:
         "sqnr_mask_logits_db": float(
             np.mean([sqnr_db(r, t) for r, t in zip(reference.masks, test.masks, strict=True)])
         ),
-        "mask_iou": float(np.mean([mask_iou(r, t) for r, t in zip(reference.masks, test.masks, strict=True)])),
+        "mask_iou": float(
+            np.mean([mask_iou(r > 0, t > 0).mean() for r, t in zip(reference.masks, test.masks, strict=True)])
+        ),
     }
 
 

@@ -5,8 +5,9 @@ import pytest
 import torch
 from segment_anything.utils.amg import coco_encode_rle, mask_to_rle_pytorch, rle_to_mask
 
-from hierarchical.encoding import encode_masks, masks_to_coco_rle, masks_to_uncompressed_rle
+from hierarchical.encoding import encode_masks, masks_to_uncompressed_rle
 from hierarchical.overlay import render_overlay
+from student_models.masks import encode_rle
 
 
 @pytest.fixture
@@ -28,8 +29,8 @@ def test_uncompressed_rle_matches_sams(masks):
 
 
 def test_coco_rle_matches_sams(masks):
-    assert masks_to_coco_rle(masks) == [coco_encode_rle(rle) for rle in mask_to_rle_pytorch(masks)]
-    assert all(isinstance(rle["counts"], str) for rle in masks_to_coco_rle(masks))
+    assert encode_rle(masks) == [coco_encode_rle(rle) for rle in mask_to_rle_pytorch(masks)]
+    assert all(isinstance(rle["counts"], str) for rle in encode_rle(masks))
 
 
 def test_binary_mode_returns_the_masks_and_unknown_mode_is_named(masks):
