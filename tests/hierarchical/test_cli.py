@@ -162,3 +162,9 @@ def test_device_option(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(path), "--out", str(tmp_path / "o"), *FAST, "--device", "tpu"])
     assert "--device: device 'tpu'" in capsys.readouterr().err
+
+
+def test_help_shows_device(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0 and "--device" in capsys.readouterr().out
