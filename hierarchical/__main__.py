@@ -20,10 +20,10 @@ from hierarchical.compare import compare_generators, comparison_table, summarize
 from hierarchical.config import ConfigError, GeneratorConfig
 from hierarchical.generator import HierarchicalMaskGenerator
 from hierarchical.reprompt import REPROMPT_RULES
-from hierarchical.runner import collect_images, segment_files, writable_folder
+from hierarchical.runner import collect_images, segment_files
 from student_models import CheckpointError, build_sam
 from student_models.device import add_device_argument
-from student_models.io import atomic_write_text
+from student_models.io import atomic_write_text, writable_folder
 from student_models.preprocessing import ImageError
 
 _SETTINGS = {

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from tqdm import tqdm
 
 from hierarchical.generator import HierarchicalMaskGenerator
 from hierarchical.overlay import render_overlay
-from student_models.io import atomic_write, atomic_write_text
+from student_models.io import atomic_write, atomic_write_text, writable_folder
 from student_models.preprocessing import ImageError, list_image_files, load_image
 
 
@@ -42,20 +41,6 @@ class RunSummary:
             lines.append(f"no masks found in {len(self.without_masks)} image(s): {names}")
         lines += [f"failed: {message}" for message in self.failures.values()]
         return "\n".join(lines)
-
-
-def writable_folder(folder: str | os.PathLike) -> Path:
-    """Create `folder` and write a file in it, or raise OSError with one line that says why (before any long step)."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as exc:
-        raise OSError(
-            f"cannot write to the output folder {folder}: {exc.strerror or exc}; choose another --out"
-        ) from None
-    return folder
 
 
 def no_masks_line(name: str, generator: HierarchicalMaskGenerator) -> str:

@@ -13,7 +13,6 @@ import argparse
 import copy
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from quantize.ptq import quantize_
 from student_models import CheckpointError, build_sam, canonical_name
 from student_models.data import DatasetError, open_dataset
 from student_models.device import add_device_argument
-from student_models.io import atomic_write_text
+from student_models.io import atomic_write_text, writable_folder
 from student_models.preprocessing import ImageError
 
 # What a user can get wrong: shown as one "error:" line, exit 1.
@@ -80,17 +79,6 @@ def config_from_args(args: argparse.Namespace) -> PTQConfig:
     if args.no_conv_outputs:
         overrides.update(conv_outputs=False)
     return PTQConfig(**overrides)
-
-
-def writable_folder(path: Path) -> Path:
-    """Create `path` and check that files can be written in it, before any long step."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as exc:
-        raise OSError(f"cannot write to the output folder {path}: {exc.strerror}; choose another --out") from exc
-    return path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -96,3 +97,17 @@ def remove_stale_temp_files(folder: str | os.PathLike, pattern: str = ".*.tmp*")
                 candidate.unlink()
                 removed.append(candidate)
     return removed
+
+
+def writable_folder(folder: str | os.PathLike) -> Path:
+    """Create `folder` and write a file in it, or raise OSError with one line that says why (before any long step)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise OSError(
+            f"cannot write to the output folder {folder}: {exc.strerror or exc}; choose another --out"
+        ) from None
+    return folder
