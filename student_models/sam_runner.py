@@ -17,6 +17,7 @@ the choice among the multimask outputs and the upscaling to the image.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -163,16 +164,9 @@ class SamRunner:
         (prompt i is its points plus its box). ``multimask_output`` gives SAM's three masks per
         prompt, otherwise its single-mask output.
         """
-        if self.embedding is None or self.original_size is None:
-            raise RuntimeError("call set_image(image) before predict(...)")
-        coords, labels = self._prompt_list(point_coords, point_labels, boxes)
         tokens = slice(1, 4) if multimask_output else slice(0, 1)
         logits, iou = [], []
-        for start in range(0, coords.shape[0], self.chunk_size):
-            chunk = slice(start, start + self.chunk_size)
-            chunk_logits, chunk_iou = self.backend.decode(
-                self.embedding, coords[chunk].to(self.device), labels[chunk].to(self.device)
-            )
+        for chunk_logits, chunk_iou in self._decoded_chunks(point_coords, point_labels, boxes):
             logits.append(chunk_logits[:, tokens])
             iou.append(chunk_iou[:, tokens])
         low_res = torch.cat(logits)
@@ -184,24 +178,27 @@ class SamRunner:
 
         Upscales only the chosen mask of each chunk, so memory stays at one chunk of image-size masks.
         """
-        if self.embedding is None or self.original_size is None:
-            raise RuntimeError("call set_image(image) before predict_boxes(boxes)")
-        coords, labels = self._prompt_list(None, None, boxes)
         masks, scores = [], []
-        for start in range(0, coords.shape[0], self.chunk_size):
-            chunk = slice(start, start + self.chunk_size)
-            logits, iou = self.backend.decode(
-                self.embedding, coords[chunk].to(self.device), labels[chunk].to(self.device)
-            )
+        for logits, iou in self._decoded_chunks(None, None, boxes):
             best_iou, best = iou[:, 1:].max(dim=1)
             chosen = logits[:, 1:][torch.arange(len(best), device=best.device), best][:, None]
             masks.append(upscale_logits(chosen, self.input_size, self.original_size)[:, 0] > MASK_THRESHOLD)
             scores.append(best_iou)
         if not masks:
-            return torch.zeros((0, *self.original_size), dtype=torch.bool, device=self.device), torch.zeros(
-                0, device=self.device
-            )
+            empty = torch.zeros((0, *self.original_size), dtype=torch.bool, device=self.device)
+            return empty, torch.zeros(0, device=self.device)
         return torch.cat(masks), torch.cat(scores)
+
+    def _decoded_chunks(
+        self, point_coords: np.ndarray | None, point_labels: np.ndarray | None, boxes: np.ndarray | None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The back-end's (logits Cx4x256x256, IoU Cx4) for each chunk of at most `chunk_size` prompts."""
+        if self.embedding is None or self.original_size is None:
+            raise RuntimeError("call set_image(image) before predicting masks")
+        coords, labels = self._prompt_list(point_coords, point_labels, boxes)
+        for start in range(0, coords.shape[0], self.chunk_size):
+            chunk = slice(start, start + self.chunk_size)
+            yield self.backend.decode(self.embedding, coords[chunk].to(self.device), labels[chunk].to(self.device))
 
     def _prompt_list(
         self, point_coords: np.ndarray | None, point_labels: np.ndarray | None, boxes: np.ndarray | None
