@@ -3,13 +3,18 @@
 `DistillDataset` wraps any `student_models.data` dataset and the teacher cache. It does the
 per-image work (decode, resize, normalise, read the memory-mapped embedding, shrink the masks to
 the 256x256 low-res frame and the boxes to the 1024 frame) so DataLoader workers can do it. A
-corrupt image gives None, which `collate` drops.
+corrupt image gives None, which `Collate` drops.
+
+`Collate` turns a batch's items into one `DistillBatch` of stacked tensors, which the DataLoader
+pins (its `pin_memory` method) so that the copy to the GPU can overlap. It also makes each image's
+host-side prompt choices (which masks, box or point, how many corrective points; `distill.prompts`)
+and orders the images so that `DistillStep` can prompt and decode them in a few batched calls.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -18,7 +23,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from torch.utils.data import Dataset
 
 from distill.cache import EmbeddingCache
-from distill.prompts import LOWRES_STRIDE
+from distill.prompts import LOWRES_STRIDE, choose_masks, draw_iterations, image_keys, use_boxes
 from student_models import IMAGE_SIZE
 from student_models.data import SegmentationDataset
 from student_models.preprocessing import prepare_image
@@ -97,9 +102,108 @@ def stream_items(dataset: DistillDataset, rank: int = 0, world_size: int = 1) ->
             yield item
 
 
-def collate(items: list[DistillItem | None]) -> list[DistillItem]:
-    """Keep the readable items as a list (their masks differ in count, so they are not stacked)."""
-    return [item for item in items if item is not None]
+@dataclass
+class DistillBatch:
+    """B training images as stacked tensors, laid out for batched prompting.
+
+    The first M images have masks to prompt; box-prompted images come before point-prompted ones, and within
+    each kind images with more corrective points come first (`iterations`, descending), so that the images
+    still being prompted at any iteration, or finishing at it, are contiguous ranges. The last B - M images
+    have no masks (the embedding loss only).
+
+    image_ids: B names; indices: B int64 (dataset indices); images: Bx3x1024x1024 float32; teacher_embeddings:
+    Bx256x64x64; input_sizes: Bx2 int64 (h, w in the 1024 frame); keys: M int64 image keys (`image_keys`);
+    gt_masks: MxPx256x256 bool and gt_boxes: MxPx4 float32, the masks chosen for the P prompts of each image;
+    use_box, iterations: M host values, each image's first-prompt kind and corrective points.
+    """
+
+    image_ids: list[str]
+    indices: torch.Tensor
+    images: torch.Tensor
+    teacher_embeddings: torch.Tensor
+    input_sizes: torch.Tensor
+    keys: torch.Tensor
+    gt_masks: torch.Tensor
+    gt_boxes: torch.Tensor
+    use_box: list[bool]
+    iterations: list[int]
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    @property
+    def num_prompted(self) -> int:
+        """M: the images with masks to prompt."""
+        return len(self.iterations)
+
+    def _map_tensors(self, fn) -> DistillBatch:
+        return replace(
+            self, **{f.name: fn(v) for f in fields(self) if isinstance(v := getattr(self, f.name), torch.Tensor)}
+        )
+
+    def pin_memory(self) -> DistillBatch:
+        """Page-locked copies of the tensors (the DataLoader calls this when pin_memory=True)."""
+        return self._map_tensors(torch.Tensor.pin_memory)
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> DistillBatch:
+        return self._map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
+
+
+@dataclass(frozen=True)
+class Collate:
+    """DataLoader items -> one `DistillBatch` (None when no item is readable), with the epoch's prompt choices.
+
+    prompts_per_image: P, or None when the run uses no prompts (then every image counts as without masks);
+    box_prob, max_iters: as `DistillConfig.box_prob` and `max_prompt_iters` (0 without hard prompts).
+    """
+
+    seed: int
+    epoch: int
+    prompts_per_image: int | None
+    box_prob: float = 0.5
+    max_iters: int = 0
+
+    def __call__(self, items: list[DistillItem | None]) -> DistillBatch | None:
+        items = [item for item in items if item is not None]
+        if not items:
+            return None
+        prompted = [i for i, item in enumerate(items) if self.prompts_per_image and _has_masks(item)]
+        keys = image_keys(self.seed, self.epoch, torch.tensor([items[i].index for i in prompted], dtype=torch.int64))
+        boxes = use_boxes(keys, self.box_prob).tolist()
+        iterations = draw_iterations(keys, self.max_iters).tolist()
+        layout = sorted(range(len(prompted)), key=lambda j: (not boxes[j], -iterations[j], j))
+        unprompted = [i for i in range(len(items)) if i not in set(prompted)]
+        order = [prompted[j] for j in layout] + unprompted
+        items, keys = [items[i] for i in order], keys[layout]
+        masks, picked_boxes = _picked_masks(items[: len(prompted)], keys, self.prompts_per_image or 0)
+        return DistillBatch(
+            image_ids=[item.image_id for item in items],
+            indices=torch.tensor([item.index for item in items], dtype=torch.int64),
+            images=torch.stack([item.image for item in items]),
+            teacher_embeddings=torch.stack([item.teacher_embedding for item in items]),
+            input_sizes=torch.tensor([item.input_size for item in items], dtype=torch.int64),
+            keys=keys,
+            gt_masks=masks,
+            gt_boxes=picked_boxes,
+            use_box=[boxes[j] for j in layout],
+            iterations=[iterations[j] for j in layout],
+        )
+
+
+def _has_masks(item: DistillItem) -> bool:
+    return item.gt_masks is not None and len(item.gt_masks) > 0
+
+
+def _picked_masks(items: list[DistillItem], keys: torch.Tensor, num_prompts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GT masks (MxPx256x256 bool) and boxes (MxPx4) that the P prompts of each of M images start from."""
+    if not items:
+        return torch.zeros((0, num_prompts, LOWRES_SIDE, LOWRES_SIDE), dtype=torch.bool), torch.zeros(
+            (0, num_prompts, 4)
+        )
+    picks = choose_masks(keys, torch.tensor([len(item.gt_masks) for item in items]), num_prompts)
+    masks = torch.stack([torch.from_numpy(item.gt_masks)[pick] for item, pick in zip(items, picks, strict=True)])
+    boxes = torch.stack([torch.from_numpy(item.gt_boxes)[pick] for item, pick in zip(items, picks, strict=True)])
+    return masks, boxes.to(torch.float32)
 
 
 def split_indices(num_images: int, val_count: int, seed: int) -> tuple[list[int], list[int]]:

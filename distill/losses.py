@@ -3,6 +3,9 @@
 `weighted_total` reduces a dict of terms with the config's weights; every term is logged on its own.
 Shapes: embeddings Bx256x64x64; decoder tokens PxTx256; mask logits Px4x256x256 (all four mask
 tokens, low-res frame); IoU predictions Px4; per-prompt masks PxHxW.
+
+The prompt terms (token, output, GT) are vectors of P, one value per prompt, so that one call serves
+the prompts of many images: `DistillStep` averages them over each image's prompts, then over the batch.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ def embedding_loss(student: torch.Tensor, teacher: torch.Tensor) -> dict[str, to
 
 
 def token_loss(student_tokens: torch.Tensor, teacher_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-    """L1 between the two-way transformer's output tokens (PxTx256) for the same prompts."""
-    return {"token": F.l1_loss(student_tokens, teacher_tokens)}
+    """Per prompt (P), the L1 between the two-way transformer's output tokens (PxTx256) for the same prompts."""
+    return {"token": (student_tokens - teacher_tokens).abs().flatten(1).mean(1)}
 
 
 def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -52,39 +55,40 @@ def output_loss(
 ) -> dict[str, torch.Tensor]:
     """Per-prompt L1 on mask logits (Px4x256x256) plus L1 on IoU predictions (Px4), weighted by H (P).
 
-    Returns the mean over prompts of H_i * (mask_l1_i + iou_l1_i), and both parts unweighted for the log.
+    Returns per prompt (P) H_i * (mask_l1_i + iou_l1_i), and both parts unweighted for the log.
     """
     mask_l1 = (student_masks - teacher_masks).abs().flatten(1).mean(1)
     iou_l1 = (student_iou - teacher_iou).abs().mean(1)
     weights = torch.ones_like(mask_l1) if weights is None else weights
     return {
-        "output": (weights * (mask_l1 + iou_l1)).mean(),
-        "output_mask_l1": mask_l1.mean().detach(),
-        "output_iou_l1": iou_l1.mean().detach(),
+        "output": weights * (mask_l1 + iou_l1),
+        "output_mask_l1": mask_l1.detach(),
+        "output_iou_l1": iou_l1.detach(),
     }
 
 
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """1 - soft Dice per mask (PxHxW logits vs 0/1 targets), mean over masks."""
+    """1 - soft Dice per mask (PxHxW logits vs 0/1 targets) -> P."""
     probs = logits.sigmoid().flatten(1)
     targets = targets.flatten(1).float()
     numerator = 2 * (probs * targets).sum(1)
     denominator = probs.sum(1) + targets.sum(1)
-    return (1 - (numerator + 1) / (denominator + 1)).mean()
+    return 1 - (numerator + 1) / (denominator + 1)
 
 
 def gt_mask_loss(
     logits: torch.Tensor, gt_masks: torch.Tensor, focal_weight: float = 20.0, dice_weight: float = 1.0
 ) -> dict[str, torch.Tensor]:
-    """SAM's mask loss on the student's chosen masks (PxHxW logits vs bool GT): 20*focal + 1*dice."""
-    focal = sigmoid_focal_loss(logits, gt_masks.float(), alpha=0.25, gamma=2.0, reduction="mean")
+    """SAM's mask loss on the student's chosen masks (PxHxW logits vs bool GT), per prompt: 20*focal + 1*dice."""
+    focal = sigmoid_focal_loss(logits, gt_masks.float(), alpha=0.25, gamma=2.0, reduction="none").flatten(1).mean(1)
     dice = dice_loss(logits, gt_masks)
     return {"gt_mask": focal_weight * focal + dice_weight * dice, "gt_focal": focal.detach(), "gt_dice": dice.detach()}
 
 
 def gt_iou_loss(predicted_iou: torch.Tensor, masks: torch.Tensor, gt_masks: torch.Tensor) -> dict[str, torch.Tensor]:
-    """MSE between the predicted IoU (P) of the chosen masks and their actual IoU with the GT (PxHxW)."""
-    return {"gt_iou": F.mse_loss(predicted_iou, mask_iou(masks, gt_masks).detach())}
+    """Per prompt, the squared error of the predicted IoU (P) of the chosen masks against their actual IoU with the
+    GT (PxHxW)."""
+    return {"gt_iou": (predicted_iou - mask_iou(masks, gt_masks).detach()).square()}
 
 
 def weighted_total(terms: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:

@@ -9,6 +9,14 @@ output with the highest predicted IoU, otherwise mask token 0; this is SamPredic
 drives both the hard prompt sampling and HMW. The output loss compares all four mask tokens.
 The previous mask is not fed back as a dense prompt during the iterations (our choice: the paper
 does not say, and SAM's no-mask embedding keeps teacher and student on the same input).
+
+Batching: the prompts of all images of a batch are sampled together (`distill.prompts`) and decoded
+in few calls. At hard-prompt iteration t every prompt still being refined has t + 2 sparse tokens (a
+box's two corners stand where a point prompt has its first point and SAM's padding point), so one
+decoder call per model serves all images, whatever their prompt kind; the final pass makes one call
+per model for each distinct number of corrective points in the batch. The batch's layout
+(`distill.data.DistillBatch`) is known on the host beforehand, so the step never waits for the
+device: no `.item()`, no copies to the host.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from segment_anything.modeling import Sam
 from torch import nn
 
 from distill.config import DistillConfig
-from distill.data import DistillItem
+from distill.data import DistillBatch, DistillItem
 from distill.losses import (
     embedding_loss,
     gt_iou_loss,
@@ -35,12 +43,11 @@ from distill.losses import (
 from distill.phases import PhaseTimer
 from distill.prompts import (
     PromptSet,
-    choose_masks,
-    draw_iterations,
     error_points,
     initial_prompts,
+    prompt_keys,
     to_input_coords,
-    valid_lowres_region,
+    valid_lowres_regions,
 )
 from student_models import IMAGE_SIZE
 
@@ -51,46 +58,58 @@ class DistillError(RuntimeError):
 
 @dataclass
 class DecoderOutput:
-    """masks: Px4x256x256 logits (all mask tokens); iou: Px4; tokens: PxTx256 two-way transformer outputs."""
+    """masks: Rx4x256x256 logits (all mask tokens); iou: Rx4; tokens: RxTx256 two-way transformer outputs."""
 
     masks: torch.Tensor
     iou: torch.Tensor
     tokens: torch.Tensor
 
-    def chosen(self, multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(PxHxW logits, P predicted IoU) of each prompt's prediction (see the module docstring)."""
-        index = self.iou[:, 1:].argmax(1) + 1 if multimask else torch.zeros_like(self.iou[:, 0], dtype=torch.long)
+    def chosen(self, multimask: bool | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RxHxW logits, R predicted IoU) of each prompt's prediction (see the module docstring).
+
+        multimask: one flag for all R prompts, or R bools.
+        """
+        best = self.iou[:, 1:].argmax(1) + 1
+        if isinstance(multimask, bool):
+            index = best if multimask else torch.zeros_like(best)
+        else:
+            index = torch.where(multimask, best, 0)
         rows = torch.arange(len(index), device=index.device)
         return self.masks[rows, index], self.iou[rows, index]
 
 
-def decode(sam: Sam, embedding: torch.Tensor, prompts: PromptSet) -> DecoderOutput:
-    """Run SAM's prompt encoder and mask decoder on one 1x256x64x64 embedding for P prompts.
+def decode(sam: Sam, embeddings: torch.Tensor, prompts: PromptSet | Sequence[PromptSet]) -> DecoderOutput:
+    """SAM's prompt encoder and mask decoder for R prompts on I image embeddings (Ix256x64x64), in one call.
 
-    The decoder tokens are read with a forward hook on `mask_decoder.transformer` (its first output).
+    `prompts`: one PromptSet, or several whose rows, concatenated, are the R = I x Q prompts: Q consecutive
+    prompts per image, in the order of `embeddings`. The sets may be of different kinds (boxes, points) but
+    must have the same number of tokens per prompt. This is `MaskDecoder.predict_masks` with an image embedding
+    per prompt (SAM's repeats one embedding for all prompts), also returning the transformer's output tokens.
     """
-    device = embedding.device
-    points = None
-    if prompts.labels.shape[1] > 0:
-        points = (torch.from_numpy(prompts.points).to(device), torch.from_numpy(prompts.labels).to(device))
-    boxes = None if prompts.boxes is None else torch.from_numpy(prompts.boxes).to(device)
-    sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=None)
-    captured: dict[str, torch.Tensor] = {}
-
-    def keep_tokens(module: nn.Module, args: tuple, output: tuple[torch.Tensor, torch.Tensor]) -> None:
-        captured["hs"] = output[0]  # returning None leaves the transformer's output unchanged
-
-    handle = sam.mask_decoder.transformer.register_forward_hook(keep_tokens)
-    try:
-        masks, iou = sam.mask_decoder.predict_masks(
-            image_embeddings=embedding,
-            image_pe=sam.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-        )
-    finally:
-        handle.remove()
-    return DecoderOutput(masks.float(), iou.float(), captured["hs"].float())
+    sets = [prompts] if isinstance(prompts, PromptSet) else list(prompts)
+    rows = sum(p.num_prompts for p in sets)
+    if rows % len(embeddings) or len({p.num_tokens for p in sets}) != 1:
+        shapes = ", ".join(f"{p.num_prompts} prompts of {p.num_tokens} tokens" for p in sets)
+        raise ValueError(f"decode needs the same prompt count per embedding and token count per prompt: {shapes}")
+    encoder, decoder = sam.prompt_encoder, sam.mask_decoder
+    sparse = []
+    for p in sets:
+        points = (p.points, p.labels) if p.labels.shape[1] > 0 else None
+        sparse.append(encoder(points=points, boxes=p.boxes, masks=None)[0])
+    dense = encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)  # the prompt encoder's dense output without a mask
+    src = (embeddings + dense).repeat_interleave(rows // len(embeddings), dim=0)
+    image_pe = encoder.get_dense_pe().expand(rows, -1, -1, -1)
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight])[None].expand(rows, -1, -1)
+    tokens = torch.cat([output_tokens, _concat(sparse)], dim=1)
+    b, c, h, w = src.shape
+    hs, src = decoder.transformer(src, image_pe, tokens)
+    upscaled = decoder.output_upscaling(src.transpose(1, 2).view(b, c, h, w))
+    mask_tokens = hs[:, 1 : 1 + decoder.num_mask_tokens]
+    hyper_in = torch.stack([mlp(mask_tokens[:, i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], 1)
+    b, c, h, w = upscaled.shape
+    masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
+    iou = decoder.iou_prediction_head(hs[:, 0])
+    return DecoderOutput(masks.float(), iou.float(), hs.float())
 
 
 def check_embedding_shapes(student: torch.Tensor, teacher: torch.Tensor, student_name: str, teacher_name: str) -> None:
@@ -102,14 +121,49 @@ def check_embedding_shapes(student: torch.Tensor, teacher: torch.Tensor, student
         )
 
 
+@dataclass
+class _Part:
+    """Batch images first..first+len(iterations)-1 (P prompts each, iterations descending) and their prompts."""
+
+    first: int
+    iterations: list[int]
+    prompts: PromptSet
+
+    def split(self, iteration: int, per: int) -> tuple[_Part | None, _Part | None]:
+        """(the images refined further after `iteration`, those whose prompts are final at it)."""
+        going = sum(k > iteration for k in self.iterations)
+        rows = going * per
+        refined = _Part(self.first, self.iterations[:going], self.prompts.rows(0, rows)) if going else None
+        done = self.iterations[going:]
+        final = _Part(self.first + going, done, self.prompts.rows(rows, self.prompts.num_prompts)) if done else None
+        return refined, final
+
+
+def _concat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(list(tensors))
+
+
+def _take(parts: Sequence[_Part], tensor: torch.Tensor, per: int = 1) -> torch.Tensor:
+    """The rows of `tensor` (per image, or `per` per image) that belong to the images of `parts`, in order."""
+    return _concat([tensor[p.first * per : (p.first + len(p.iterations)) * per] for p in parts])
+
+
+def _multimask(parts: Sequence[_Part], per: int, device: torch.device) -> bool | torch.Tensor:
+    """Each prompt's multimask flag: one bool when the parts agree, else one per row."""
+    flags = {p.prompts.multimask for p in parts}
+    if len(flags) == 1:
+        return flags.pop()
+    return _concat([torch.full((p.prompts.num_prompts,), p.prompts.multimask, device=device) for p in parts])
+
+
 class DistillStep(nn.Module):
-    """forward(images Bx3x1024x1024, items) -> dict of loss terms (scalars), averaged over the B images."""
+    """forward(batch: a `DistillBatch` on the model's device) -> dict of loss terms (scalars), averaged over its
+    B images."""
 
     def __init__(self, student: Sam, teacher_heads: Sam, config: DistillConfig, use_prompts: bool) -> None:
         super().__init__()
         self.student, self.teacher = student, teacher_heads
         self.config, self.use_prompts = config, use_prompts
-        self.epoch = 0  # set by the training loop; seeds the prompts with (seed, epoch, image index)
         self.phases = PhaseTimer()  # disabled; `benchmarks distill` enables it to split a step's time by phase
 
     def train(self, mode: bool = True) -> DistillStep:
@@ -122,30 +176,26 @@ class DistillStep(nn.Module):
                     module.eval()
         return self
 
-    def forward(self, images: torch.Tensor, items: Sequence[DistillItem]) -> dict[str, torch.Tensor]:
+    def forward(self, batch: DistillBatch) -> dict[str, torch.Tensor]:
         cfg = self.config
         phase = self.phases.phase
         with phase("student_forward"):
-            student_emb = self.student.image_encoder(images)
-        with phase("data"):
-            teacher_emb = torch.stack([item.teacher_embedding for item in items]).to(student_emb.device)
+            student_emb = self.student.image_encoder(batch.images)
+        teacher_emb = batch.teacher_embeddings
         check_embedding_shapes(student_emb, teacher_emb, cfg.student, cfg.teacher)
         with phase("student_forward"):
             terms = embedding_loss(student_emb.float(), teacher_emb)
         if not self.use_prompts:
             return terms
-        per_image = [
-            self._prompt_terms(student_emb[i : i + 1], teacher_emb[i : i + 1], item) for i, item in enumerate(items)
-        ]
+        sums = self._prompt_terms(student_emb, teacher_emb, batch)
         for name in self.prompt_term_names():
             # Images without masks add zero, so the mean over B matches DDP's mean over ranks exactly,
             # and every rank reports the same names even when none of its images has a mask.
-            values = [t[name] for t in per_image if name in t]
-            terms[name] = torch.stack(values).sum() / len(items) if values else student_emb.new_zeros(()).float()
+            terms[name] = sums[name] / len(batch) if name in sums else student_emb.new_zeros((), dtype=torch.float32)
         return terms
 
     def prompt_term_names(self) -> list[str]:
-        """The names `_prompt_terms` returns for an image with masks, under this config."""
+        """The names `_prompt_terms` returns for a batch with masks, under this config."""
         cfg = self.config
         names = ["prompt_iters"] + (["token"] if cfg.token_loss else [])
         if cfg.output_loss:
@@ -153,81 +203,116 @@ class DistillStep(nn.Module):
         names += ["gt_mask", "gt_focal", "gt_dice"] if cfg.gt_mask_weight > 0 else []
         return names + (["gt_iou"] if cfg.gt_iou_weight > 0 else [])
 
-    def _prompt_terms(self, student_emb: torch.Tensor, teacher_emb: torch.Tensor, item: DistillItem) -> dict:
-        """Hard prompt iterations on one image, then the token/output/GT terms at the final prompts."""
+    def _prompt_terms(self, student_emb: torch.Tensor, teacher_emb: torch.Tensor, batch: DistillBatch) -> dict:
+        """Hard prompt iterations on the batch's M prompted images, then the token/output/GT terms at the final
+        prompts: each term summed over the images of its mean over the image's P prompts."""
         cfg = self.config
         phase = self.phases.phase
-        if item.gt_masks is None or len(item.gt_masks) == 0:
+        count, per = batch.num_prompted, cfg.prompts_per_image
+        if count == 0:
             return {}
         with phase("prompt_sampling"):
-            rng = np.random.default_rng([cfg.seed, self.epoch, item.index])
-            picked = choose_masks(len(item.gt_masks), cfg.prompts_per_image, rng)
-            gt_np, boxes = item.gt_masks[picked], item.gt_boxes[picked]
-            prompts = initial_prompts(gt_np, boxes, rng, cfg.box_prob, cfg.box_noise_frac, cfg.box_noise_max)
-            iterations = draw_iterations(rng, cfg.max_prompt_iters) if cfg.hard_prompts else 0
-            valid = valid_lowres_region(item.input_size)
-        with torch.no_grad():
-            for _ in range(iterations):
-                prompts = self._next_prompts(prompts, gt_np, student_emb.detach(), teacher_emb, valid, rng)
-            with phase("teacher_decoder"):
-                teacher_out = decode(self.teacher, teacher_emb, prompts)
-        with phase("student_forward"):
-            return self._final_terms(student_emb, teacher_out, prompts, gt_np, iterations)
+            keys = prompt_keys(batch.keys, per)
+            gt, boxes = batch.gt_masks.flatten(0, 1), batch.gt_boxes.flatten(0, 1)
+            valid = valid_lowres_regions(batch.input_sizes[:count]).repeat_interleave(per, dim=0)
+            boxed = sum(batch.use_box)  # box-prompted images come first (DistillBatch's layout)
+            parts = []
+            for first, stop, as_box in ((0, boxed, True), (boxed, count, False)):
+                if stop > first:
+                    rows = slice(first * per, stop * per)
+                    prompts = initial_prompts(
+                        gt[rows], boxes[rows], keys[rows], as_box, cfg.box_noise_frac, cfg.box_noise_max
+                    )
+                    parts.append(_Part(first, batch.iterations[first:stop], prompts))
+        rows = {"gt": gt, "valid": valid, "keys": keys}
+        sums: dict[str, torch.Tensor] = {}
+        for iteration in range(max(batch.iterations) + 1):
+            splits = [part.split(iteration, per) for part in parts]
+            final = [done for _, done in splits if done is not None]
+            if final:
+                for name, value in self._final_terms(student_emb, teacher_emb, final, rows, iteration).items():
+                    sums[name] = sums[name] + value if name in sums else value
+            parts = [going for going, _ in splits if going is not None]
+            if not parts:
+                break
+            with torch.no_grad():
+                self._add_points(parts, student_emb.detach(), teacher_emb, rows, iteration)
+        return sums
 
-    def _final_terms(self, student_emb, teacher_out: DecoderOutput, prompts: PromptSet, gt_np, iterations) -> dict:
-        """The student's decoder at the final prompts, and the token/output/GT terms against the teacher's."""
-        cfg = self.config
-        student_out = decode(self.student, student_emb, prompts)
-        gt = torch.from_numpy(gt_np).to(student_emb.device)
-        terms = {"prompt_iters": torch.tensor(float(iterations), device=gt.device)}
-        if cfg.token_loss:
-            terms.update(token_loss(student_out.tokens, teacher_out.tokens))
-        s_logits, s_iou = student_out.chosen(prompts.multimask)
-        if cfg.output_loss:
-            weights = None
-            if cfg.hmw:
-                t_logits, _ = teacher_out.chosen(prompts.multimask)
-                weights = hmw_weights(t_logits > 0, s_logits > 0, gt, cfg.hmw_eps)
-                terms["hmw_mean"] = weights.mean()
-            terms.update(output_loss(student_out.masks, teacher_out.masks, student_out.iou, teacher_out.iou, weights))
-        if cfg.gt_mask_weight > 0:
-            terms.update(gt_mask_loss(s_logits, gt, cfg.focal_weight, cfg.dice_weight))
-        if cfg.gt_iou_weight > 0:
-            terms.update(gt_iou_loss(s_iou, s_logits > 0, gt))
-        return terms
-
-    def _next_prompts(self, prompts, gt_np, student_emb, teacher_emb, valid, rng) -> PromptSet:
-        """Add one corrective point per prompt from the current error region (mode gt or disagreement)."""
+    def _final_terms(self, student_emb, teacher_emb, parts: list[_Part], rows: dict, iteration: int) -> dict:
+        """The decoders at the final prompts of `parts` (both models, one call each), and the token/output/GT terms
+        against the teacher's: each the sum over these images of its mean over the image's prompts."""
         cfg = self.config
         phase = self.phases.phase
+        per = cfg.prompts_per_image
+        prompts = [p.prompts for p in parts]
+        multimask = _multimask(parts, per, student_emb.device)
+        with torch.no_grad(), phase("teacher_decoder"):
+            teacher_out = decode(self.teacher, _take(parts, teacher_emb), prompts)
+        with phase("student_forward"):
+            student_out = decode(self.student, _take(parts, student_emb), prompts)
+            gt = _take(parts, rows["gt"], per)
+            terms = {"prompt_iters": gt.new_full((len(gt),), float(iteration), dtype=torch.float32)}
+            if cfg.token_loss:
+                terms.update(token_loss(student_out.tokens, teacher_out.tokens))
+            s_logits, s_iou = student_out.chosen(multimask)
+            if cfg.output_loss:
+                weights = None
+                if cfg.hmw:
+                    t_logits, _ = teacher_out.chosen(multimask)
+                    weights = hmw_weights(t_logits > 0, s_logits > 0, gt, cfg.hmw_eps)
+                    terms["hmw_mean"] = weights
+                terms.update(
+                    output_loss(student_out.masks, teacher_out.masks, student_out.iou, teacher_out.iou, weights)
+                )
+            if cfg.gt_mask_weight > 0:
+                terms.update(gt_mask_loss(s_logits, gt, cfg.focal_weight, cfg.dice_weight))
+            if cfg.gt_iou_weight > 0:
+                terms.update(gt_iou_loss(s_iou, s_logits > 0, gt))
+            return {name: value.view(-1, per).mean(1).sum() for name, value in terms.items()}
+
+    def _add_points(self, parts: list[_Part], student_emb, teacher_emb, rows: dict, iteration: int) -> None:
+        """Add one corrective point to every prompt of `parts` from its current error region (mode gt or
+        disagreement): one decoder call per model whose masks are needed."""
+        cfg = self.config
+        phase = self.phases.phase
+        per = cfg.prompts_per_image
+        prompts = [p.prompts for p in parts]
+        multimask = _multimask(parts, per, student_emb.device)
         need_student = cfg.prompt_mode == "disagreement" or cfg.prompt_source == "student"
         need_teacher = cfg.prompt_mode == "disagreement" or cfg.prompt_source == "teacher"
         student_mask = teacher_mask = None
         if need_student:
             with phase("student_forward"):
-                student_mask = decode(self.student, student_emb, prompts).chosen(prompts.multimask)[0] > 0
+                student_mask = decode(self.student, _take(parts, student_emb), prompts).chosen(multimask)[0] > 0
         if need_teacher:
             with phase("teacher_decoder"):
-                teacher_mask = decode(self.teacher, teacher_emb, prompts).chosen(prompts.multimask)[0] > 0
+                teacher_mask = decode(self.teacher, _take(parts, teacher_emb), prompts).chosen(multimask)[0] > 0
         with phase("prompt_sampling"):
             if cfg.prompt_mode == "disagreement":
-                prediction, target = student_mask.cpu().numpy(), teacher_mask.cpu().numpy()
+                prediction, target = student_mask, teacher_mask
             else:
-                prediction = (student_mask if cfg.prompt_source == "student" else teacher_mask).cpu().numpy()
-                target = gt_np
-            coords, labels = error_points(prediction, target, rng, valid, cfg.negative_points)
-            return prompts.add_points(coords, labels)
+                prediction = student_mask if cfg.prompt_source == "student" else teacher_mask
+                target = _take(parts, rows["gt"], per)
+            keys, valid = _take(parts, rows["keys"], per), _take(parts, rows["valid"], per)
+            coords, labels = error_points(prediction, target, keys, iteration, valid, cfg.negative_points)
+            start = 0
+            for part in parts:
+                stop = start + part.prompts.num_prompts
+                part.prompts = part.prompts.add_points(coords[start:stop], labels[start:stop])
+                start = stop
 
 
-def validation_prompts(item: DistillItem, max_prompts: int) -> PromptSet:
+def validation_prompts(item: DistillItem, max_prompts: int, device: torch.device | str = "cpu") -> PromptSet:
     """Fixed prompts for agreement: the exact GT boxes (first `max_prompts`), else a 3x3 point grid."""
     if item.gt_boxes is not None and len(item.gt_boxes) > 0:
-        boxes = item.gt_boxes[:max_prompts]
-        return PromptSet(np.zeros((len(boxes), 0, 2), np.float32), np.zeros((len(boxes), 0), np.float32), boxes)
+        boxes = torch.as_tensor(item.gt_boxes[:max_prompts], dtype=torch.float32, device=device)
+        empty = boxes.new_zeros((len(boxes), 0, 2))
+        return PromptSet(empty, empty[..., 0], boxes)
     height, width = (-(-s // 4) for s in item.input_size)
     ys, xs = np.meshgrid(np.linspace(0, height - 1, 5)[1:-1], np.linspace(0, width - 1, 5)[1:-1], indexing="ij")
-    yx = np.stack([ys.ravel(), xs.ravel()], 1).round().astype(np.int64)
-    return PromptSet(to_input_coords(yx)[:, None], np.ones((len(yx), 1), np.float32), None)
+    yx = torch.from_numpy(np.stack([ys.ravel(), xs.ravel()], 1).round().astype(np.int64)).to(device)
+    return PromptSet(to_input_coords(yx)[:, None], yx.new_ones((len(yx), 1), dtype=torch.float32), None)
 
 
 def image_blind_embedding(embedding: torch.Tensor, input_size: tuple[int, int]) -> torch.Tensor:
@@ -243,7 +328,8 @@ def agreement(student: Sam, teacher_heads: Sam, items: Iterable[DistillItem], ma
     """Sums over validation prompts/images of student-teacher agreement, for the caller to reduce and average.
 
     `items` is consumed one at a time and nothing of an item is kept after it is scored, so a stream
-    (`distill.data.stream_items`) keeps memory flat whatever the number of held-out images.
+    (`distill.data.stream_items`) keeps memory flat whatever the number of held-out images. The sums stay on
+    the device until the end (one host sync).
 
     Returns {"iou": sum of mask IoU (token 0, logits > 0, image area only), "blind_iou": the same for an
     image-blind student, "logit_l1": sum of the mean |student - teacher| token-0 logit gap in the image area,
@@ -256,19 +342,22 @@ def agreement(student: Sam, teacher_heads: Sam, items: Iterable[DistillItem], ma
     alone, and is the floor that a student's agreement should be read against.
     """
     device = next(student.parameters()).device
-    sums = dict.fromkeys(("iou", "blind_iou", "logit_l1", "prompts", "embedding_l1", "images"), 0.0)
+    names = ("iou", "blind_iou", "logit_l1", "embedding_l1")
+    sums = {name: torch.zeros((), dtype=torch.float64, device=device) for name in names}
+    counts = {"prompts": 0, "images": 0}
     for item in items:
         student_emb = student.image_encoder(item.image[None].to(device)).float()
         teacher_emb = item.teacher_embedding[None].to(device)
-        prompts = validation_prompts(item, max_prompts)
+        prompts = validation_prompts(item, max_prompts, device)
         s_logits = decode(student, student_emb, prompts).masks[:, 0]
         t_logits = decode(teacher_heads, teacher_emb, prompts).masks[:, 0]
         blind_logits = decode(teacher_heads, image_blind_embedding(teacher_emb, item.input_size), prompts).masks[:, 0]
-        valid = torch.from_numpy(valid_lowres_region(item.input_size)).to(device)
-        sums["iou"] += float(mask_iou((s_logits > 0) & valid, (t_logits > 0) & valid).sum())
-        sums["blind_iou"] += float(mask_iou((blind_logits > 0) & valid, (t_logits > 0) & valid).sum())
-        sums["logit_l1"] += float(((s_logits - t_logits).abs() * valid).flatten(1).sum(1).sum() / valid.sum())
-        sums["prompts"] += prompts.num_prompts
-        sums["embedding_l1"] += float((student_emb - teacher_emb).abs().mean())
-        sums["images"] += 1
-    return sums
+        valid = valid_lowres_regions(torch.tensor([item.input_size]))[0].to(device)
+        sums["iou"] += mask_iou((s_logits > 0) & valid, (t_logits > 0) & valid).sum()
+        sums["blind_iou"] += mask_iou((blind_logits > 0) & valid, (t_logits > 0) & valid).sum()
+        sums["logit_l1"] += ((s_logits - t_logits).abs() * valid).flatten(1).sum(1).sum() / valid.sum()
+        sums["embedding_l1"] += (student_emb - teacher_emb).abs().mean()
+        counts["prompts"] += prompts.num_prompts
+        counts["images"] += 1
+    values = torch.stack(list(sums.values())).tolist()
+    return {**dict(zip(names, values, strict=True)), **{name: float(n) for name, n in counts.items()}}

@@ -102,14 +102,44 @@ def barrier(runtime: Runtime) -> None:
         dist.barrier()
 
 
-def all_reduce_mean(values: dict[str, float], runtime: Runtime) -> dict[str, float]:
-    """Mean of each named float over ranks (a no-op on one process). Every rank must pass the same names."""
-    if not runtime.distributed or not values:
-        return values
-    names = sorted(values)
-    tensor = torch.tensor([values[n] for n in names], dtype=torch.float64, device=runtime.device)
-    dist.all_reduce(tensor)
-    return {n: float(v) / runtime.world_size for n, v in zip(names, tensor.tolist(), strict=True)}
+class StepMonitor:
+    """Each step's loss, gradient norm and loss terms, kept on the device and read on the host only when asked.
+
+    `read` is the training loop's one host sync (an all-reduce and one copy to the host) and the loop calls it
+    only at log, checkpoint and validation steps, so the steps in between queue their work without waiting
+    for the device. The first non-finite loss or gradient norm is remembered on the device, with its step and
+    values, and reported by the next `read`, which every rank reaches at the same step.
+    """
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.names: list[str] = []
+        self.values = self.first_bad = self.bad_values = None
+
+    def update(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+        """Record step `step` (counted from 1): no host sync."""
+        self.names = ["loss", "grad_norm", *terms]
+        values = torch.stack([v.detach().to(torch.float64) for v in (loss, grad_norm, *terms.values())])
+        if self.first_bad is None:
+            self.first_bad = torch.zeros((), dtype=torch.int64, device=values.device)
+            self.bad_values = torch.zeros_like(values)
+        first = (self.first_bad == 0) & ~torch.isfinite(values[:2]).all()
+        self.first_bad = torch.where(first, step, self.first_bad)
+        self.bad_values = torch.where(first, values, self.bad_values)
+        self.values = values
+
+    def read(self) -> tuple[dict[str, float], tuple[int, dict[str, float]] | None]:
+        """(the last step's values, each the mean over ranks; None, or where any rank went non-finite: (this rank's
+        first non-finite step, 0 if it was another rank's, and its values on this rank))."""
+        shared = torch.cat([self.values, (self.first_bad > 0).to(torch.float64)[None]])
+        if self.runtime.distributed:
+            dist.all_reduce(shared)
+        host = torch.cat([shared, self.first_bad.to(torch.float64)[None], self.bad_values]).tolist()
+        count = len(self.names)
+        means = {name: value / self.runtime.world_size for name, value in zip(self.names, host[:count], strict=True)}
+        if host[count] == 0:
+            return means, None
+        return means, (int(host[count + 1]), dict(zip(self.names, host[count + 2 :], strict=True)))
 
 
 def all_reduce_sum(values: list[float], runtime: Runtime) -> list[float]:

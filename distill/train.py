@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from distill.cache import EmbeddingCache, cache_root, fill_cache, fingerprint_fields
 from distill.config import DistillConfig
-from distill.data import DistillDataset, collate, split_indices, stream_items
+from distill.data import Collate, DistillDataset, split_indices, stream_items
 from distill.losses import weighted_total
 from distill.model import DistillError, DistillStep, agreement
 from distill.phases import PhaseTimer
@@ -48,7 +48,7 @@ from distill.run_folder import (
 )
 from distill.runtime import (
     Runtime,
-    all_reduce_mean,
+    StepMonitor,
     all_reduce_sum,
     barrier,
     rng_state,
@@ -288,73 +288,73 @@ def _distill(cfg: DistillConfig, rt: Runtime, phases: PhaseTimer) -> DistillResu
 
     # 5. The loop. Data order and prompts depend only on (seed, epoch, image), so a resumed or
     # multi-process run sees exactly the images and prompts of an uninterrupted single run.
+    # The host waits for the device only when it reads the step monitor: at log, checkpoint and validation
+    # steps (a NaN/inf is caught there, before any checkpoint or validation could use it).
     # The bar is closed (its line ended) however the loop ends, so an error message starts a line of its own.
+    monitor = StepMonitor(rt)
+    since = {"step": step, "images": 0, "time": time.perf_counter()}  # the previous log record
     with tqdm(total=total_steps, initial=step, desc="distill", disable=not rt.is_main) as progress:
         while step < total_steps:
             epoch, first_batch = divmod(step, batches_per_epoch)
             sampler.set_epoch(epoch)
-            model.epoch = epoch
             order = list(sampler)[first_batch * cfg.batch_size :]
+            iterations = cfg.max_prompt_iters if cfg.hard_prompts else 0
+            per_image = cfg.prompts_per_image if use_prompts else None
             loader = DataLoader(
                 train_set,
                 cfg.batch_size,
                 sampler=order,
-                collate_fn=collate,
+                collate_fn=Collate(cfg.seed, epoch, per_image, cfg.box_prob, iterations),
                 num_workers=cfg.num_workers,
-                pin_memory=rt.device.type == "cuda",
+                pin_memory=rt.device.type == "cuda",  # DistillBatch.pin_memory
             )
-            for items in phases.timed(loader, "data"):
-                tic = time.perf_counter()
-                if not items:
+            for batch in phases.timed(loader, "data"):
+                if batch is None:
                     raise DistillError(f"step {step + 1}: every image of the batch became unreadable after caching")
                 with phases.phase("data"):
-                    images = torch.stack([item.image for item in items]).to(rt.device, non_blocking=True)
+                    batch = batch.to(rt.device, non_blocking=True)
                 with torch.autocast(rt.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    terms = step_fn(images, items)
+                    terms = step_fn(batch)
                 with phases.phase("backward"):
                     loss = weighted_total(terms, weights)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                 with phases.phase("optimizer"):
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
-                # NaN/inf guard: every rank agrees before anyone stops, so none is left waiting.
-                bad = all_reduce_sum([float(not (torch.isfinite(loss) and torch.isfinite(grad_norm)))], rt)[0]
-                if bad:
-                    values = {k: v.item() for k, v in terms.items()}
-                    last = f"the last good checkpoint is {state_path}" if state_path.is_file() else "no checkpoint yet"
-                    raise DistillError(
-                        f"non-finite loss or gradient at step {step + 1} (loss={loss.item()}, "
-                        f"grad_norm={grad_norm.item()}, "
-                        f"terms={values}); stopped without updating the weights, {last}. Lower --lr or check the data, "
-                        f"then rerun with --resume."
-                    )
+                monitor.update(step + 1, loss, grad_norm, terms)
+                last_step, epoch_done = step + 1 == total_steps, (step + 1) % batches_per_epoch == 0
+                logged = (step + 1) % cfg.log_every == 0 or last_step
+                saved = (step + 1) % cfg.checkpoint_every == 0 or last_step
+                if logged or saved or epoch_done:
+                    record, bad = monitor.read()
+                    if bad is not None:
+                        raise _non_finite(bad, step + 1, state_path)
                 with phases.phase("optimizer"):
                     optimizer.step()
                     scheduler.step()
                 phases.end_step()
                 step += 1
-                record = all_reduce_mean({"loss": loss.item(), **{k: v.item() for k, v in terms.items()}}, rt)
-                seconds = time.perf_counter() - tic
-                record.update(
-                    step=step,
-                    epoch=epoch,
-                    lr=scheduler.get_last_lr()[0],
-                    grad_norm=float(grad_norm),
-                    step_seconds=seconds,
-                    images=len(items) * rt.world_size,
-                    images_per_second=len(items) * rt.world_size / seconds,
-                )
-                if step % cfg.log_every == 0 or step == total_steps:
-                    log.write(record)
-                progress.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in weights or k == "loss"})
+                since["images"] += len(batch) * rt.world_size
                 progress.update(1)
-                epoch_done = step % batches_per_epoch == 0
-                if epoch_done or step == total_steps:
+                if logged:
+                    seconds = time.perf_counter() - since["time"]
+                    record.update(
+                        step=step,
+                        epoch=epoch,
+                        lr=scheduler.get_last_lr()[0],
+                        step_seconds=seconds / (step - since["step"]),
+                        images=since["images"],
+                        images_per_second=since["images"] / seconds,
+                    )
+                    log.write(record)
+                    progress.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in weights or k == "loss"})
+                    since = {"step": step, "images": 0, "time": time.perf_counter()}
+                if epoch_done or last_step:
                     validate(epoch=epoch + 1)
-                if step % cfg.checkpoint_every == 0 or step == total_steps:
+                if saved:
                     metrics.update(step=step, loss=record["loss"])
                     _save_state(state_path, model, optimizer, scheduler, step, metrics, cfg, identity, rt)
-                if step == total_steps:
+                if last_step:
                     break
 
     # 6. The student, loadable with build_sam(cfg.student, checkpoint=...), and the run's records.
@@ -382,6 +382,22 @@ def _distill(cfg: DistillConfig, rt: Runtime, phases: PhaseTimer) -> DistillResu
         say(f"student checkpoint: {result_path}\nlog: {log.path}\nmetrics: {out / 'metrics.json'} {summary}")
     barrier(rt)
     return DistillResult(result_path, out, log.path, metrics, step)
+
+
+def _non_finite(bad: tuple[int, dict[str, float]], step: int, state_path: Path) -> DistillError:
+    """The error for a non-finite loss or gradient found by the step monitor at `step` (see `StepMonitor.read`)."""
+    first, values = bad
+    last = f"the last good checkpoint is {state_path}" if state_path.is_file() else "no checkpoint yet"
+    if first == 0:
+        where = f"on another process by step {step}"
+    else:
+        loss, grad_norm = values.pop("loss"), values.pop("grad_norm")
+        where = f"at step {first} (loss={loss}, grad_norm={grad_norm}, terms={values})"
+    stopped = "without updating the weights" if first == step else f"at step {step}, before any later checkpoint"
+    return DistillError(
+        f"non-finite loss or gradient {where}; stopped {stopped}, {last}. Lower --lr or check the data, then rerun "
+        f"with --resume."
+    )
 
 
 def _weights(checkpoint: str | None, seed: int) -> str:

@@ -1,4 +1,4 @@
-"""Each loss term against a few-line reference, and hard mask weighting's values."""
+"""Each loss term against a few-line reference, and hard mask weighting's values. Prompt terms are per prompt."""
 
 from __future__ import annotations
 
@@ -29,21 +29,23 @@ def test_embedding_and_token_l1_match_reference():
     reference = sum(abs(a - b) for a, b in zip(s.flatten().tolist(), t.flatten().tolist(), strict=True)) / s.numel()
     assert embedding_loss(s, t)["embedding"].item() == pytest.approx(reference, rel=1e-5)
     s, t = _rand(3, 7, 256, seed=3), _rand(3, 7, 256, seed=4)
-    assert token_loss(s, t)["token"].item() == pytest.approx((s - t).abs().mean().item(), rel=1e-6)
+    per_prompt = token_loss(s, t)["token"]
+    assert per_prompt.shape == (3,)
+    for i in range(3):
+        assert per_prompt[i].item() == pytest.approx((s[i] - t[i]).abs().mean().item(), rel=1e-6)
 
 
 def test_output_loss_weights_each_prompt():
     sm, tm = _rand(3, 4, 16, 16, seed=5), _rand(3, 4, 16, 16, seed=6)
     si, ti = _rand(3, 4, seed=7), _rand(3, 4, seed=8)
     weights = torch.tensor([0.2, 0.5, 0.9])
-    reference = 0.0
-    for i in range(3):  # the 10-line reference: per-prompt mask L1 + IoU L1, weighted, mean over prompts
+    terms = output_loss(sm, tm, si, ti, weights)
+    for i in range(3):  # the reference: per-prompt mask L1 + IoU L1, weighted
         mask_l1 = sum(abs(a - b) for a, b in zip(sm[i].flatten().tolist(), tm[i].flatten().tolist(), strict=True))
         iou_l1 = sum(abs(a - b) for a, b in zip(si[i].tolist(), ti[i].tolist(), strict=True))
-        reference += weights[i].item() * (mask_l1 / sm[i].numel() + iou_l1 / 4) / 3
-    terms = output_loss(sm, tm, si, ti, weights)
-    assert terms["output"].item() == pytest.approx(reference, rel=1e-5)
-    unweighted = output_loss(sm, tm, si, ti)["output"].item()
+        reference = weights[i].item() * (mask_l1 / sm[i].numel() + iou_l1 / 4)
+        assert terms["output"][i].item() == pytest.approx(reference, rel=1e-5)
+    unweighted = output_loss(sm, tm, si, ti)["output"].mean().item()
     assert unweighted == pytest.approx(((sm - tm).abs().mean() + (si - ti).abs().mean()).item(), rel=1e-5)
 
 
@@ -72,17 +74,15 @@ def test_gt_terms_match_reference():
     p, g = logits.sigmoid(), gt.float()
     ce = -(g * p.log() + (1 - g) * (1 - p).log())
     p_t = p * g + (1 - p) * (1 - g)
-    focal = ((0.25 * g + 0.75 * (1 - g)) * ce * (1 - p_t) ** 2).mean()
-    dice = (1 - (2 * (p * g).flatten(1).sum(1) + 1) / (p.flatten(1).sum(1) + g.flatten(1).sum(1) + 1)).mean()
+    focal = ((0.25 * g + 0.75 * (1 - g)) * ce * (1 - p_t) ** 2).flatten(1).mean(1)
+    dice = 1 - (2 * (p * g).flatten(1).sum(1) + 1) / (p.flatten(1).sum(1) + g.flatten(1).sum(1) + 1)
     terms = gt_mask_loss(logits, gt)
-    assert terms["gt_focal"].item() == pytest.approx(focal.item(), rel=1e-5)
-    assert dice_loss(logits, gt).item() == pytest.approx(dice.item(), rel=1e-5)
-    assert terms["gt_mask"].item() == pytest.approx(20 * focal.item() + dice.item(), rel=1e-5)
+    torch.testing.assert_close(terms["gt_focal"], focal, rtol=1e-5, atol=0)
+    torch.testing.assert_close(dice_loss(logits, gt), dice, rtol=1e-5, atol=0)
+    torch.testing.assert_close(terms["gt_mask"], 20 * focal + dice, rtol=1e-5, atol=0)
     predicted = torch.tensor([0.9, 0.1])
     actual = mask_iou(logits > 0, gt)
-    assert gt_iou_loss(predicted, logits > 0, gt)["gt_iou"].item() == pytest.approx(
-        ((predicted - actual) ** 2).mean().item(), rel=1e-6
-    )
+    torch.testing.assert_close(gt_iou_loss(predicted, logits > 0, gt)["gt_iou"], (predicted - actual) ** 2)
 
 
 def test_weighted_total_uses_only_weighted_terms():

@@ -1,4 +1,5 @@
-"""One DistillStep on a hand-built item: a student identical to its teacher has zero distillation loss."""
+"""DistillStep on hand-built items: a student identical to its teacher has zero distillation loss; a batch gives
+the mean of its images' terms alone; the batched decoder is SAM's."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from distill.config import DistillConfig
-from distill.data import DistillItem, lowres_masks, stream_items
+from distill.data import Collate, DistillItem, lowres_masks, stream_items
 from distill.model import DistillStep, agreement, decode, image_blind_embedding
 from distill.prompts import PromptSet
 from student_models.preprocessing import prepare_image
@@ -48,7 +49,7 @@ def test_identical_student_has_zero_distillation_loss(item_and_models, mode, sou
         seed=4,
     )
     step = DistillStep(student, teacher, config, use_prompts=True).eval()
-    terms = step(item.image[None], [item])
+    terms = step(Collate(config.seed, 0, 2, 0.0, 2)([item]))
     assert set(terms) == {"embedding", *step.prompt_term_names()}
     for name in ("embedding", "token", "output", "output_mask_l1", "output_iou_l1"):
         assert terms[name].item() == pytest.approx(0.0, abs=1e-6), name
@@ -60,15 +61,74 @@ def test_identical_student_has_zero_distillation_loss(item_and_models, mode, sou
     student.zero_grad(set_to_none=True)
 
 
-def test_decode_returns_all_tokens(item_and_models):
+def _sam_decoder(sam, embedding, prompts):
+    """SAM's own path (one image embedding for all prompts): the reference for `decode`."""
+    points = (prompts.points, prompts.labels) if prompts.labels.shape[1] else None
+    sparse, dense = sam.prompt_encoder(points=points, boxes=prompts.boxes, masks=None)
+    return sam.mask_decoder.predict_masks(embedding, sam.prompt_encoder.get_dense_pe(), sparse, dense)
+
+
+def test_decode_is_sams_decoder_for_one_image_and_for_many_at_once(item_and_models):
     student, _, item = item_and_models
-    prompts = PromptSet(np.array([[[100.0, 80.0]], [[10.0, 10.0]]], np.float32), np.ones((2, 1), np.float32), None)
+    points = PromptSet(torch.tensor([[[100.0, 80.0]], [[10.0, 10.0]]]), torch.ones(2, 1), None)
+    boxes = PromptSet(torch.zeros(2, 0, 2), torch.zeros(2, 0), torch.tensor([[0.0, 0, 64, 64], [30, 40, 500, 300]]))
+    embedding = item.teacher_embedding[None]
     with torch.no_grad():
-        out = decode(student, item.teacher_embedding[None], prompts)
+        out = decode(student, embedding, points)
+        masks, iou = _sam_decoder(student, embedding, points)
     assert out.masks.shape == (2, 4, 256, 256) and out.iou.shape == (2, 4)
     assert out.tokens.shape == (2, 5 + 2, 256)  # iou + 4 mask tokens + the point + SAM's padding point
-    logits, iou = out.chosen(multimask=True)
-    assert logits.shape == (2, 256, 256) and torch.equal(iou, out.iou[:, 1:].max(1).values)
+    torch.testing.assert_close(out.masks, masks, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.iou, iou, rtol=1e-5, atol=1e-5)
+    logits, chosen_iou = out.chosen(multimask=True)
+    assert logits.shape == (2, 256, 256) and torch.equal(chosen_iou, out.iou[:, 1:].max(1).values)
+    # Two images in one call, box prompts for the first and point prompts for the second (both 2 tokens each):
+    # each image's rows equal SAM's decoder on that image alone.
+    other = embedding.flip(-1)
+    with torch.no_grad():
+        both = decode(student, torch.cat([embedding, other]), [boxes, points])
+        first, second = _sam_decoder(student, embedding, boxes), _sam_decoder(student, other, points)
+    torch.testing.assert_close(both.masks, torch.cat([first[0], second[0]]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(both.iou, torch.cat([first[1], second[1]]), rtol=1e-5, atol=1e-5)
+    flags = torch.tensor([False, False, True, True])
+    logits, _ = both.chosen(flags)
+    torch.testing.assert_close(logits[:2], both.masks[:2, 0])
+    torch.testing.assert_close(logits[2:], both.masks[2 + torch.arange(2), both.iou[2:, 1:].argmax(1) + 1])
+    with pytest.raises(ValueError, match="same prompt count per embedding and token count per prompt"):
+        decode(student, embedding, [boxes, points.add_points(torch.zeros(2, 2), torch.ones(2))])
+
+
+@pytest.mark.parametrize(
+    "mode, source", [pytest.param("gt", "student", marks=pytest.mark.slow), ("disagreement", "student")]
+)
+def test_a_batch_gives_the_mean_of_its_images_alone(item_and_models, mode, source):
+    """Images of both prompt kinds and different numbers of corrective points, decoded together, give per image
+    the terms of a batch of that image alone (prompts depend only on the image): batching changes no result."""
+    student, teacher, item = item_and_models
+    student = tiny_model("tinyvit_test", seed=2)  # a student unlike its teacher, so the terms are not all zero
+    config = DistillConfig(
+        prompts_per_image=3,
+        max_prompt_iters=3,
+        prompt_mode=mode,
+        prompt_source=source,
+        gt_mask_weight=1.0,
+        gt_iou_weight=1.0,
+        seed=1,
+    )
+    items = [replace(item, index=i, image=item.image.roll(13 * i, dims=-1)) for i in range(3)]
+    items.append(replace(item, index=3, gt_masks=None, gt_boxes=None))  # no masks: the embedding loss only
+    collate = Collate(config.seed, 0, 3, 0.5, 3)
+    step = DistillStep(student, teacher, config, use_prompts=True).eval()
+    batch = collate(items)
+    assert set(batch.use_box) == {True, False} and len(set(batch.iterations)) > 1  # the cases worth batching
+    with torch.no_grad():
+        together = step(batch)
+        alone = [step(collate([one])) for one in items]
+    assert set(together) == {"embedding", *step.prompt_term_names()}
+    for name, value in together.items():
+        mean = sum(terms[name] for terms in alone) / len(items)
+        torch.testing.assert_close(value, mean, rtol=2e-5, atol=1e-6, msg=name)
+    assert together["prompt_iters"].item() == pytest.approx(sum(batch.iterations) / len(items))
 
 
 def test_agreement_counts_an_identical_student_as_perfect_and_reports_the_image_blind_floor(item_and_models):
