@@ -61,10 +61,7 @@ class GeneratorConfig:
         if micro_batch is not None and (isinstance(micro_batch, bool) or not isinstance(micro_batch, int)):
             raise ConfigError(f"decoder_micro_batch must be an integer or None, got {micro_batch!r}")
         if micro_batch is not None and micro_batch < MIN_MICRO_BATCH:
-            raise ConfigError(
-                f"decoder_micro_batch must be >= {MIN_MICRO_BATCH} (a single prompt per decoder call changes the "
-                f"outputs' last bits), got {self.decoder_micro_batch}"
-            )
+            raise ConfigError(f"decoder_micro_batch must be >= {MIN_MICRO_BATCH}, got {self.decoder_micro_batch}")
         for name in ("crop_n_layers", "min_mask_region_area"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

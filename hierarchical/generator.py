@@ -8,13 +8,16 @@ epsilon of the mask threshold, a score within a stated tolerance). It is faster 
 order of work, never by approximating:
 
 1. the crop is encoded once; the decoder's image-side work shared by all prompts is done once per
-   crop, and the rest runs on micro-batches of a few prompts that fit in the CPU caches
-   (`hierarchical/decoder.py`: SAM's operations on the same values, equal to float rounding);
-   filtering still follows SAM's own `points_per_batch` batches;
-2. masks failing the predicted-IoU filter are dropped on the 256x256 logits, *before* the bilinear
-   upsampling to full resolution that dominates SAM's cost (SAM upsamples all 3 masks of every
-   point first); bilinear upsampling treats every mask plane on its own, so the survivors' full
-   resolution logits, stability scores and binary masks are the same numbers;
+   crop, its attentions fold the projections of the 4096 image tokens into the 7 prompt tokens, and
+   it runs on micro-batches of a few prompts that fit in the CPU caches (`hierarchical/decoder.py`:
+   the same function as SAM's decoder, equal to float rounding); filtering still follows SAM's own
+   `points_per_batch` batches;
+2. the predicted-IoU filter runs inside the decoder, before its mask head: a prompt none of whose
+   3 masks passes skips the mask head (two transposed convolutions over 64x64 -> 256x256), and the
+   masks that fail it are never upsampled to full resolution, which dominates SAM's post-processing
+   (SAM computes and upsamples all 3 masks of every point first); upsampling treats every mask plane
+   on its own, so the survivors' full resolution logits, stability scores and binary masks are the
+   same numbers;
 3. binary masks of the candidates are kept instead of run-length encoding each one; only the masks
    that survive NMS are encoded, once, straight into the requested output form (SAM encodes every
    candidate to RLE and decodes the survivors again for `binary_mask` output). The price is
@@ -289,42 +292,38 @@ class HierarchicalMaskGenerator:
         with bar:
             for (batch_points,) in batch_iterator(self.config.points_per_batch, points):
                 start = clock(self.device)
-                low_res, iou_preds = self._decode(batch_points)
+                prompt_ids, low_res, iou_preds = self._decode(batch_points)
                 self._timing.decoder_s += clock(self.device) - start
                 start = clock(self.device)
-                batches.append(self._filter_batch(low_res, iou_preds, batch_points, crop_box, orig_size, coverage))
+                point_t = torch.as_tensor(batch_points, device=self.device)[prompt_ids]
+                batches.append(self._filter_batch(low_res, iou_preds, point_t, crop_box, orig_size, coverage))
                 self._timing.postprocess_s += clock(self.device) - start
                 bar.update(len(batch_points))
         self._timing.points_prompted += len(points)
         return batches
 
-    def _decode(self, points: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bx2 crop-frame points -> (Bx3x256x256 low-res logits, Bx3 predicted IoU), as SAM's predictor."""
+    def _decode(self, points: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Bx2 crop-frame points -> the multimask outputs that pass SAM's predicted-IoU filter, in SAM's
+        order: (K prompt indices into `points`, Kx256x256 low-res logits, K predicted IoUs)."""
         transformed = self.predictor.transform.apply_coords(points, self.predictor.original_size)
         coords = torch.as_tensor(transformed, device=self.predictor.device)
         labels = torch.ones(coords.shape[0], dtype=torch.int, device=coords.device)
         sparse, _ = self.model.prompt_encoder(points=(coords[:, None, :], labels[:, None]), boxes=None, masks=None)
-        return self._decoder(sparse, multimask_output=True)
+        prompt_ids, _, low_res, iou_preds = self._decoder.decode(sparse, self.config.pred_iou_thresh)
+        return prompt_ids, low_res, iou_preds
 
     def _filter_batch(
         self,
         low_res: torch.Tensor,
         iou_preds: torch.Tensor,
-        points: np.ndarray,
+        point_t: torch.Tensor,
         crop_box: list[int],
         orig_size: tuple[int, ...],
         coverage: torch.Tensor | None,
     ) -> MaskData:
-        """SAM's per-batch filters with the IoU filter moved before the upsampling."""
+        """SAM's per-batch filters after the predicted-IoU filter (done by the decoder, before any upsampling)
+        on the K surviving masks' Kx256x256 logits, K IoUs and Kx2 points."""
         cfg = self.config
-        num_masks = low_res.shape[1]
-        low_res = low_res.flatten(0, 1)
-        iou_preds = iou_preds.flatten(0, 1)
-        point_t = torch.as_tensor(points.repeat(num_masks, axis=0), device=low_res.device)
-        if cfg.pred_iou_thresh > 0.0:
-            keep = iou_preds > cfg.pred_iou_thresh
-            low_res, iou_preds, point_t = low_res[keep], iou_preds[keep], point_t[keep]
-
         # KxHxW full-resolution logits of the survivors only (SAM's own upsampling, per plane).
         logits = self.model.postprocess_masks(
             low_res[:, None], self.predictor.input_size, self.predictor.original_size

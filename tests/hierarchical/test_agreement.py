@@ -106,7 +106,7 @@ def test_segmentation_formats_decode_alike(case):
 def _spreads(model, device):
     embedding = torch.randn(1, 256, 64, 64, generator=torch.Generator().manual_seed(0)).to(device)
     coords = torch.as_tensor(build_point_grid(4) * 1024, dtype=torch.float32, device=device)  # 16 prompts
-    return rounding_spread(model, embedding, coords, micro_batches=(None, 2, 4, 16)).values()
+    return rounding_spread(model, embedding, coords, micro_batches=(None, 1, 2, 4, 16)).values()
 
 
 @pytest.mark.parametrize("name", ["tinyvit_test", "sam_vit_test"])

@@ -26,7 +26,7 @@ def test_defaults_are_the_papers_and_round_trip():
         ({"min_mask_region_area": -1}, "min_mask_region_area must be a non-negative integer"),
         ({"points_per_side": 2, "crop_n_layers": 1, "crop_n_points_downscale_factor": 4}, "crop layer 1 would get no"),
         ({"hierarchical": "yes"}, "hierarchical must be True or False"),
-        ({"decoder_micro_batch": 1}, "decoder_micro_batch must be >= 2"),
+        ({"decoder_micro_batch": 0}, "decoder_micro_batch must be >= 1"),
         ({"reprompt_rule": "sam"}, r"reprompt_rule must be one of \('lattice', 'tinysam'\), got 'sam'"),
         (
             {"reprompt_rule": "tinysam", "points_per_side": 16, "sparse_points_per_side": 2},
