@@ -1,10 +1,10 @@
 """Records -> a Markdown report and an AP-vs-latency plot.
 
-The report has one table per record kind (COCO AP, latency, everything mode), every row with
-its device and git commit. The plot puts each of our COCO results at its image-encoder latency
-(the record of the same model, precision, runtime and ONNX folder, most threads) and draws the paper's
-published points beside them with their own marker, legend entry and caption: they come from
-another protocol (ViTDet-H boxes) and other hardware (T4 TensorRT).
+The report has one table per record kind (COCO AP, latency, everything mode, distillation
+throughput), every row with its device and git commit. The plot puts each of our COCO results at
+its image-encoder latency (the record of the same model, precision, runtime and ONNX folder, most
+threads) and draws the paper's published points beside them with their own marker, legend entry
+and caption: they come from another protocol (ViTDet-H boxes) and other hardware (T4 TensorRT).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 from benchmarks.coco_eval import METRIC_NAMES
 from benchmarks.published import PUBLISHED_POINTS, PUBLISHED_SOURCE
 from benchmarks.records import IDENTITY_FIELDS, RECORD_KINDS, load_records
+from distill.phases import PHASES
 from student_models.io import atomic_write, atomic_write_text
 
 PLOT_NAME = "ap_vs_latency.png"
@@ -108,6 +109,42 @@ LATENCY_COLUMNS = [
     ("device", "device"),
     ("commit", "git_commit"),
 ]
+
+
+# `python -m benchmarks distill`: what ran (settings from its config), how fast, where the step's time went.
+DISTILL_COLUMNS = [
+    ("teacher->student", "model"),
+    ("student init", "checkpoint"),
+    ("precision", "precision"),
+    ("threads", "threads"),
+    ("batch", "batch_size"),
+    ("prompts/image", "prompts_per_image"),
+    ("max points", "max_prompt_iters"),
+    ("images/s", "images_per_second_text"),
+    ("step ms", "step_ms"),
+    *[(f"{name.replace('_', ' ')} ms", f"{name}_ms") for name in (*PHASES, "other")],
+    ("peak MB", "peak_memory_mb"),
+    ("memory", "peak_memory_kind"),
+    ("GPU util %", "gpu_utilization_percent"),
+    ("teacher images/s", "teacher_images_per_second"),
+    ("steps", "measured_steps"),
+    ("device", "device"),
+    ("commit", "git_commit"),
+]
+
+
+def _distill_row(row: dict[str, Any]) -> dict[str, Any]:
+    """The settings a distill record ran with, from its config, and its images/s to 3 significant figures
+    (CPU rates such as 0.089 would read 0.09 in the table's general format)."""
+    config = row["config"]
+    iterations = config.get("max_prompt_iters") if config.get("hard_prompts", True) else 0
+    return {
+        **row,
+        "batch_size": config.get("batch_size"),
+        "prompts_per_image": config.get("prompts_per_image"),
+        "max_prompt_iters": iterations,
+        "images_per_second_text": f"{row['images_per_second']:.3g}",
+    }
 
 
 def _onnx_folder(rec: dict[str, Any]) -> str | None:
@@ -247,6 +284,17 @@ def render_report(records: list[dict[str, Any]], out_dir: str | os.PathLike) -> 
         keys = [k for k in _EVERYTHING_ORDER if k in found] + sorted(found - set(_EVERYTHING_ORDER))
         columns = [("model", "model"), ("precision", "precision"), ("threads", "threads"), *[(k, k) for k in keys]]
         parts += ["## Everything mode (hierarchical vs dense)", "", markdown_table(columns, rows["everything"]), ""]
+    if rows["distill"]:
+        parts += [
+            "## Distillation throughput (`python -m benchmarks distill`)",
+            "",
+            "Milliseconds per training step, means over the measured steps, split by phase (exclusive times: they "
+            "add up to the step); `other` is time in no phase. Batch is per process; max points is the most "
+            "corrective points per prompt.",
+            "",
+            markdown_table(DISTILL_COLUMNS, [_distill_row(r) for r in rows["distill"]]),
+            "",
+        ]
     parts += [
         "## AP vs latency",
         "",

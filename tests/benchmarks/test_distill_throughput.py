@@ -8,6 +8,7 @@ import pytest
 
 from benchmarks.__main__ import main
 from benchmarks.records import load_records
+from benchmarks.report import render_report
 from distill.phases import PHASES
 
 # One measured step after one skipped, of one generated image with one prompt and one corrective point, so
@@ -32,6 +33,9 @@ def test_cli_writes_a_distill_record_whose_phases_add_up(tmp_path, capsys):
     assert record["peak_memory_kind"] == "process peak RSS" and record["peak_memory_mb"] > 100
     assert record["gpu_utilization_percent"] is None
     json.dumps(record, allow_nan=False)
+    report, _ = render_report([record], tmp_path / "report")  # the report's table of distill records shows it
+    row = f"| sam_vit_test->tinyvit_test | random init | float32 | {record['threads']} | 1 | 1 | 1 | "
+    assert row + f"{record['images_per_second']:.3g} | {record['step_ms']:.0f} |" in report.read_text()
 
 
 def test_bad_settings_are_one_error_line(tmp_path, capsys):

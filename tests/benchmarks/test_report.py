@@ -63,6 +63,54 @@ def test_report_writes_tables_and_png(tmp_path):
     assert pixels[..., :3].std() > 0.05  # not a blank canvas
 
 
+def _distill_record(**figures):
+    phases = dict(data_ms=423.0, prompt_sampling_ms=14.0, teacher_decoder_ms=3523.0, student_forward_ms=10399.0)
+    phases.update(backward_ms=7550.0, optimizer_ms=500.0, other_ms=9.0)
+    config = {"batch_size": 2, "prompts_per_image": 4, "max_prompt_iters": 2, "hard_prompts": True, "measure": 5}
+    figures = {
+        "images_per_second": 0.0892,
+        "images_per_step": 2.0,
+        "measured_steps": 5,
+        "step_ms": 22418.0,
+        **phases,
+        "peak_memory_mb": 3490.4,
+        "peak_memory_kind": "process peak RSS",
+        "gpu_utilization_percent": None,
+        "teacher_images_per_second": 0.56,
+        **figures,
+    }
+    return make_record(
+        "distill",
+        model="sam_vit_test->tinyvit_test",
+        checkpoint=None,
+        precision="float32",
+        runtime="pytorch",
+        threads=2,
+        config=config,
+        device="Xeon (2 logical cores)",
+        **figures,
+    )
+
+
+def test_distill_throughput_records_get_their_own_table(tmp_path):
+    """A `benchmarks distill` record: settings from its config, images/s to 3 significant figures, every phase."""
+    gpu = _distill_record(images_per_second=41.7, gpu_utilization_percent=87.5, peak_memory_kind="cuda max allocated")
+    gpu["config"] = {**gpu["config"], "hard_prompts": False, "batch_size": 8}
+    report, _ = render_report([*_records(), _distill_record(), gpu], tmp_path)
+    text = report.read_text()
+    table = text.split("## Distillation throughput (`python -m benchmarks distill`)")[1].split("##")[0]
+    header, rule, cpu_row, gpu_row = [line for line in table.splitlines() if line.startswith("|")]
+    assert header.startswith("| teacher->student | student init | precision | threads | batch | prompts/image |")
+    assert "| data ms | prompt sampling ms | teacher decoder ms | student forward ms | backward ms |" in header
+    assert header.count("|") == rule.count("|")
+    assert cpu_row.startswith("| sam_vit_test->tinyvit_test | random init | float32 | 2 | 2 | 4 | 2 | 0.0892 | 22418 |")
+    assert "| 423 | 14.00 | 3523 | 10399 | 7550 | 500 | 9.00 | 3490 | process peak RSS | - | 0.56 | 5 |" in cpu_row
+    assert (
+        "| 8 | 4 | 0 | 41.7 |" in gpu_row and "| cuda max allocated | 87.50 |" in gpu_row
+    )  # no hard prompts: 0 points
+    assert text.index("## Latency") < text.index("## Distillation throughput") < text.index("## AP vs latency")
+
+
 def test_an_interrupted_report_keeps_the_previous_one_whole(tmp_path, monkeypatch):
     """The report and plot are written atomically: a failure mid-save leaves the earlier files and no temp file."""
     out = tmp_path / "report"
