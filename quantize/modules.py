@@ -18,6 +18,11 @@ of two integer products, ``W @ low + W @ high``. Each value lies in exactly one 
 tensor holds an exact zero there, so the sum is the twin-uniform product itself. A twin input of a
 window op (depthwise or transposed convolution) is the same two tensors added back together: a
 float convolution of int8-grid values.
+
+A product that runs on integer kernels adds its bias inside them (`QuantLayer.integer_bias`): the
+simulated layer rounds the bias to the int32 grid of input scale x weight scale (for a twin input,
+its high range's), and the export writes Linear layers and 1x1 convolutions as 2-D Gemms, which ORT
+fuses with that int32 bias into QGemm, instead of an integer product followed by a float Add.
 """
 
 from __future__ import annotations
@@ -83,8 +88,9 @@ class ActQuantizer(nn.Module):
         levels = 2 ** (self.bits - 1)
         low_scale, high_scale = self.range_scales()
         if self.kind == "twin_softmax":
-            low = x * (x < self.split).to(x.dtype)  # exact: x or 0
-            high = x - low  # exact: 0 or x
+            below = x < self.split
+            low = torch.where(below, x, 0.0)  # Less + two Wheres: one elementwise pass fewer than x * mask, x - low
+            high = torch.where(below, 0.0, x)
             if self.bits < 8:
                 low, high = (
                     torch.clamp(low, max=(levels - 1) * low_scale),
@@ -166,6 +172,11 @@ def summed_over_ranges(x: torch.Tensor | tuple[torch.Tensor, ...], product: Call
     return out
 
 
+def each_range(x: torch.Tensor | tuple[torch.Tensor, ...], fn: Callable) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """``fn(x)``, or for a twin-uniform input exported as (low, high), ``(fn(low), fn(high))``."""
+    return tuple(fn(part) for part in x) if isinstance(x, tuple) else fn(x)
+
+
 class QuantLayer(nn.Module, abc.ABC):
     """Common part: ``input_quants`` (one per activation input) and an optional ``weight_quant``."""
 
@@ -185,6 +196,36 @@ class QuantLayer(nn.Module, abc.ABC):
             weight = self.weight
             self.weight_quant = WeightQuantizer(w_bits, weight.shape[self.weight_axis], self.weight_axis)
 
+    @property
+    def integer_bias(self) -> bool:
+        """Whether the bias is added inside the integer product, on the int32 grid of input scale x weight
+        scale (ORT's QGemm and QLinearConv take it so): the layer has a bias and its product runs on
+        integer kernels. Layers that override `forward` to use `quantized_bias` say when."""
+        return False
+
+    def quantized_bias(self) -> torch.Tensor | None:
+        """The bias, rounded to the int32 grid of input scale x per-channel weight scale where `integer_bias`.
+
+        A twin-uniform input's grid is its high range's: the bias rides in that range's product.
+        """
+        if not self.integer_bias:
+            return self.bias
+        quantizer = self.input_quants[0]
+        scale = quantizer.scale if quantizer.kind == "uniform" else quantizer.range_scales()[1]
+        step = scale * self.weight_quant.scale
+        return torch.round(self.bias / step) * step
+
+    def _products_run_int8(self) -> bool:
+        """A bias, an enabled <= 8-bit weight quantizer and an enabled input quantizer ORT feeds to integer kernels."""
+        quantizer = self.input_quants[0]
+        return (
+            self.bias is not None
+            and quantizer.enabled
+            and quantizer.runs_int8
+            and self.weight_quant.enabled
+            and self.weight_quant.bits <= 8
+        )
+
     @abc.abstractmethod
     def float_forward(self, *inputs: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """The layer's op on given (already quantized or float) inputs and weight."""
@@ -197,14 +238,45 @@ class QuantLayer(nn.Module, abc.ABC):
         return self.float_forward(*inputs, weight=weight)
 
 
+def integer_gemm(x: torch.Tensor | tuple[torch.Tensor, ...], weight: torch.Tensor, bias: torch.Tensor | None):
+    """``x @ weight.T + bias`` on 2-D rows, exported as one Gemm per range of `x` (the bias in the last).
+
+    ORT fuses DQ -> Gemm <- DQ(int8 weight) with a DQ(int32) bias (`quantize.qdq_graph.quantize_bias`)
+    into QGemm: the bias is added to the int32 accumulator, so no float Add pass over the output
+    follows, as it does after MatMul (measured on this CPU: 65536x64 -> 256 in 20.5 ms against
+    31.8 ms for MatMulIntegerToFloat + Add). A twin-uniform input's bias is on its high range's grid.
+    """
+    parts = x if isinstance(x, tuple) else (x,)
+    out = None
+    for k, part in enumerate(parts):
+        product = F.linear(part, weight, bias if k == len(parts) - 1 else None)
+        out = product if out is None else out + product
+    return out
+
+
 class QuantLinear(QuantLayer, nn.Linear):
+    """Linear with a quantized input and weight; with an integer product its bias is on the int32 grid."""
+
+    @property
+    def integer_bias(self) -> bool:
+        return self._products_run_int8()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.input_quants[0](x)
+        weight = self.weight_quant(self.weight)
+        bias = self.quantized_bias()
+        if not self.weight_quant.export_int8:
+            return F.linear(x, weight, bias)
+        if self.integer_bias:  # 2-D rows: a Gemm, with the bias inside the integer kernel
+            shape = (x[0] if isinstance(x, tuple) else x).shape
+            rows = each_range(x, lambda part: part.reshape(-1, shape[-1]))
+            return integer_gemm(rows, weight, bias).reshape(*shape[:-1], self.out_features)
+        # MatMul + Add rather than Gemm: ORT fuses DQ -> MatMul into its integer kernels.
+        out = summed_over_ranges(x, lambda part: torch.matmul(part, weight.t()))
+        return out + bias if bias is not None else out
+
     def float_forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        weight = self.weight if weight is None else weight
-        if self.weight_quant.export_int8:
-            # MatMul + Add rather than Gemm: ORT fuses DQ -> MatMul into its integer kernels.
-            out = summed_over_ranges(x, lambda part: torch.matmul(part, weight.t()))
-            return out + self.bias if self.bias is not None else out
-        return F.linear(x, weight, self.bias)
+        return F.linear(x, self.weight if weight is None else weight, self.bias)
 
 
 class QuantConv2d(QuantLayer, nn.Conv2d):
@@ -235,31 +307,38 @@ class QuantConv2d(QuantLayer, nn.Conv2d):
             and self.padding in ((0, 0), "valid")
         )
 
-    def quantized_bias(self) -> torch.Tensor | None:
-        """The bias on the int32 grid (input scale x per-channel weight scale) when both quantizers are on."""
-        if self.bias is None or not (self.input_quants[0].enabled and self.weight_quant.enabled):
-            return self.bias
-        step = self.input_quants[0].scale * self.weight_quant.scale
-        return torch.round(self.bias / step) * step
+    @property
+    def integer_bias(self) -> bool:
+        """With an output quantizer (QLinearConv) or as a pointwise product on integer kernels (QGemm)."""
+        if self.output_quant is not None:
+            return self.bias is not None and self.input_quants[0].enabled and self.weight_quant.enabled
+        return self.is_pointwise and self._products_run_int8()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.output_quant is not None:
             x, weight = self.input_quants[0](x), self.weight_quant(self.weight)
             return self.output_quant(self._conv_forward(x, weight, self.quantized_bias()))
         if not (self.weight_quant.export_int8 and self.is_pointwise):
-            return super().forward(x)
-        # Exported as Reshape/Transpose -> MatMul with a 2-D per-channel weight, so ORT runs DQ -> MatMul
-        # on its integer kernels (its ConvInteger kernel measured ~3.6x slower than float Conv, ORT 1.32).
-        # 4-D NCHW <-> NHWC permutes (not 3-D transposes next to reshapes) let ORT's transpose optimiser move
-        # them through Gelu/QuantizeLinear and cancel them against QLinearConv's own NHWC layout.
+            x = self.input_quants[0](x)
+            if not self.is_pointwise:  # a window op: a twin input's two ranges are added back into one tensor first
+                x = summed_over_ranges(x, lambda part: part)
+            return self._conv_forward(x, self.weight_quant(self.weight), self.quantized_bias())
+        # Exported as NHWC rows -> Gemm (or MatMul) with a 2-D per-channel weight, so ORT runs it on its
+        # integer kernels, the bias inside where `integer_bias` (ORT's ConvInteger kernel measured ~3.6x
+        # slower than float Conv, ORT 1.32). 4-D NCHW <-> NHWC permutes (not 3-D transposes next to
+        # reshapes) let ORT's transpose optimiser move them through Gelu/QuantizeLinear and cancel them
+        # against QLinearConv's own NHWC layout.
         batch, channels, height, width = x.shape
-        weight = self.weight_quant(self.weight.reshape(self.out_channels, channels)).t()
-        out = summed_over_ranges(
-            self.input_quants[0](x),
-            lambda part: torch.matmul(part.permute(0, 2, 3, 1).reshape(batch, height * width, channels), weight),
-        )
-        if self.bias is not None:
-            out = out + self.bias
+        weight = self.weight_quant(self.weight.reshape(self.out_channels, channels))
+        x = self.input_quants[0](x)
+        bias = self.quantized_bias()
+        rows = each_range(x, lambda part: part.permute(0, 2, 3, 1).reshape(batch, height * width, channels))
+        if self.integer_bias:
+            out = integer_gemm(each_range(rows, lambda part: part.reshape(-1, channels)), weight, bias)
+        else:
+            out = summed_over_ranges(rows, lambda part: torch.matmul(part, weight.t()))
+            if bias is not None:
+                out = out + bias
         return out.reshape(batch, height, width, self.out_channels).permute(0, 3, 1, 2)
 
     def float_forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:

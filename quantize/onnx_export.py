@@ -3,10 +3,11 @@
 - "float32": the float model (a quantized model is exported with its quantizers off).
 - "int8": a QDQ model. Uniform quantizers become QuantizeLinear/DequantizeLinear pairs (uint8
   activations with zero point 128, int8 per-channel weights stored as int8 initializers), so ORT
-  fuses DQ -> MatMul into integer matmuls (QLinearMatMul / MatMulIntegerToFloat) and
-  DQ -> Conv -> Q (convolutions with an output quantizer, int32 bias) into QLinearConv, and runs
-  them on its integer kernels. A twin-uniform input is two such uint8 tensors, one per range: a
-  product takes each in an integer product and adds them (`quantize.modules`). What integer kernels
+  fuses DQ -> Gemm (Linear layers and 1x1 convolutions, int32 bias) into QGemm, DQ -> MatMul
+  (attention products) into QLinearMatMul / MatMulIntegerToFloat and DQ -> Conv -> Q (convolutions
+  with an output quantizer, int32 bias) into QLinearConv, and runs them on its integer kernels. A
+  twin-uniform input is two such uint8 tensors, one per range: a product takes each in an integer
+  product and adds them (`quantize.modules`). What integer kernels
   cannot run computes in float on int8-grid values: convolutions without an output quantizer (such
   as depthwise ones after a GELU), transposed convolutions, and any layer left float.
   Widths under 8 bits are clipped to their range and ride in int8 containers.
@@ -43,7 +44,7 @@ from quantize.qdq_graph import (
     fold_weight_quantization,
     fold_weight_transpose,
     prune,
-    quantize_conv_bias,
+    quantize_bias,
     unshare_weight_dequantize,
 )
 from student_models.sam_runner import PointPromptDecoder
@@ -128,8 +129,8 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str],
         )  # fmt: skip
     model = onnx.load(str(path))
     fold_weight_quantization(model)
-    quantize_conv_bias(model)
     fold_weight_transpose(model)
+    quantize_bias(model)
     unshare_weight_dequantize(model)
     prune(model)
     onnx.checker.check_model(model)

@@ -2,9 +2,10 @@
 
 - `fold_weight_quantization`: QuantizeLinear on a constant float weight -> an int8 initializer
   (the file then stores int8 weights, and ORT sees the DQ(int8 constant) pattern it fuses).
-- `quantize_conv_bias`: the float bias of a DQ -> Conv -> Q convolution -> DequantizeLinear of an
-  int32 initializer on the input scale x weight scale grid, the form ORT fuses into QLinearConv
-  (the simulated layer already rounds its bias to that grid, `QuantConv2d.quantized_bias`).
+- `quantize_bias`: the float bias of a DQ -> Conv -> Q convolution or of a DQ -> Gemm product ->
+  DequantizeLinear of an int32 initializer on the input scale x weight scale grid, the form ORT fuses
+  into QLinearConv and QGemm, which add it to the int32 accumulator (the simulated layer already
+  rounds its bias to that grid, `QuantLayer.quantized_bias`).
 - `fold_weight_transpose`: DQ(int8 weight) -> Transpose (the exporter's ``weight.t()``) becomes DQ of
   the transposed int8 weight (ORT folds a lone Transpose itself, but not one with two readers).
 - `unshare_weight_dequantize`: a DQ(int8 weight) read by several nodes (the two products of a
@@ -20,6 +21,13 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+# Elementwise ops on constants `_Graph.const` evaluates, with ONNX's semantics (Round: half to even; the
+# arithmetic in the inputs' dtype, float32 here, as ONNX Runtime and PyTorch compute it).
+_CONSTANT_OPS = {"Round": np.round, "Mul": np.multiply, "Div": np.divide, "Add": np.add, "Sub": np.subtract}
+
+# Ops that only move values: a DQ -> Reshape/Transpose -> product is still a QDQ product for ORT.
+_LAYOUT_OPS = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze")
 
 
 class _Graph:
@@ -40,6 +48,10 @@ class _Graph:
             return self.const(node.input[0])
         if node is not None and node.op_type == "Constant" and node.attribute[0].name == "value":
             return numpy_helper.to_array(node.attribute[0].t)
+        if node is not None and node.op_type in _CONSTANT_OPS:  # what the exporter leaves unfolded (Round)
+            args = [self.const(name) for name in node.input]
+            if all(arg is not None for arg in args):
+                return _CONSTANT_OPS[node.op_type](*args)
         return None
 
     def insert_before(self, before: dict[int, list[onnx.NodeProto]]) -> None:
@@ -79,22 +91,35 @@ def fold_weight_quantization(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def quantize_conv_bias(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Turn the float bias of each DQ(activation) -> Conv <- DQ(int8 weight), Conv -> Q only, into DQ(int32 bias)."""
+def quantize_bias(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Turn the float bias of each integer product into DQ(int32 bias): DQ(activation) -> Conv <- DQ(int8
+    weight) with Conv -> Q only (QLinearConv), and DQ(activation) -> Gemm <- DQ(int8 weight) (QGemm)."""
     g = _Graph(model)
-    inserted: dict[int, list[onnx.NodeProto]] = {}  # by the Conv's id
+    inserted: dict[int, list[onnx.NodeProto]] = {}  # by the product's id
     for node in g.graph.node:
-        if node.op_type != "Conv" or len(node.input) < 3:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3:
             continue
         x_dq, w_dq = g.producers.get(node.input[0]), g.producers.get(node.input[1])
-        after = g.readers.get(node.output[0], [])
+        while x_dq is not None and x_dq.op_type in _LAYOUT_OPS:  # ORT moves a DQ forward through these
+            x_dq = g.producers.get(x_dq.input[0])
         if not (x_dq and w_dq and x_dq.op_type == w_dq.op_type == "DequantizeLinear"):
             continue
-        if len(after) != 1 or after[0].op_type != "QuantizeLinear":
-            continue
+        if node.op_type == "Conv":
+            after = g.readers.get(node.output[0], [])
+            if len(after) != 1 or after[0].op_type != "QuantizeLinear":
+                continue
+        else:
+            attrs = {a.name: a for a in node.attribute}
+            if (
+                attrs.get("transA")
+                and attrs["transA"].i
+                or any(name in attrs and attrs[name].f != 1.0 for name in ("alpha", "beta"))
+            ):
+                continue
         bias, x_scale, w_scale = g.const(node.input[2]), g.const(x_dq.input[1]), g.const(w_dq.input[1])
-        if bias is None or x_scale is None or w_scale is None or x_scale.size != 1:
+        if bias is None or x_scale is None or w_scale is None or x_scale.size != 1 or w_dq.input[0] not in g.inits:
             continue
+        bias = bias.reshape(-1)
         step = (x_scale.astype(np.float32) * w_scale.astype(np.float32)).reshape(-1) * np.ones_like(bias)
         name = f"{node.output[0]}_bias_int32"
         g.add_init(np.rint(bias / step).astype(np.int32), name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -92,8 +93,70 @@ def test_int8_layers_agree_with_simulation(exported_block):
     assert check.info["forced_quantizers"] == 3
     assert check.rel_diff["y.rms"] < 1e-5 and check.rel_diff["rounding_max_steps"] <= 1.001
     kernels = count_kernels(path)
-    # fc1, fc3, and fc2 once per range of its twin-uniform input: all integer, no float product left
-    assert kernels.get("MatMulIntegerToFloat", 0) == 4 and "MatMul" not in kernels, kernels
+    # fc1, fc3, and fc2 once per range of its twin-uniform input: all integer, no float product left;
+    # the bias inside the integer kernel (QGemm), for fc2 in its high range's product
+    assert kernels.get("QGemm", 0) == 3 and kernels.get("MatMulIntegerToFloat", 0) == 1, kernels
+    assert not {"MatMul", "Gemm"} & kernels.keys(), kernels
+    assert kernels.get("Add", 0) == 1, kernels  # fc2's two ranges summed; no float bias Add left
+
+
+def test_integer_products_add_their_bias_on_the_int32_grid(exported_block):
+    """The simulated layer rounds its bias to input scale x weight scale, the int32 bias ORT's QGemm adds."""
+    block, path, x, expected, float_out = exported_block
+    graph = onnx.load(str(path)).graph
+    inits = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for name in ("fc1", "fc2", "fc3"):
+        layer = getattr(block, name)
+        assert layer.integer_bias
+        quantizer = layer.input_quants[0]
+        scale = quantizer.scale if quantizer.kind == "uniform" else quantizer.range_scales()[1]
+        step = scale * layer.weight_quant.scale
+        levels = layer.quantized_bias().detach() / step
+        torch.testing.assert_close(levels, levels.round(), rtol=0, atol=1e-3)
+        assert (layer.quantized_bias() - layer.bias).detach().abs().le(step / 2 * 1.001).all()
+        gemm = next(n for n in graph.node if n.op_type == "Gemm" and n.name.startswith(f"/{name}/"))
+        bias_dq = next(n for n in graph.node if n.output[0] == gemm.input[2])
+        assert inits[bias_dq.input[0]].dtype == np.int32
+        np.testing.assert_array_equal(inits[bias_dq.input[0]], levels.round().numpy().astype(np.int32))
+
+
+def test_check_catches_a_wrong_integer_bias(exported_block):
+    block, path, x, expected, float_out = exported_block
+    model = onnx.load(str(path))
+    init = next(i for i in model.graph.initializer if i.name.startswith("/fc3/") and i.name.endswith("_bias_int32"))
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + 500, init.name))  # 500 steps off
+    onnx.save(model, str(path))
+    check = check_int8(block, path, (x,), ["x"], expected, float_out)
+    assert not check.passed
+    assert check.rel_diff["y.rms"] > 1e-4, check.rel_diff
+
+
+class PointwiseBlock(nn.Module):
+    """1x1 conv (uniform input) -> GELU -> 1x1 conv (twin-uniform input): NHWC rows into QGemm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = quantized_copy(nn.Conv2d(8, 32, 1), 8, 8, ["uniform"], conv_outputs=True)
+        self.act = nn.GELU()
+        self.conv2 = quantized_copy(nn.Conv2d(32, 8, 1), 8, 8, ["twin_gelu"], conv_outputs=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.act(self.conv1(x)))
+
+
+def test_pointwise_convolutions_run_as_qgemm_with_their_bias(tmp_path):
+    x = torch.randn(2, 8, 16, 16, generator=torch.Generator().manual_seed(4))
+    block = calibrated_block(x, PointwiseBlock())
+    assert block.conv1.output_quant is None and block.conv1.integer_bias and block.conv2.integer_bias
+    with torch.no_grad():
+        simulated = block(x)  # fake-quantized, not export mode: the same bias grid as the graph
+    block, path, x, expected, float_out = export_block(block, x, tmp_path / "pointwise.onnx")
+    torch.testing.assert_close(expected["y"], simulated, rtol=0, atol=1e-5)
+    check = check_int8(block, path, (x,), ["x"], expected, float_out)
+    assert check.passed, check
+    kernels = count_kernels(path)
+    assert kernels.get("QGemm", 0) == 2 and not {"Conv", "Gemm", "MatMul"} & kernels.keys(), kernels
 
 
 def test_check_catches_matmulnbits_requantizing_a_float_input(tmp_path, monkeypatch):
