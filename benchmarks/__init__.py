@@ -7,7 +7,6 @@ from benchmarks.coco_eval import CocoEvalConfig, CocoEvalResult, DetectionsError
 from benchmarks.demo import DemoConfig, run_demo
 from benchmarks.everything import run_everything
 from benchmarks.latency import LatencyConfig, LatencyRunner, Timing, benchmark_latency, count_macs
-from benchmarks.predictors import BoxPredictor, OnnxBoxPredictor, TorchBoxPredictor
 from benchmarks.records import RecordError, load_records, make_record, write_records
 from benchmarks.report import render_report, report_from_dir
 from benchmarks.runs import (
@@ -22,7 +21,6 @@ from benchmarks.runs import (
 from benchmarks.synthetic_coco import write_synthetic_coco
 
 __all__ = [
-    "BoxPredictor",
     "CocoEvalConfig",
     "CocoEvalResult",
     "DemoConfig",
@@ -30,12 +28,10 @@ __all__ = [
     "LatencyConfig",
     "LatencyRunner",
     "LoadedModel",
-    "OnnxBoxPredictor",
     "OnnxModel",
     "RecordError",
     "StageMissingError",
     "Timing",
-    "TorchBoxPredictor",
     "benchmark_latency",
     "count_macs",
     "evaluate_coco",

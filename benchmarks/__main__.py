@@ -78,6 +78,11 @@ def get_parser() -> argparse.ArgumentParser:
     latency.add_argument("--decoder-boxes", type=int, help="box prompts per decoder call")
     latency.add_argument("--image-batch", type=int, help="images per encoder call (PyTorch only; default 1)")
     latency.add_argument("--components", nargs="+", choices=("encoder", "decoder"))
+    latency.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time PyTorch through torch.compile (CUDA graphs on a GPU), next to eager; compiling takes minutes",
+    )
     latency.add_argument("--out", required=True, help="folder for the JSON records")
 
     everything = sub.add_parser(
@@ -145,7 +150,8 @@ def _latency(args: argparse.Namespace) -> None:
             decoder_boxes=args.decoder_boxes,
             image_batch=args.image_batch,
             components=tuple(args.components) if args.components else None,
-        )
+        ),
+        compile=args.compile,
     )
     records, path = run_latency(
         load_torch_model(args.model, args.checkpoint, args.quantized, args.seed),
@@ -156,7 +162,7 @@ def _latency(args: argparse.Namespace) -> None:
     )
     for r in records:
         print(
-            f"{r['component']:8s} {r['runtime']:12s} {r['precision']:9s} batch={r['batch']} threads={r['threads']}: "
+            f"{r['component']:8s} {r['runtime']:15s} {r['precision']:9s} batch={r['batch']} threads={r['threads']}: "
             f"median {r['median_ms']:.1f} ms (IQR {r['iqr_ms']:.1f}, n={r['repeats']})"
         )
     print(f"records: {path}")
@@ -179,9 +185,7 @@ def _everything(args: argparse.Namespace) -> None:
         device=args.device,
     )
     for r in records:
-        agreement = {
-            k: r[k] for k in ("agrees_with_sam", "miou_vs_dense", "recall90_vs_dense", "miou_vs_gt") if k in r
-        }
+        agreement = {k: r[k] for k in ("agrees_with_sam", "miou_vs_dense", "recall90_vs_dense", "miou_vs_gt") if k in r}
         counts = f"{r['points_prompted']} points, {r['masks']} masks"
         print(f"{r['image']} {r['method']:20s}: {r['seconds']:.2f} s, {counts} {agreement}")
     summarize, table = stage_api("hierarchical.compare", "summarize_comparison", "comparison_table")

@@ -3,7 +3,9 @@
 Each box (a ground-truth box, or a detection from a COCO-format results JSON such as the
 ViTDet-H boxes the paper uses) is a box prompt; the model's three multimask outputs are
 scored by its own IoU head and the best one becomes the instance mask, scored by the box's
-detection score (1.0 for ground-truth boxes). pycocotools' ``COCOeval(..., "segm")`` gives
+detection score (1.0 for ground-truth boxes). The prompts run through
+`student_models.sam_runner.SamRunner.predict_boxes` over any back-end (PyTorch on a device,
+ONNX Runtime), a chunk of boxes per decoder call. pycocotools' ``COCOeval(..., "segm")`` gives
 AP, AP50, AP75 and AP for small/medium/large objects, reported here in percent.
 """
 
@@ -22,10 +24,10 @@ import numpy as np
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
-from benchmarks.predictors import BoxPredictor
 from student_models.data import CocoDataset, DatasetError
 from student_models.masks import encode_rle
 from student_models.preprocessing import load_image
+from student_models.sam_runner import SamRunner
 
 METRIC_NAMES = ("ap", "ap50", "ap75", "ap_s", "ap_m", "ap_l")  # COCOeval.stats[0:6], in percent
 
@@ -155,9 +157,10 @@ def load_detections(
 
 
 def predict_instances(
-    predictor: BoxPredictor, dataset: CocoDataset, prompts: dict[int, BoxPrompts], progress: bool = True
+    predictor: SamRunner, dataset: CocoDataset, prompts: dict[int, BoxPrompts], progress: bool = True
 ) -> list[dict[str, Any]]:
-    """Run every image's box prompts; return COCO results (RLE segmentation, category, score)."""
+    """Run every image's box prompts through ``predictor`` (a `SamRunner`, or anything with its
+    ``set_image`` / ``predict_boxes``); return COCO results (RLE segmentation, category, score)."""
     results = []
     for image_id in tqdm(prompts, desc="coco images", unit="img", disable=not progress):
         image_prompts = prompts[image_id]
@@ -189,9 +192,10 @@ def segm_metrics(dataset: CocoDataset, results: list[dict[str, Any]], image_ids:
 
 
 def evaluate_coco(
-    predictor: BoxPredictor, coco_root: str | os.PathLike, config: CocoEvalConfig | None = None, progress: bool = True
+    predictor: SamRunner, coco_root: str | os.PathLike, config: CocoEvalConfig | None = None, progress: bool = True
 ) -> CocoEvalResult:
-    """Zero-shot instance segmentation AP of ``predictor`` on the COCO dataset at ``coco_root``."""
+    """Zero-shot instance segmentation AP of ``predictor`` (e.g. ``SamRunner(TorchSamBackend(sam, device))``)
+    on the COCO dataset at ``coco_root``; its ``chunk_size`` is set to ``config.chunk_size``."""
     config = config or CocoEvalConfig()
     dataset = open_coco(coco_root)
     image_ids = dataset.coco_ids[: config.max_images]

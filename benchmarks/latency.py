@@ -1,11 +1,14 @@
 """Latency of the image encoder and the mask decoder, measured separately.
 
 `LatencyRunner` is the timing loop (warm-up, synchronised repeats, median and inter-quartile
-range). `benchmark_latency` times a model in PyTorch eager on one device (the CPU at every
-requested thread count; a GPU in fp32 and under bf16 autocast) and any ONNX Runtime
-encoder/decoder pairs it is given (float32, INT8; on the CPU at every thread count), and returns
-flat records with parameters, MACs (PyTorch's flop counter, MACs = FLOPs / 2) and ONNX file
-sizes next to the timings.
+range). `benchmark_latency` times the two calls of a `student_models.sam_runner.SamBackend`, the
+ones `SamRunner` makes: ``encode`` (image encoder) and ``decode`` (prompt encoder + mask decoder on
+box prompts as one point list, all four mask tokens). It times a model in PyTorch on one device
+(`TorchSamBackend`: the CPU at every requested thread count; a GPU in fp32 and under bf16
+autocast), eager and, with ``compile``, through `torch.compile` as well, in the same run; and any
+ONNX Runtime encoder/decoder pairs it is given (float32, INT8; on the CPU at every thread count).
+It returns flat records with parameters, MACs (PyTorch's flop counter, MACs = FLOPs / 2) and
+ONNX file sizes next to the timings.
 """
 
 from __future__ import annotations
@@ -28,8 +31,12 @@ from tqdm import tqdm
 
 from benchmarks.records import device_name, make_record
 from student_models import EMBED_DIM, EMBED_SIDE, IMAGE_SIZE, build_sam
+from student_models.prompts import box_prompts
+from student_models.sam_runner import SamBackend, TorchSamBackend, compile_mode
 
 COMPONENTS = ("encoder", "decoder")
+# A compiled back-end's first calls compile, then (CUDA graphs) warm up and record: never timed.
+COMPILE_WARMUP = 3
 
 
 @dataclass
@@ -44,6 +51,9 @@ class LatencyConfig:
         decoder_boxes: box prompts per decoder call (1 = one interactive click).
         image_batch: images per encoder call (1 = one photo; more shows a GPU's throughput).
         components: "encoder" and/or "decoder".
+        compile: also time PyTorch through `torch.compile` (runtime "pytorch-compile", mode
+            `student_models.sam_runner.compile_mode`: CUDA graphs on a GPU), next to eager; those
+            runs warm up at least `COMPILE_WARMUP` calls, compilation included.
     """
 
     warmup: int = 2
@@ -52,6 +62,7 @@ class LatencyConfig:
     decoder_boxes: int = 1
     image_batch: int = 1
     components: tuple[str, ...] = COMPONENTS
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.warmup < 0 or self.repeats < 1:
@@ -132,27 +143,18 @@ def torch_threads(num_threads: int) -> Iterator[None]:
 
 
 def example_inputs(decoder_boxes: int = 1, seed: int = 0, image_batch: int = 1) -> dict[str, torch.Tensor]:
-    """Fixed random inputs: images Nx3x1024x1024, embedding 1x256x64x64, boxes Bx4 in the 1024 frame."""
+    """Fixed random inputs: images Nx3x1024x1024, embedding 1x256x64x64, and ``decoder_boxes`` box
+    prompts in the 1024 frame as the decoder's point list (coords Bx2x2, labels Bx2)."""
     gen = torch.Generator().manual_seed(seed)
     corners = torch.rand(decoder_boxes, 2, 2, generator=gen) * IMAGE_SIZE
     boxes = torch.cat([corners.min(dim=1).values, corners.max(dim=1).values], dim=1)
+    coords, labels = box_prompts(boxes.numpy())
     return {
         "image": torch.randn(image_batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen),
         "embedding": torch.randn(1, EMBED_DIM, EMBED_SIDE, EMBED_SIDE, generator=gen),
-        "boxes": boxes,
+        "coords": torch.from_numpy(coords),
+        "labels": torch.from_numpy(labels),
     }
-
-
-def torch_decoder_call(sam: Sam, embedding: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt encoder + mask decoder for box prompts (Bx4 -> Bx3x256x256 logits, Bx3 IoU)."""
-    sparse, dense = sam.prompt_encoder(points=None, boxes=boxes, masks=None)
-    return sam.mask_decoder(
-        image_embeddings=embedding,
-        image_pe=sam.prompt_encoder.get_dense_pe(),
-        sparse_prompt_embeddings=sparse,
-        dense_prompt_embeddings=dense,
-        multimask_output=True,
-    )
 
 
 def component_params(sam: Sam) -> dict[str, int]:
@@ -167,17 +169,15 @@ def count_macs(model_name: str, decoder_boxes: int = 1, image_batch: int = 1) ->
 
     Counted on the meta device (no weights allocated, nothing computed), so even ViT-H is instant.
     """
+    inputs = {k: v.to("meta") for k, v in example_inputs(decoder_boxes, image_batch=image_batch).items()}
     with torch.device("meta"):
         # No parameter needs grad: FlopCounterMode's module hooks reject no-grad views of grad leaves.
-        sam = build_sam(model_name).requires_grad_(False)
-        inputs = {k: v.to("meta") for k, v in example_inputs(decoder_boxes, image_batch=image_batch).items()}
+        backend = TorchSamBackend(build_sam(model_name).requires_grad_(False), "meta")
     macs = {}
-    with FlopCounterMode(display=False) as counter:
-        sam.image_encoder(inputs["image"])
-    macs["encoder"] = counter.get_total_flops() // 2
-    with FlopCounterMode(display=False) as counter:
-        torch_decoder_call(sam, inputs["embedding"], inputs["boxes"])
-    macs["decoder"] = counter.get_total_flops() // 2
+    for component, call in _backend_targets(backend, inputs).items():
+        with FlopCounterMode(display=False) as counter:
+            call()
+        macs[component] = counter.get_total_flops() // 2
     return macs
 
 
@@ -199,43 +199,38 @@ class OnnxPair:
 
 @dataclass
 class _Job:
-    """One runtime/precision/thread setting to time; ``make_targets()`` -> {component: callable}."""
+    """One runtime/precision/thread setting to time; ``make_backend()`` is called under its thread count."""
 
     runtime: str
     precision: str
     threads: int | None
     device: torch.device
-    make_targets: Callable[[], dict[str, Callable[[], Any]]]
+    make_backend: Callable[[], SamBackend]
     files: dict[str, Path] = field(default_factory=dict)  # ONNX file per component, for the record
+    compile_mode: str | None = None
 
 
-def _torch_targets(sam: Sam, inputs: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype | None):
-    inputs = {k: v.to(device) for k, v in inputs.items()}
-
-    def autocast():
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=dtype)
-
-    def encoder():
-        with autocast():
-            return sam.image_encoder(inputs["image"])
-
-    def decoder():
-        with autocast():
-            return torch_decoder_call(sam, inputs["embedding"], inputs["boxes"])
-
-    return {"encoder": encoder, "decoder": decoder}
+def _backend_targets(backend: SamBackend, inputs: dict[str, torch.Tensor]) -> dict[str, Callable[[], Any]]:
+    """{component: the back-end call on ``inputs``}, inputs moved to the back-end's device once."""
+    inputs = {k: v.to(backend.device) for k, v in inputs.items()}
+    return {
+        "encoder": lambda: backend.encode(inputs["image"]),
+        "decoder": lambda: backend.decode(inputs["embedding"], inputs["coords"], inputs["labels"]),
+    }
 
 
-def _onnx_targets(pair: OnnxPair, threads: int, inputs: dict[str, torch.Tensor], onnx_runner_cls):
-    from quantize.onnx_runtime import box_prompts
-
-    runner = onnx_runner_cls(pair.encoder, pair.decoder, num_threads=threads)
-    image = inputs["image"].numpy()
-    embedding = inputs["embedding"].numpy()
-    coords, labels = box_prompts(inputs["boxes"].numpy())
-    return {"encoder": lambda: runner.embed(image), "decoder": lambda: runner.decode(embedding, coords, labels)}
+def _torch_jobs(
+    sam: Sam, device: torch.device, precisions: list[tuple[str, torch.dtype]], threads: int | None, compile: bool
+) -> list[_Job]:
+    """Eager, and compiled where asked, PyTorch jobs on ``device`` for each (precision label, dtype)."""
+    jobs = []
+    for name, dtype in precisions:
+        for compiled in (False, True) if compile else (False,):
+            make = partial(TorchSamBackend, sam, device, dtype, compiled)
+            mode = compile_mode(device) if compiled else None
+            runtime = "pytorch-compile" if compiled else "pytorch"
+            jobs.append(_Job(runtime, name, threads, device, make, compile_mode=mode))
+    return jobs
 
 
 @torch.no_grad()
@@ -251,11 +246,13 @@ def benchmark_latency(
     onnx_runner_cls=None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Time ``sam`` (PyTorch, on ``device``) and the ``onnx_pairs`` (ONNX Runtime, via ``onnx_runner_cls``).
+    """Time ``sam`` (PyTorch, on ``device``) and the ``onnx_pairs`` (ONNX Runtime, via ``onnx_runner_cls``,
+    a `SamBackend` class such as `quantize.OnnxSam`).
 
     On the CPU PyTorch runs in ``precision`` at each of ``config.threads``; on a GPU in fp32 and
-    under bf16 autocast (``threads`` None). ``sam`` is moved to ``device`` and back. Returns one
-    "latency" record per component x runtime x precision x threads.
+    under bf16 autocast (``threads`` None); with ``config.compile`` each also through `torch.compile`.
+    ``sam`` is moved to ``device`` and back. Returns one "latency" record per component x runtime x
+    precision x threads.
     """
     config = config or LatencyConfig()
     if onnx_pairs and onnx_runner_cls is None:
@@ -272,22 +269,22 @@ def benchmark_latency(
     jobs = []
     cpu = torch.device("cpu")
     if device.type == "cuda":
-        for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-            jobs.append(_Job("pytorch", name, None, device, partial(_torch_targets, sam, inputs, device, dtype)))
+        jobs += _torch_jobs(sam, device, [("fp32", torch.float32), ("bf16", torch.bfloat16)], None, config.compile)
     for threads in config.threads:
-        if device.type == "cpu":
-            jobs.append(_Job("pytorch", precision, threads, cpu, partial(_torch_targets, sam, inputs, cpu, None)))
+        if device.type == "cpu":  # a fresh back-end per thread count: compiled CPU kernels keep theirs
+            jobs += _torch_jobs(sam, cpu, [(precision, torch.float32)], threads, config.compile)
         for pair in onnx_pairs:
-            make = partial(_onnx_targets, pair, threads, inputs, onnx_runner_cls)
+            make = partial(onnx_runner_cls, pair.encoder, pair.decoder, num_threads=threads)
             files = {"encoder": Path(pair.encoder), "decoder": Path(pair.decoder)}
             jobs.append(_Job("onnxruntime", pair.precision, threads, cpu, make, files))
     records = []
     bar = tqdm(total=len(jobs) * len(config.components), desc="latency", unit="run", disable=not progress)
     for job in jobs:
         sync = partial(torch.cuda.synchronize, job.device) if job.device.type == "cuda" else (lambda: None)
-        runner = LatencyRunner(config.warmup, config.repeats, sync)
+        warmup = max(config.warmup, COMPILE_WARMUP) if job.compile_mode else config.warmup
+        runner = LatencyRunner(warmup, config.repeats, sync)
         with torch_threads(job.threads or torch.get_num_threads()):
-            targets = job.make_targets()
+            targets = _backend_targets(job.make_backend(), inputs)
             for component in config.components:
                 bar.set_postfix_str(f"{job.runtime} {job.precision} {component} x{job.threads or job.device.type}")
                 timing = runner.measure(targets[component])
@@ -307,6 +304,7 @@ def benchmark_latency(
                         macs=macs[component],
                         onnx_file=str(job.files[component]) if component in job.files else None,
                         onnx_bytes=onnx_file_bytes(job.files[component]) if component in job.files else None,
+                        compile_mode=job.compile_mode,
                         **timing.to_figures(),
                     )
                 )

@@ -19,9 +19,9 @@ from segment_anything.modeling import Sam
 
 from benchmarks.coco_eval import CocoEvalConfig, CocoEvalResult, evaluate_coco
 from benchmarks.latency import LatencyConfig, OnnxPair, benchmark_latency
-from benchmarks.predictors import BoxPredictor, OnnxBoxPredictor, TorchBoxPredictor
 from benchmarks.records import device_name, git_commit, make_out_dir, make_record, write_records
 from student_models import build_sam, canonical_name
+from student_models.sam_runner import SamBackend, SamRunner, TorchSamBackend
 
 ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder.onnx"
 _QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger"}
@@ -125,30 +125,29 @@ def run_coco(
     config = config or CocoEvalConfig()
     make_out_dir(out_dir)
     git_commit()  # pinned before measuring
-    predictor: BoxPredictor
+    backend: SamBackend
     if isinstance(target, OnnxModel):
-        predictor = OnnxBoxPredictor(onnx_runner(target.pair), config.chunk_size)
+        backend, runtime = onnx_runner(target.pair), "onnxruntime"
         name, ckpt, precision = canonical_name(target.model), str(target.pair.encoder.parent), target.pair.precision
-        device = "cpu"
     else:
-        predictor = TorchBoxPredictor(target.sam, config.chunk_size, device)
+        backend, runtime = TorchSamBackend(target.sam, device), "pytorch"
         name, ckpt, precision = target.model, target.checkpoint, target.precision
-    result = evaluate_coco(predictor, coco_root, config, progress)
+    result = evaluate_coco(SamRunner(backend, config.chunk_size), coco_root, config, progress)
     record = make_record(
         "coco",
         model=name,
         checkpoint=ckpt,
         precision=precision,
-        runtime=predictor.runtime,
+        runtime=runtime,
         threads=None,
-        device=device_name(device),
+        device=device_name(backend.device),
         config={**config.to_dict(), "coco_root": str(coco_root)},
         num_images=result.num_images,
         num_prompts=result.num_prompts,
         seconds=round(result.seconds, 2),
         **result.metrics,
     )
-    return result, write_records([record], out_dir, f"coco-{name}-{precision}-{predictor.runtime}")
+    return result, write_records([record], out_dir, f"coco-{name}-{precision}-{runtime}")
 
 
 def run_latency(

@@ -21,7 +21,7 @@ import torch
 from quantize.calibration import box_prompt_loop, prepare_calibration
 from quantize.checkpoint import save_quantized
 from quantize.config import SEARCH_METHODS, PTQConfig
-from quantize.fidelity import TorchSam, fidelity, run_model
+from quantize.fidelity import fidelity, run_model
 from quantize.onnx_export import ExportCheckError, export_onnx
 from quantize.ptq import quantize_
 from student_models import CheckpointError, build_sam, canonical_name
@@ -29,6 +29,7 @@ from student_models.data import DatasetError, open_dataset
 from student_models.device import add_device_argument
 from student_models.io import atomic_write_text, writable_folder
 from student_models.preprocessing import ImageError
+from student_models.sam_runner import TorchSamBackend
 
 # What a user can get wrong: shown as one "error:" line, exit 1.
 USER_ERRORS = (ValueError, KeyError, CheckpointError, DatasetError, ImageError, ExportCheckError, OSError)
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     sam = build_sam(args.model, args.checkpoint).to(args.device)
     # A copy, not a second build: without a checkpoint a second build would draw other random weights.
-    float_model = TorchSam(copy.deepcopy(sam)) if args.num_eval else None
+    float_model = TorchSamBackend(copy.deepcopy(sam), args.device) if args.num_eval else None
     dataset = open_dataset(args.calib)
     samples = [s for s in (dataset[i] for i in range(min(len(dataset), config.num_calib + args.num_eval))) if s]
     if not samples:
@@ -122,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         items = prepare_calibration(held_out, len(held_out), config.max_prompts, seed=1)
         summary["fidelity_vs_float"] = {
             "images": len(items),
-            **fidelity(run_model(float_model, items), run_model(TorchSam(sam), items)),
+            **fidelity(run_model(float_model, items), run_model(TorchSamBackend(sam, args.device), items)),
         }
     if not args.no_export:
         summary["export"] = {}

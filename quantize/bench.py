@@ -27,7 +27,7 @@ import torch
 
 from quantize.calibration import box_prompt_loop, prepare_calibration
 from quantize.config import PTQConfig
-from quantize.fidelity import TorchSam, fidelity, median_latency_ms, run_model
+from quantize.fidelity import fidelity, median_latency_ms, run_model
 from quantize.modules import ActQuantizer, WeightQuantizer
 from quantize.onnx_export import ExportCheckError, export_onnx
 from quantize.onnx_runtime import OnnxSam
@@ -37,6 +37,7 @@ from student_models import build_sam
 from student_models.data import open_dataset
 from student_models.device import add_device_argument
 from student_models.prompts import box_prompts
+from student_models.sam_runner import TorchSamBackend
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -112,16 +113,16 @@ def _latency(
     machine, load changes then hit every model alike, so their ratios stay comparable)."""
     runners = {key: OnnxSam(encoder, decoder, num_threads=threads) for key, (encoder, decoder) in files.items()}
     rng = np.random.default_rng(0)
-    image = rng.standard_normal((1, 3, 1024, 1024)).astype(np.float32)
+    image = torch.from_numpy(rng.standard_normal((1, 3, 1024, 1024)).astype(np.float32))
     corners = np.sort(rng.uniform(0, 1024, size=(prompts, 2, 2)), axis=1).reshape(prompts, 4)
-    coords, labels = box_prompts(corners)
-    embeddings = {key: runner.embed(image) for key, runner in runners.items()}  # warm-up, both parts
+    coords, labels = (torch.from_numpy(a) for a in box_prompts(corners))
+    embeddings = {key: runner.encode(image) for key, runner in runners.items()}  # warm-up, both parts
     for key, runner in runners.items():
         runner.decode(embeddings[key], coords, labels)
     times: dict[str, dict[str, list[float]]] = {key: {"encoder_ms": [], "decoder_ms": []} for key in runners}
     for _ in range(repeats):
         for key, runner in runners.items():
-            times[key]["encoder_ms"].append(median_latency_ms(lambda r=runner: r.embed(image), 1, warmup=0))
+            times[key]["encoder_ms"].append(median_latency_ms(lambda r=runner: r.encode(image), 1, warmup=0))
             decode = lambda r=runner, e=embeddings[key]: r.decode(e, coords, labels)  # noqa: E731
             times[key]["decoder_ms"].append(median_latency_ms(decode, 1, warmup=0))
     return {key: {name: statistics.median(values) for name, values in parts.items()} for key, parts in times.items()}
@@ -144,7 +145,8 @@ def run(args: argparse.Namespace) -> dict:
         return build_sam(args.model, args.checkpoint).to(args.device)
 
     float_sam = fresh()
-    reference = run_model(TorchSam(float_sam), eval_items)
+    float_model = TorchSamBackend(float_sam, args.device)
+    reference = run_model(float_model, eval_items)
     records: dict = {
         "model": args.model,
         "weights": args.checkpoint or "random (torch.manual_seed(0))",
@@ -182,11 +184,13 @@ def run(args: argparse.Namespace) -> dict:
             quantize_(sam, config, box_prompt_loop(calib_items), model_name=args.model)
             seconds = time.time() - start
             row = {"name": f"ours W{bits}A{bits} {label} (PyTorch, simulated)", "quantize_s": round(seconds, 1)}
-            records["fidelity"].append({**row, **fidelity(reference, run_model(TorchSam(sam), eval_items))})
+            records["fidelity"].append(
+                {**row, **fidelity(reference, run_model(TorchSamBackend(sam, args.device), eval_items))}
+            )
             if bits == 8 and label == args.methods[0]:  # which layer types cost the most fidelity
                 for group, patterns in args.float_groups:
                     with layers_in_float(sam, patterns):
-                        quantized = run_model(TorchSam(sam), eval_items)
+                        quantized = run_model(TorchSamBackend(sam, args.device), eval_items)
                     name = f"ours W8A8 {label}, {group} in float (PyTorch, simulated)"
                     records["fidelity"].append({"name": name, **fidelity(reference, quantized)})
             # Exported: the first method, the all-int8 baseline and the twin-convs comparison.
@@ -210,7 +214,7 @@ def run(args: argparse.Namespace) -> dict:
                     {"name": f"{key} (ORT)", **fidelity(reference, run_model(OnnxSam(*files[key]), eval_items))}
                 )
 
-    calib_embeddings = [TorchSam(float_sam).embed(item.image.numpy()) for item in calib_items]
+    calib_embeddings = [float_model.encode(item.image).cpu().numpy() for item in calib_items]
     for method in args.ort_methods:
         start = time.time()
         paths = ort_quantize_static(*files["float32"], calib_items, calib_embeddings, out, method)

@@ -1,7 +1,8 @@
 """Fidelity of a quantized SAM against its float model, and latency of ORT sessions.
 
-Any model is run through the `OnnxSam` interface (`embed`, `decode`), so PyTorch models
-(`TorchSam`) and ONNX files compare the same way. Figures per image, then averaged:
+Every model runs through a `student_models.sam_runner.SamBackend` (``encode``, ``decode``), so
+PyTorch models (`TorchSamBackend`, on their device) and ONNX files (`quantize.OnnxSam`) compare
+the same way. Figures per image, then averaged:
 - SQNR (dB) of the 1x256x64x64 image embedding and of the Bx4x256x256 mask logits
   (10 log10(sum ref^2 / sum (ref - test)^2), each model with its own embedding);
 - mean IoU of the binarised (logit > 0) 256x256 low-res masks, all four mask tokens per prompt.
@@ -15,33 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from segment_anything.modeling import Sam
 
-from quantize.calibration import CalibItem, model_device
+from quantize.calibration import CalibItem
 from student_models.masks import mask_iou
-from student_models.sam_runner import PointPromptDecoder
-
-
-class TorchSam:
-    """A PyTorch SAM behind the `OnnxSam` interface (numpy in, numpy out), run on the model's device."""
-
-    def __init__(self, sam: Sam) -> None:
-        self.sam = sam.eval()
-        self.decoder = PointPromptDecoder(sam)
-        self.device = model_device(sam)
-
-    def _tensor(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(array).to(self.device)
-
-    @torch.no_grad()
-    def embed(self, image: np.ndarray) -> np.ndarray:
-        return self.sam.image_encoder(self._tensor(image)).cpu().numpy()
-
-    @torch.no_grad()
-    def decode(self, embedding: np.ndarray, coords: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        masks, iou = self.decoder(self._tensor(embedding), self._tensor(coords), self._tensor(labels))
-        return masks.cpu().numpy(), iou.cpu().numpy()
+from student_models.sam_runner import SamBackend
 
 
 def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
@@ -59,14 +37,14 @@ class Outputs:
     masks: list[np.ndarray]
 
 
-def run_model(model, items: list[CalibItem]) -> Outputs:
-    """Embed and decode every item with `model` (an `OnnxSam` or `TorchSam`)."""
+def run_model(backend: SamBackend, items: list[CalibItem]) -> Outputs:
+    """Encode and decode every item with `backend` (e.g. `TorchSamBackend`, `OnnxSam`); outputs on the CPU."""
     embeddings, masks = [], []
     for item in items:
-        embedding = model.embed(item.image.numpy())
-        logits, _ = model.decode(embedding, item.coords.numpy(), item.labels.numpy())
-        embeddings.append(embedding)
-        masks.append(logits)
+        embedding = backend.encode(item.image)
+        logits, _ = backend.decode(embedding, item.coords, item.labels)
+        embeddings.append(embedding.cpu().numpy())
+        masks.append(logits.cpu().numpy())
     return Outputs(embeddings, masks)
 
 

@@ -1,5 +1,5 @@
 """ONNX Runtime on CPU: the session settings our graphs need, and `OnnxSam`, an exported SAM
-(encoder.onnx + decoder.onnx) run with them.
+(encoder.onnx + decoder.onnx) run with them as a `student_models.sam_runner.SamBackend`.
 
 The files follow the contract written by `quantize.export_onnx`:
 - encoder: "image" (1x3x1024x1024 float32, normalised and padded as `prepare_image` does)
@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import torch
 
 # Re-exported: callers (benchmarks) import the prompt helpers next to the runner that takes them.
 from student_models.prompts import box_prompts, point_prompts  # noqa: F401
@@ -123,13 +124,24 @@ def write_ort_format(path: Path) -> Path:
     return target
 
 
+def _float32_array(tensor: torch.Tensor) -> np.ndarray:
+    """A CPU float32 C-contiguous numpy view (a copy only where needed) of a tensor, for an ORT feed."""
+    return np.ascontiguousarray(torch.as_tensor(tensor).detach().cpu().numpy(), dtype=np.float32)
+
+
 class OnnxSam:
-    """SAM from two ONNX (or ORT-format) files, run by ONNX Runtime on CPU.
+    """SAM from two ONNX (or ORT-format) files, run by ONNX Runtime on CPU: a `SamBackend`.
+
+    ``encode`` and ``decode`` take and return tensors, as `TorchSamBackend`'s do, so `SamRunner`,
+    quantization fidelity and the latency benchmark run either back-end the same way; inputs on
+    another device are brought to the CPU, and numpy appears only at the ORT call.
 
     Args:
         encoder_path, decoder_path: files written by `quantize.export_onnx` (float32 or INT8 QDQ).
         num_threads: intra-op threads (None: ORT's default, all cores).
     """
+
+    device = torch.device("cpu")
 
     def __init__(
         self, encoder_path: str | os.PathLike, decoder_path: str | os.PathLike, num_threads: int | None = None
@@ -139,28 +151,25 @@ class OnnxSam:
         self.encoder = open_session(encoder_path, num_threads)
         self.decoder = open_session(decoder_path, num_threads)
 
-    def embed(self, image: np.ndarray) -> np.ndarray:
-        """1x3x1024x1024 float32 preprocessed image -> 1x256x64x64 float32 embedding."""
-        image = np.ascontiguousarray(image, dtype=np.float32)
-        if image.shape != (1, 3, 1024, 1024):
-            raise ValueError(f"OnnxSam.embed expects a 1x3x1024x1024 preprocessed image, got {image.shape}")
-        return self.encoder.run(["image_embeddings"], {"image": image})[0]
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Bx3x1024x1024 float32 preprocessed images -> Bx256x64x64 float32 embeddings (one ORT call per image)."""
+        images = _float32_array(images)
+        if images.ndim != 4 or images.shape[1:] != (3, 1024, 1024):
+            raise ValueError(f"OnnxSam.encode expects Bx3x1024x1024 preprocessed images, got {images.shape}")
+        embeddings = [
+            self.encoder.run(["image_embeddings"], {"image": images[i : i + 1]})[0] for i in range(len(images))
+        ]
+        return torch.from_numpy(embeddings[0] if len(embeddings) == 1 else np.concatenate(embeddings))
 
     def decode(
-        self, embedding: np.ndarray, point_coords: np.ndarray, point_labels: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
+        self, embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """1x256x64x64 embedding, BxNx2 coords, BxN labels -> (Bx4x256x256 logits, Bx4 IoU)."""
-        point_coords = np.ascontiguousarray(point_coords, dtype=np.float32)
-        point_labels = np.ascontiguousarray(point_labels, dtype=np.float32)
-        if point_coords.ndim != 3 or point_coords.shape[-1] != 2 or point_labels.shape != point_coords.shape[:2]:
+        coords, labels = _float32_array(coords), _float32_array(labels)
+        if coords.ndim != 3 or coords.shape[-1] != 2 or labels.shape != coords.shape[:2]:
             raise ValueError(
-                f"OnnxSam.decode expects point_coords BxNx2 and point_labels BxN, got {point_coords.shape} "
-                f"and {point_labels.shape}"
+                f"OnnxSam.decode expects point_coords BxNx2 and point_labels BxN, got {coords.shape} and {labels.shape}"
             )
-        feeds = {
-            "image_embeddings": np.ascontiguousarray(embedding, dtype=np.float32),
-            "point_coords": point_coords,
-            "point_labels": point_labels,
-        }
+        feeds = {"image_embeddings": _float32_array(embedding), "point_coords": coords, "point_labels": labels}
         masks, iou = self.decoder.run(["low_res_masks", "iou_predictions"], feeds)
-        return masks, iou
+        return torch.from_numpy(masks), torch.from_numpy(iou)

@@ -10,13 +10,16 @@ that live on the back-end's device:
   takes them (label 1/0 foreground/background point, 2/3 box corners, -1 padding).
 
 `TorchSamBackend` runs a `Sam` module (float or simulated-quantized) on a device and dtype given
-once; `quantize.OnnxSam` is the ONNX Runtime back-end with the same two methods. The runner holds
-what the back-ends share: SAM's preprocessing, the prompt transform to the 1024 frame, chunking,
-the choice among the multimask outputs and the upscaling to the image.
+once, eager or through `torch.compile`; `quantize.OnnxSam` is the ONNX Runtime back-end with the
+same two methods (on the CPU, numpy only inside it). The runner holds what the back-ends share:
+SAM's preprocessing, the prompt transform to the 1024 frame, chunking, the choice among the
+multimask outputs and the upscaling to the image. Code that has its images preprocessed and its
+prompts in the 1024 frame already (quantization fidelity, latency) calls a back-end directly.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -82,25 +85,59 @@ class SamBackend(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
+def compile_mode(device: torch.device) -> str:
+    """The `torch.compile` mode `TorchSamBackend(compile=True)` uses on ``device``.
+
+    On CUDA "reduce-overhead": Inductor's kernels replayed as CUDA graphs, which removes the per-kernel
+    launch cost that bounds a small encoder at batch 1 (issue 14 measured tinyvit_5m launch-bound on an
+    H200). "max-autotune" adds kernel autotuning to the same CUDA graphs at a much longer compile.
+    Elsewhere "default": CUDA graphs do not apply.
+    """
+    return "reduce-overhead" if device.type == "cuda" else "default"
+
+
 class TorchSamBackend:
     """A PyTorch `Sam` on ``device``; ``dtype`` bfloat16/float16 runs it under autocast (outputs are float32).
 
     The module is moved to ``device`` (not copied): pass a copy to keep the original where it is.
+    ``compile=True`` runs the image encoder and the prompt decoder through `torch.compile` (mode
+    `compile_mode(device)`); the first call of each input shape compiles, so warm up before timing.
+    On the CPU the compiled kernels keep the thread count they were compiled under.
     """
 
-    def __init__(self, sam: Sam, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        sam: Sam,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        compile: bool = False,
+    ) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
         self.sam = sam.eval().to(self.device)
-        self.decoder = PointPromptDecoder(self.sam)
+        self.compile_mode = compile_mode(self.device) if compile else None
+        self.encoder: nn.Module = self.sam.image_encoder
+        self.decoder: nn.Module = PointPromptDecoder(self.sam)
+        if compile:
+            self.encoder = torch.compile(self.encoder, mode=self.compile_mode)
+            self.decoder = torch.compile(self.decoder, mode=self.compile_mode)
 
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast to ``dtype``; float32 runs without one (on any device, the meta device included)."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def _own(self, output: torch.Tensor) -> torch.Tensor:
+        """float32 output the caller may keep: a CUDA graph's output is overwritten by its next replay."""
+        if self.compile_mode == "reduce-overhead" and output.dtype == torch.float32:
+            return output.clone()
+        return output.float()  # a copy unless already float32
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         with self._autocast():
-            return self.sam.image_encoder(images.to(self.device)).float()
+            return self._own(self.encoder(images.to(self.device)))
 
     @torch.no_grad()
     def decode(
@@ -108,7 +145,7 @@ class TorchSamBackend:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         with self._autocast():
             logits, iou = self.decoder(embedding.to(self.device), coords.to(self.device), labels.to(self.device))
-        return logits.float(), iou.float()
+        return self._own(logits), self._own(iou)
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,25 @@ def test_an_unwritable_out_is_one_error_line_and_writes_nothing(tmp_path):
     assert done.stderr.splitlines() == [f"error: {out}: Not a directory"]
 
 
+def test_latency_compile_reaches_the_benchmark(tmp_path, monkeypatch, capsys):
+    import benchmarks.runs
+
+    configs = []
+
+    def record_config(sam, model, config, **kwargs):
+        configs.append(config)
+        return []
+
+    monkeypatch.setattr(benchmarks.runs, "benchmark_latency", record_config)
+    argv = ["latency", "--model", "tinyvit_test", "--device", "cpu", "--out", str(tmp_path)]
+    assert main([*argv, "--compile"]) == 0
+    assert main(argv) == 0
+    assert [config.compile for config in configs] == [True, False]
+    with pytest.raises(SystemExit):
+        main(["latency", "--help"])
+    assert "--compile" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("command", ["coco", "latency", "everything"])
 def test_an_unwritable_out_fails_before_measuring(command, synthetic_coco, tmp_path, capsys, monkeypatch):
     import benchmarks.runs

@@ -9,7 +9,9 @@ from torch.utils.flop_counter import FlopCounterMode
 import benchmarks.latency as latency
 from benchmarks.latency import LatencyConfig, LatencyRunner, benchmark_latency, count_macs, example_inputs
 from benchmarks.records import cpu_name
+from student_models.sam_runner import TorchSamBackend
 from tests.helpers import requires_cuda, tiny_model
+from tests.student_models.test_sam_runner import skip_without_inductor
 
 
 def test_runner_warms_up_then_reports_median_and_quartiles(monkeypatch):
@@ -32,12 +34,18 @@ def test_runner_warms_up_then_reports_median_and_quartiles(monkeypatch):
 
 
 def test_meta_device_macs_match_a_real_forward():
+    """Counted on the meta device through the back-end calls that are timed, equal to a real run's."""
     sam = tiny_model()
     inputs = example_inputs(decoder_boxes=2)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         sam.image_encoder(inputs["image"])
+    backend = TorchSamBackend(sam)
+    with FlopCounterMode(display=False) as decoder_counter:
+        logits, iou = backend.decode(inputs["embedding"], inputs["coords"], inputs["labels"])
+    assert logits.shape == (2, 4, 256, 256) and iou.shape == (2, 4)  # all four mask tokens, as SamRunner gets
     macs = count_macs("tinyvit_test", decoder_boxes=2)
     assert macs["encoder"] == counter.get_total_flops() // 2
+    assert macs["decoder"] == decoder_counter.get_total_flops() // 2
     one_box = count_macs("tinyvit_test", decoder_boxes=1)["decoder"]
     assert one_box < macs["decoder"] <= 2 * one_box
     assert count_macs("tinyvit_test", image_batch=3)["encoder"] == 3 * macs["encoder"]
@@ -62,6 +70,7 @@ def test_cpu_records_hold_one_timing_per_thread_count_on_any_machine():
     assert record["params"] == sum(p.numel() for m in (sam.prompt_encoder, sam.mask_decoder) for p in m.parameters())
     assert record["macs"] == count_macs("tinyvit_test")["decoder"]
     assert record["config"] == config.to_dict()
+    assert record["compile_mode"] is None and record["config"]["compile"] is False
 
 
 @requires_cuda
@@ -77,6 +86,33 @@ def test_cuda_records_time_fp32_and_bf16_on_the_gpu_then_give_the_model_back():
     assert got["fp32", "encoder"]["batch"] == 2
     assert got["fp32", "encoder"]["macs"] == count_macs("tinyvit_test", image_batch=2)["encoder"]
     assert next(sam.parameters()).device.type == "cpu"
+
+
+@pytest.mark.slow
+def test_compile_times_the_compiled_decoder_next_to_eager_in_one_run():
+    """A fresh compiled back-end per thread count (CPU kernels keep the count they were compiled under)."""
+    skip_without_inductor()
+    config = LatencyConfig(warmup=0, repeats=2, threads=(1,), components=("decoder",), compile=True)
+    records = benchmark_latency(tiny_model(), "tinyvit_test", config, device="cpu", progress=False)
+
+    got = {r["runtime"]: r for r in records}
+    assert sorted(got) == ["pytorch", "pytorch-compile"]
+    assert (got["pytorch"]["compile_mode"], got["pytorch-compile"]["compile_mode"]) == (None, "default")
+    assert all(r["config"]["compile"] and r["threads"] == 1 and r["median_ms"] > 0 for r in records)
+    assert got["pytorch-compile"]["macs"] == got["pytorch"]["macs"]
+
+
+@requires_cuda
+def test_cuda_compile_times_cuda_graphs_in_fp32_and_bf16():
+    config = LatencyConfig(warmup=1, repeats=3, threads=(1,), compile=True)
+    records = benchmark_latency(tiny_model(), "tinyvit_test", config, device="cuda", progress=False)
+
+    got = {(r["runtime"], r["precision"], r["component"]): r for r in records}
+    assert len(got) == 8 and all(r["median_ms"] > 0 for r in records)
+    for precision in ("fp32", "bf16"):
+        for component in ("encoder", "decoder"):
+            assert got["pytorch-compile", precision, component]["compile_mode"] == "reduce-overhead"
+            assert got["pytorch", precision, component]["compile_mode"] is None
 
 
 def test_onnx_pairs_need_a_runner_and_one_image_per_call():
@@ -108,10 +144,12 @@ def test_onnx_records_name_the_file_they_timed(tmp_path):
     decoder.write_bytes(b"d" * 20)
 
     class FakeRunner:  # stands in for quantize.OnnxSam: only the timing plumbing is under test
+        device = torch.device("cpu")
+
         def __init__(self, encoder_path, decoder_path, num_threads=None):
             pass
 
-        def embed(self, image):
+        def encode(self, image):
             return image
 
         def decode(self, embedding, coords, labels):

@@ -11,7 +11,8 @@ from quantize import PTQConfig, export_onnx, quantize_, quantized_layers
 from quantize.__main__ import main
 from quantize.bench import get_parser as bench_parser
 from quantize.calibration import prepare_calibration
-from quantize.fidelity import TorchSam, fidelity, run_model
+from quantize.fidelity import fidelity, run_model
+from student_models.sam_runner import TorchSamBackend
 from tests.helpers import requires_cuda, synthetic_image, tiny_model
 from tests.quantize.conftest import FAST
 
@@ -43,7 +44,9 @@ def test_quantize_on_cuda_and_export_from_a_cpu_copy(tmp_path):
         assert tensor.is_cuda, name  # the quantizers' scales too, next to the weights they scale
     assert all(layer.input_quants[0].enabled for layer in quantized_layers(sam).values() if layer.input_quants)
     items = prepare_calibration([synthetic_image(5)[0]], 1, 2, seed=3)
-    scores = fidelity(run_model(TorchSam(float_sam), items), run_model(TorchSam(sam), items))
+    scores = fidelity(
+        run_model(TorchSamBackend(float_sam, "cuda"), items), run_model(TorchSamBackend(sam, "cuda"), items)
+    )
     assert scores["sqnr_embedding_db"] > 12 and scores["mask_iou"] > 0.8, scores  # the CPU test's bounds
 
     result = export_onnx(sam, tmp_path, "int8", ort_format=False)

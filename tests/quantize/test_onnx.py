@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from quantize import OnnxSam, PTQConfig, box_prompts, export_onnx, point_prompts, quantize_, quantized_layers
-from quantize.fidelity import TorchSam
 from quantize.modules import QuantConv2d
 from quantize.onnx_export import TOLERANCE
+from student_models.sam_runner import TorchSamBackend
 from tests.helpers import synthetic_image, tiny_model
 from tests.quantize.conftest import FAST
 
@@ -42,23 +42,30 @@ def test_int8_export_matches_simulated_model_and_uses_integer_kernels(exports):
     assert any("av_matmul" in name for name in result.int8_layers)  # twin-softmax input: two integer products
 
 
-def test_onnx_sam_dynamic_prompts(exports, tmp_path):
+def test_onnx_sam_is_a_backend_with_dynamic_prompts(exports, tmp_path):
     sam, result, _ = exports
     runner = OnnxSam(result.files["encoder"], result.files["decoder"], num_threads=1)
-    reference = TorchSam(tiny_model("tinyvit_test"))
-    image = np.random.default_rng(0).standard_normal((1, 3, 1024, 1024)).astype(np.float32)
-    embedding = runner.embed(image)
-    np.testing.assert_allclose(embedding, reference.embed(image), atol=1e-3)
+    reference = TorchSamBackend(tiny_model("tinyvit_test"))
+    assert runner.device == torch.device("cpu")
+    images = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, 1024, 1024)).astype(np.float32))
+    embeddings = runner.encode(images)  # two images: one ORT call each
+    assert isinstance(embeddings, torch.Tensor) and embeddings.shape == (2, 256, 64, 64)
+    torch.testing.assert_close(embeddings, reference.encode(images), atol=1e-3, rtol=0)
+    embedding = embeddings[1:]
     for coords, labels in (
         box_prompts(np.array([[10, 20, 400, 500], [100, 100, 900, 800], [0, 0, 50, 60]])),  # B=3 boxes
         point_prompts(np.array([[[300, 200], [310, 600]]]), np.array([[1, 0]])),  # 1 prompt, 2 points + pad
     ):
+        coords, labels = torch.from_numpy(coords), torch.from_numpy(labels)
         masks, iou = runner.decode(embedding, coords, labels)
         assert masks.shape == (len(coords), 4, 256, 256) and iou.shape == (len(coords), 4)
         ref_masks, ref_iou = reference.decode(embedding, coords, labels)
-        np.testing.assert_allclose(masks, ref_masks, atol=1e-3)
+        torch.testing.assert_close(masks, ref_masks, atol=1e-3, rtol=0)
+        torch.testing.assert_close(iou, ref_iou, atol=1e-3, rtol=0)
     with pytest.raises(ValueError, match="expects point_coords BxNx2 and point_labels BxN"):
-        runner.decode(embedding, np.zeros((2, 2)), np.zeros((2,)))
+        runner.decode(embedding, torch.zeros(2, 2), torch.zeros(2))
+    with pytest.raises(ValueError, match="expects Bx3x1024x1024 preprocessed images"):
+        runner.encode(torch.zeros(3, 1024, 1024))
 
 
 def test_decoder_graph_equals_sam_prompt_encoder_and_decoder():

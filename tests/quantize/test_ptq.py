@@ -7,9 +7,9 @@ import torch
 
 from quantize import PTQConfig, load_quantized, quantize_, quantized_layers, save_quantized
 from quantize.calibration import box_prompt_loop, prepare_calibration
-from quantize.fidelity import TorchSam, fidelity, run_model
+from quantize.fidelity import fidelity, run_model
 from student_models import CheckpointError, save_checkpoint
-from student_models.sam_runner import PointPromptDecoder
+from student_models.sam_runner import PointPromptDecoder, TorchSamBackend
 from tests.helpers import synthetic_image, tiny_model
 from tests.quantize.conftest import FAST
 
@@ -25,7 +25,9 @@ def test_quantized_model_layers_and_fidelity(quantized_tinyvit):
     assert layers["image_encoder.layers.1.blocks.0.attn.av_matmul"].input_quants[0].kind == "twin_softmax"
     assert report.unused == ["image_encoder.head"]  # TinyViT's classification head is never called
     items = prepare_calibration([synthetic_image(5)[0]], 1, 2, seed=3)
-    scores = fidelity(run_model(TorchSam(tiny_model("tinyvit_test")), items), run_model(TorchSam(sam), items))
+    scores = fidelity(
+        run_model(TorchSamBackend(tiny_model("tinyvit_test")), items), run_model(TorchSamBackend(sam), items)
+    )
     assert scores["sqnr_embedding_db"] > 12 and scores["mask_iou"] > 0.8, scores
 
 

@@ -8,12 +8,22 @@ lies within 1e-3 of the threshold.
 
 from __future__ import annotations
 
+import copy
+import functools
+
 import numpy as np
 import pytest
 import torch
 from segment_anything import SamPredictor
 
-from student_models.sam_runner import MASK_THRESHOLD, PointPromptDecoder, SamRunner, TorchSamBackend
+from student_models.preprocessing import prepare_image
+from student_models.sam_runner import (
+    MASK_THRESHOLD,
+    PointPromptDecoder,
+    SamRunner,
+    TorchSamBackend,
+    compile_mode,
+)
 from tests.helpers import requires_cuda, synthetic_image, tiny_model
 
 SCORE_ATOL = 1e-4
@@ -120,3 +130,58 @@ def test_bad_prompts_are_named():
         runner.predict(point_coords=np.zeros((2, 2)))
     with pytest.raises(ValueError, match="one box per point set"):
         runner.predict(point_coords=np.zeros((2, 1, 2)), point_labels=np.ones((2, 1)), boxes=np.zeros((3, 4)))
+
+
+@functools.cache
+def _inductor_failure() -> str | None:
+    """Why `torch.compile` (Inductor) cannot run here, tried on a trivial function; None when it can."""
+    try:
+        torch.compile(lambda x: (x + 1).relu())(torch.ones(4))
+    except Exception as exc:  # no C++ compiler, no Python headers, an unsupported platform
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None
+
+
+def skip_without_inductor() -> None:
+    reason = _inductor_failure()
+    if reason is not None:
+        pytest.skip(f"torch.compile cannot run on this machine ({reason})")
+
+
+def _check_compiled_equals_eager(device: torch.device) -> None:
+    model = tiny_model("tinyvit_test")
+    compiled = TorchSamBackend(copy.deepcopy(model), device, compile=True)
+    assert compiled.compile_mode == compile_mode(device)
+    images = [prepare_image(synthetic_image(seed)[0]).tensor for seed in (3, 4)]
+    first = compiled.encode(images[0])
+    second = compiled.encode(images[1])  # must not overwrite `first` (a CUDA graph reuses its output memory)
+    eager = TorchSamBackend(model, device)
+    torch.testing.assert_close(first, eager.encode(images[0]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(second, eager.encode(images[1]), atol=1e-4, rtol=1e-4)
+
+    image, _ = synthetic_image(3)
+    points, labels, boxes = _prompts(image, 5)
+    results = []
+    for backend in (compiled, eager):
+        runner = SamRunner(backend, chunk_size=2)  # chunks of 2, 2 and 1: kept while the next one runs
+        runner.set_image(image)
+        results.append((runner.predict(point_coords=points, point_labels=labels), runner.predict_boxes(boxes)))
+    (ours, (our_masks, our_scores)), (theirs, (their_masks, their_scores)) = results
+    torch.testing.assert_close(ours.iou, theirs.iou, atol=SCORE_ATOL, rtol=0)
+    torch.testing.assert_close(ours.low_res_logits, theirs.low_res_logits, atol=LOGIT_EPS, rtol=0)
+    torch.testing.assert_close(our_scores, their_scores, atol=SCORE_ATOL, rtol=0)
+    assert (ours.masks != theirs.masks).float().mean() < 1e-3
+    assert (our_masks != their_masks).float().mean() < 1e-3
+
+
+@pytest.mark.slow
+def test_compiled_backend_equals_eager_on_cpu():
+    """torch.compile (Inductor's C++ kernels): about 2 minutes the first time on 2 cores, seconds from its cache."""
+    skip_without_inductor()
+    _check_compiled_equals_eager(torch.device("cpu"))
+
+
+@requires_cuda
+def test_compiled_backend_equals_eager_on_cuda():
+    """Mode "reduce-overhead": CUDA graphs, whose outputs the back-end copies before the next replay."""
+    _check_compiled_equals_eager(torch.device("cuda"))
