@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from segment_anything.modeling import Sam
+from segment_anything.modeling import PromptEncoder, Sam
 from torch import nn
 
 from distill.config import DistillConfig
@@ -42,6 +42,7 @@ from distill.losses import (
 )
 from distill.phases import PhaseTimer
 from distill.prompts import (
+    PAD_LABEL,
     PromptSet,
     error_points,
     initial_prompts,
@@ -78,6 +79,28 @@ class DecoderOutput:
         return self.masks[rows, index], self.iou[rows, index]
 
 
+def sparse_embeddings(encoder: PromptEncoder, prompts: PromptSet) -> torch.Tensor:
+    """SAM's `PromptEncoder` sparse embeddings of R prompts (RxTx256), computed with `torch.where` where SAM indexes
+    with boolean masks (each of which waits for the device to find the True entries)."""
+    points, labels = prompts.points + 0.5, prompts.labels  # SAM's shift to the pixel centre
+    if prompts.boxes is None:  # SAM's padding point (not shifted) where there is no box
+        points = torch.cat([points, points.new_zeros((len(points), 1, 2))], dim=1)
+        labels = torch.cat([labels, labels.new_full((len(labels), 1), float(PAD_LABEL))], dim=1)
+    parts = []
+    if labels.shape[1] > 0:
+        embedded = encoder.pe_layer.forward_with_coords(points, encoder.input_image_size)
+        label = labels[..., None]
+        embedded = torch.where(label == PAD_LABEL, encoder.not_a_point_embed.weight, embedded)
+        embedded = embedded + torch.where(label == 0, encoder.point_embeddings[0].weight, 0.0)
+        parts.append(embedded + torch.where(label == 1, encoder.point_embeddings[1].weight, 0.0))
+    if prompts.boxes is not None:
+        corners = encoder.pe_layer.forward_with_coords(
+            (prompts.boxes + 0.5).reshape(-1, 2, 2), encoder.input_image_size
+        )
+        parts.append(corners + torch.cat([encoder.point_embeddings[2].weight, encoder.point_embeddings[3].weight]))
+    return _concat(parts, dim=1)
+
+
 def decode(sam: Sam, embeddings: torch.Tensor, prompts: PromptSet | Sequence[PromptSet]) -> DecoderOutput:
     """SAM's prompt encoder and mask decoder for R prompts on I image embeddings (Ix256x64x64), in one call.
 
@@ -92,10 +115,7 @@ def decode(sam: Sam, embeddings: torch.Tensor, prompts: PromptSet | Sequence[Pro
         shapes = ", ".join(f"{p.num_prompts} prompts of {p.num_tokens} tokens" for p in sets)
         raise ValueError(f"decode needs the same prompt count per embedding and token count per prompt: {shapes}")
     encoder, decoder = sam.prompt_encoder, sam.mask_decoder
-    sparse = []
-    for p in sets:
-        points = (p.points, p.labels) if p.labels.shape[1] > 0 else None
-        sparse.append(encoder(points=points, boxes=p.boxes, masks=None)[0])
+    sparse = [sparse_embeddings(encoder, p) for p in sets]
     dense = encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)  # the prompt encoder's dense output without a mask
     src = (embeddings + dense).repeat_interleave(rows // len(embeddings), dim=0)
     image_pe = encoder.get_dense_pe().expand(rows, -1, -1, -1)
@@ -139,8 +159,8 @@ class _Part:
         return refined, final
 
 
-def _concat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    return tensors[0] if len(tensors) == 1 else torch.cat(list(tensors))
+def _concat(tensors: Sequence[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(list(tensors), dim=dim)
 
 
 def _take(parts: Sequence[_Part], tensor: torch.Tensor, per: int = 1) -> torch.Tensor:

@@ -3,6 +3,9 @@ the mean of its images' terms alone; the batched decoder is SAM's."""
 
 from __future__ import annotations
 
+import copy
+import os
+import warnings
 import weakref
 from dataclasses import replace
 
@@ -12,10 +15,10 @@ import torch
 
 from distill.config import DistillConfig
 from distill.data import Collate, DistillItem, lowres_masks, stream_items
-from distill.model import DistillStep, agreement, decode, image_blind_embedding
+from distill.model import DistillStep, agreement, decode, image_blind_embedding, sparse_embeddings
 from distill.prompts import PromptSet
 from student_models.preprocessing import prepare_image
-from tests.helpers import synthetic_image, tiny_model
+from tests.helpers import requires_cuda, synthetic_image, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +180,72 @@ def test_image_blind_embedding_is_the_mean_over_the_image_cells_only():
     blind = image_blind_embedding(embedding, (500, 1024))  # ceil(500 / 16) = 32 rows of cells hold the image
     assert blind.shape == embedding.shape and torch.equal(blind[..., 0, 0], blind[..., 63, 63])
     torch.testing.assert_close(blind[..., 0, 0], embedding[..., :32, :].mean((2, 3)))
+
+
+def test_sparse_embeddings_are_sams_prompt_encoder(item_and_models):
+    """Our prompt encoding (torch.where instead of SAM's boolean indexing) gives SAM's embeddings exactly, for
+    points of every label (padding among them), boxes alone and boxes with points."""
+    student, _, _ = item_and_models
+    encoder = student.prompt_encoder
+    points = torch.tensor([[[100.0, 80.0], [3.0, 900.0], [0.0, 0.0]], [[500.0, 10.0], [10.0, 10.0], [77.0, 5.0]]])
+    labels = torch.tensor([[1.0, 0.0, -1.0], [0.0, -1.0, 1.0]])
+    boxes = torch.tensor([[0.0, 0, 64, 64], [30, 40, 500, 300]])
+    cases = [PromptSet(points, labels, None), PromptSet(points, labels, boxes)]
+    cases.append(PromptSet(points[:, :0], labels[:, :0], boxes))
+    with torch.no_grad():
+        for prompts in cases:
+            given = (prompts.points, prompts.labels) if prompts.labels.shape[1] else None
+            expected, _ = encoder(points=given, boxes=prompts.boxes, masks=None)
+            assert torch.equal(sparse_embeddings(encoder, prompts), expected)
+
+
+HOST_ROUND_TRIPS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__")
+
+
+def test_the_step_makes_no_host_round_trip(item_and_models, monkeypatch):
+    """Forward and backward of a batch with hard prompts call nothing that copies a tensor's values to the host
+    (on a GPU each would wait for the device); CUDA's own check is the test below."""
+    student, teacher, item = item_and_models
+    config = DistillConfig(prompts_per_image=2, max_prompt_iters=2, gt_mask_weight=1.0, gt_iou_weight=1.0, seed=1)
+    items = [replace(item, index=i) for i in range(3)]
+    batch = Collate(config.seed, 0, 2, 0.5, 2)(items)
+    assert set(batch.use_box) == {True, False} and max(batch.iterations) > 0
+    step = DistillStep(student, teacher, config, use_prompts=True).train()
+
+    def refuse(name):
+        def method(*args, **kwargs):
+            raise AssertionError(f"Tensor.{name} called inside the step")
+
+        return method
+
+    for name in HOST_ROUND_TRIPS:
+        monkeypatch.setattr(torch.Tensor, name, refuse(name))
+    terms = step(batch)
+    sum(terms[name] for name in ("embedding", "token", "output", "gt_mask", "gt_iou")).backward()
+    monkeypatch.undo()
+    student.zero_grad(set_to_none=True)
+    assert set(terms) == {"embedding", *step.prompt_term_names()}
+
+
+@requires_cuda
+def test_the_step_does_not_wait_for_the_gpu(item_and_models):
+    """Under CUDA's sync debug mode, the step's own code (distill/) triggers no synchronisation, bf16 autocast on."""
+    student, teacher, item = item_and_models
+    device = torch.device("cuda")
+    config = DistillConfig(prompts_per_image=4, max_prompt_iters=3, gt_mask_weight=1.0, gt_iou_weight=1.0, seed=1)
+    items = [replace(item, index=i) for i in range(4)]
+    batch = Collate(config.seed, 0, 4, 0.5, 3)(items).pin_memory().to(device, non_blocking=True)
+    step = DistillStep(copy.deepcopy(student), copy.deepcopy(teacher), config, use_prompts=True).to(device).train()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                terms = step(batch)
+            terms["token"].add(terms["output"]).add(terms["gt_mask"]).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    ours = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if f"{os.sep}distill{os.sep}" in w.filename]
+    assert not ours, "\n".join(ours)
+    assert all(torch.isfinite(v).all() for v in terms.values())

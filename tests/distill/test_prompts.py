@@ -25,6 +25,7 @@ from distill.prompts import (
     use_boxes,
     valid_lowres_regions,
 )
+from tests.helpers import requires_cuda
 
 
 def _box_mask(y0, y1, x0, x1, size=32):
@@ -159,7 +160,8 @@ def _sampled(batch, per):
     valid = valid_lowres_regions(batch.input_sizes[: batch.num_prompted]).repeat_interleave(per, 0)
     results = {}
     for as_box in (True, False):
-        rows = torch.tensor([b == as_box for b in batch.use_box]).repeat_interleave(per)
+        kind = torch.tensor([b == as_box for b in batch.use_box], device=batch.keys.device)
+        rows = kind.repeat_interleave(per)
         if not rows.any():
             continue
         prompts = initial_prompts(gt[rows], boxes[rows], keys[rows], as_box)
@@ -168,7 +170,7 @@ def _sampled(batch, per):
         for iteration in range(2):
             coords, labels = error_points(prediction, gt[rows], keys[rows], iteration, valid[rows])
             prompts = prompts.add_points(coords, labels)
-        images = batch.indices[: batch.num_prompted][torch.tensor(batch.use_box) == as_box].tolist()
+        images = batch.indices[: batch.num_prompted][kind].tolist()
         for i, index in enumerate(images):
             part = prompts.rows(i * per, (i + 1) * per)
             results[index] = (part.points, part.labels, part.boxes)
@@ -288,3 +290,20 @@ def test_box_noise_mask_choice_and_iteration_distributions_match_the_numpy_sampl
     for counts in (k, old_k):
         assert np.all(np.abs(counts - DRAWS / 10) < 5 * (DRAWS * 0.09) ** 0.5), counts
     assert abs(use_boxes(keys, 0.5).double().mean().item() - 0.5) < 5 * (0.25 / DRAWS) ** 0.5
+
+
+@requires_cuda
+def test_the_gpu_draws_the_cpu_prompts():
+    """The integer draws are device-independent: on CUDA the same points and labels as on the CPU; the box noise's
+    float arithmetic (log, cos) may differ in the last bits."""
+    items = [_item(i, n, (1024, 1024), i) for i, n in enumerate([3, 6, 1, 4])]
+    batch = Collate(seed=5, epoch=1, prompts_per_image=8, box_prob=0.5, max_iters=3)(items)
+    on_cpu = _sampled(batch, 8)
+    on_gpu = _sampled(batch.to(torch.device("cuda")), 8)
+    for index, (points, labels, boxes) in on_cpu.items():
+        gpu_points, gpu_labels, gpu_boxes = (t if t is None else t.cpu() for t in on_gpu[index])
+        assert torch.equal(gpu_labels, labels)
+        if boxes is None:
+            assert torch.equal(gpu_points, points)
+        else:
+            torch.testing.assert_close(gpu_boxes, boxes, rtol=0, atol=1e-3)
