@@ -46,6 +46,23 @@ from quantize.core import (
 ACT_KINDS = ("uniform", "twin_softmax", "twin_gelu")
 
 
+class AtOrAbove(torch.autograd.Function):
+    """``x`` where ``x > alpha``, else 0; exported as ONNX ThresholdedRelu(alpha).
+
+    With alpha the float32 just below a twin-softmax split, ``x > alpha`` is ``x >= split``: the high
+    range. One elementwise pass where ``x * (x < split)`` takes three (Less, Cast, Mul; 71 vs 26 ms
+    with the Sub on 64x256x256 in ORT here; a Where is slower still, 200 ms).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, alpha: float) -> torch.Tensor:  # noqa: ANN001
+        return x * (x > alpha).to(x.dtype)
+
+    @staticmethod
+    def symbolic(g, x, alpha: float):  # noqa: ANN001, ANN205
+        return g.op("ThresholdedRelu", x, alpha_f=alpha)
+
+
 class ActQuantizer(nn.Module):
     """Per-tensor activation quantizer; `kind` is "uniform", "twin_softmax" or "twin_gelu".
 
@@ -88,9 +105,8 @@ class ActQuantizer(nn.Module):
         levels = 2 ** (self.bits - 1)
         low_scale, high_scale = self.range_scales()
         if self.kind == "twin_softmax":
-            below = x < self.split
-            low = torch.where(below, x, 0.0)  # Less + two Wheres: one elementwise pass fewer than x * mask, x - low
-            high = torch.where(below, 0.0, x)
+            high = AtOrAbove.apply(x, float(torch.nextafter(self.split, torch.tensor(-torch.inf))))  # exact: x or 0
+            low = x - high  # exact: 0 or x
             if self.bits < 8:
                 low, high = (
                     torch.clamp(low, max=(levels - 1) * low_scale),

@@ -15,6 +15,7 @@ from quantize.modules import ActQuantizer, QuantLayer, WeightQuantizer, quantize
 from quantize.onnx_export import _export, check_int8, export_mode
 from quantize.onnx_runtime import count_kernels
 from quantize.ptq import share_requantized_scales
+from student_models.tiny_vit import MatMul
 
 
 class ConvBlock(nn.Module):
@@ -62,7 +63,7 @@ def calibrated_block(x: torch.Tensor, block: nn.Module | None = None) -> nn.Modu
     for quantizer, amax in seen.items():
         quantizer.scale.fill_(amax / 127)
         quantizer.enabled = True
-    for layer in (m for m in block.modules() if isinstance(m, QuantLayer)):
+    for layer in (m for m in block.modules() if isinstance(m, QuantLayer) and m.weight_axis is not None):
         layer.weight_quant.scale.copy_(layer.weight.flatten(1).abs().amax(dim=1) / 127)
         layer.weight_quant.enabled = True
     assert all(q.enabled for q in block.modules() if isinstance(q, (ActQuantizer, WeightQuantizer)))
@@ -239,3 +240,31 @@ def test_twin_steps_counts_a_boundary_tie_as_one_step_and_keeps_errors_within_a_
     assert twin_steps([torch.tensor([10 * split / 128]), zero], (torch.tensor([12 * split / 128]), zero), scales) == (
         pytest.approx(2.0)
     )
+
+
+class AttentionBlock(nn.Module):
+    """q @ k^T (uniform inputs) -> softmax -> attn @ v (twin-softmax attn: two integer products)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qk = quantized_copy(MatMul(), 8, 8, ["uniform", "uniform"])
+        self.av = quantized_copy(MatMul(), 8, 8, ["twin_softmax", "uniform"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.av(self.qk(x, x.transpose(-1, -2)).softmax(dim=-1), x)
+
+
+def test_twin_softmax_ranges_split_by_one_threshold(tmp_path):
+    """The high range is ThresholdedRelu just below the split (x >= split), the low range the rest."""
+    x = torch.randn(2, 48, 16, generator=torch.Generator().manual_seed(5)) * 2
+    block = calibrated_block(x, AttentionBlock())
+    quantizer = block.av.input_quants[0]
+    quantizer.split.fill_(2.0**-4)
+    attn = torch.tensor([0.0, 2.0**-4, float(torch.nextafter(torch.tensor(2.0**-4), torch.tensor(0.0))), 0.5])
+    low, high = quantizer.twin_ranges_int8(attn)
+    assert low.tolist()[1:3] == [0.0, pytest.approx(2.0**-4, abs=2.0**-10)] and high[1] > 0 and high[2] == 0
+    block, path, x, expected, float_out = export_block(block, x, tmp_path / "attention.onnx")
+    check = check_int8(block, path, (x,), ["x"], expected, float_out)
+    assert check.passed, check
+    kernels = count_kernels(path)
+    assert kernels.get("ThresholdedRelu", 0) == 1 and not {"Less", "Cast", "Where"} & kernels.keys(), kernels
