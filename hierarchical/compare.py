@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from hierarchical.agreement import Agreement, agreement_with_sam
 from hierarchical.config import GeneratorConfig
+from hierarchical.decoder import SharedImageDecoder
 from hierarchical.generator import HierarchicalMaskGenerator, clock
 from hierarchical.reprompt import REPROMPT_RULES
 from student_models.preprocessing import load_image, to_rgb
@@ -113,18 +114,21 @@ def matched_mask_iou(reference: list[dict], candidate: list[dict]) -> dict[str, 
 
 @torch.no_grad()
 def warm_up(model: Sam) -> None:
-    """One untimed encoder pass and one decoder call, so no method pays first-call set-up costs."""
+    """One untimed encoder pass and one call of SAM's decoder and of ours, so no method pays first-call
+    set-up costs."""
     size, device = model.image_encoder.img_size, model.device
     embedding = model.image_encoder(torch.zeros(1, 3, size, size, device=device))
-    points = (torch.zeros(1, 1, 2, device=device), torch.ones(1, 1, device=device))
+    points = (torch.zeros(2, 1, 2, device=device), torch.ones(2, 1, device=device))
     sparse, dense = model.prompt_encoder(points=points, boxes=None, masks=None)
+    image_pe = model.prompt_encoder.get_dense_pe()
     model.mask_decoder(
         image_embeddings=embedding,
-        image_pe=model.prompt_encoder.get_dense_pe(),
+        image_pe=image_pe,
         sparse_prompt_embeddings=sparse,
         dense_prompt_embeddings=dense,
         multimask_output=True,
     )
+    SharedImageDecoder(model.mask_decoder, embedding, image_pe, dense[:1]).decode(sparse, 0.0)
 
 
 def compare_generators(
