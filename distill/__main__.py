@@ -98,7 +98,12 @@ def add_settings(parser: argparse.ArgumentParser, leave_out: tuple[str, ...] = (
     add("--val-fraction", type=float)
     add("--val-prompts-per-image", type=int)
     add("--freeze-bn", action=switch, help="keep the student's BatchNorm statistics fixed (small per-GPU batches)")
-    add("--log-every", type=int)
+    add(
+        "--log-every",
+        type=int,
+        help="steps between log records (default 1); the host waits for the GPU only at these, checkpoint and "
+        "validation steps, where a NaN/inf loss is also caught",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> DistillConfig:

@@ -119,7 +119,7 @@ class DistillConfig:
     val_fraction: float = 0.1
     val_images: int | None = None  # held-out images; overrides val_fraction
     val_prompts_per_image: int = 8
-    log_every: int = 1
+    log_every: int = 1  # steps between log records; the loop reads loss and NaN/inf flags from the device only then
     resume: bool = False
     overwrite: bool = False  # a fresh run may replace the run already in `out` (otherwise that is refused)
     cache_only: bool = False  # fill the teacher-embedding cache and stop (the separate cache step)

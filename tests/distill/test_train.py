@@ -295,6 +295,37 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cache_dir, 
     assert all(torch.isfinite(v).all() for v in state["student"].values() if v.is_floating_point())
 
 
+def test_a_nan_between_log_steps_is_caught_at_the_next_one_before_any_checkpoint(tmp_path, cache_dir, monkeypatch):
+    """With --log-every 3 the host reads the device only at step 3: the NaN of step 2 is reported there, named by
+    its step and values, and no checkpoint or student is written after it."""
+    config = DistillConfig.demo(
+        out=str(tmp_path),
+        cache_dir=str(cache_dir),
+        num_synthetic=4,
+        val_images=0,
+        steps=4,
+        batch_size=1,
+        log_every=3,
+        checkpoint_every=3,
+        prompts_per_image=1,
+        max_prompt_iters=0,
+    )
+    real = distill_model.embedding_loss
+    calls = []
+
+    def poisoned(student, teacher):
+        calls.append(1)
+        terms = real(student, teacher)
+        return {"embedding": terms["embedding"] * float("nan")} if len(calls) == 2 else terms
+
+    monkeypatch.setattr(distill_model, "embedding_loss", poisoned)
+    message = r"non-finite loss or gradient at step 2 \(loss=nan, .*\); stopped at step 3, before any later checkpoint"
+    with pytest.raises(DistillError, match=message):
+        distill(config)
+    assert len(calls) == 3 and not (tmp_path / "checkpoints" / "last.pt").exists()
+    assert not (tmp_path / "student.pt").exists() and _steps(tmp_path) == []
+
+
 def test_embedding_shape_mismatch_is_named(tmp_path, cache_dir, monkeypatch):
     """A student whose encoder gives 128x64x64 against a 256x64x64 teacher stops at the first step, named."""
     name = "distill_bad_neck_test"
