@@ -242,9 +242,11 @@ class SharedImageDecoder:
             head = self.mask_head(keys[rows], self._hyper_in(hs[rows], slice(1, None)), self.grid)
             position = torch.cumsum(needed, 0) - 1
             masks.append(head[position[prompt], mask])
-        device, dtype = sparse.device, sparse.dtype
-        low_res = torch.cat(masks) if masks else torch.zeros(0, 4 * self.grid[0], 4 * self.grid[1], dtype=dtype)
-        return torch.cat(prompts), torch.cat(mask_ids), low_res.to(device), torch.cat(ious)
+        if masks:
+            low_res = torch.cat(masks)
+        else:
+            low_res = sparse.new_zeros(0, 4 * self.grid[0], 4 * self.grid[1])
+        return torch.cat(prompts), torch.cat(mask_ids), low_res, torch.cat(ious)
 
     def _tokens(self, sparse: torch.Tensor) -> torch.Tensor:
         decoder = self.decoder
