@@ -1,8 +1,9 @@
 """What "the same as SAM's generator" means, and the one function that checks it.
 
 Our dense mode and `SamAutomaticMaskGenerator` compute the same function in float32 but not with the
-same kernels (micro-batches, another batch size, another CPU's GEMM blocking, a GPU), so a mask
-logit can come out a few units in the last place apart. Bits are therefore not the contract; this is:
+same order or kernels (projections folded into the prompt tokens, micro-batches, another CPU's GEMM
+blocking, a GPU), so a mask logit can come out a few units in the last place apart. Bits are
+therefore not the contract; this is:
 
 Two record lists of the same model, image and settings agree when, after pairing the records by
 prompt point, crop box and mask (best mask IoU among the same point's records):
