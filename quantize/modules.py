@@ -287,7 +287,7 @@ class QuantLinear(QuantLayer, nn.Linear):
             shape = (x[0] if isinstance(x, tuple) else x).shape
             rows = each_range(x, lambda part: part.reshape(-1, shape[-1]))
             return integer_gemm(rows, weight, bias).reshape(*shape[:-1], self.out_features)
-        # MatMul + Add rather than Gemm: ORT fuses DQ -> MatMul into its integer kernels.
+        # No bias, or an input left float: MatMul (+ Add), which ORT fuses with a DQ input into its integer kernels.
         out = summed_over_ranges(x, lambda part: torch.matmul(part, weight.t()))
         return out + bias if bias is not None else out
 

@@ -223,7 +223,7 @@ def layer_placement(sam: Sam, precision: str) -> tuple[list[str], list[str], lis
     """(layers whose products run on ORT's integer kernels, layers simulated in float, float layers).
 
     Integer: Linear, pointwise convolutions and attention products with int8-runnable inputs
-    (MatMulIntegerToFloat / QLinearMatMul), and other convolutions with a quantized output
+    (QGemm / MatMulIntegerToFloat / QLinearMatMul), and other convolutions with a quantized output
     (QLinearConv). Simulated: everything else quantized (twin-uniform inputs, convolutions without
     an output quantizer and transposed convolutions compute in float on int8-grid values).
     """
