@@ -2,8 +2,8 @@
 # The GPU check of issue 11, in one call from the repository root, under 6 minutes:
 #   1. every CUDA-path test (pytest -m cuda), then the tests that once failed on a GPU machine;
 #   2. a short GPU benchmark: tinyvit_5m encoder latency on CUDA (fp32 and bf16; batch 1 eager and
-#      torch.compile, batch 8),
-#      COCO AP and everything mode on 2 images with the model on CUDA, and a report of the records.
+#      torch.compile, batch 8), COCO AP and everything mode on 2 images with the model on CUDA, the
+#      distill step's phase profile (demo configuration), and a report of the records.
 # Logs, JUnit XML, JSON records and report.md go under $OUT (default ./gpu_check_out); summary.txt
 # there has one line per step. Each step has its own time limit, cut to what is left of the whole
 # budget, so a hanging step cannot push the run past 6 minutes. Without a GPU the tests still run
@@ -83,6 +83,7 @@ else
         --chunk-size 64 --out "$OUT/records"
     step everything-2-images 75 "${bench[@]}" everything "${model[@]}" --coco-root "$coco_root" \
         --max-images 2 --out "$OUT/records"
+    step distill-throughput 60 "${bench[@]}" distill --device cuda --out "$OUT/records"
     step report 30 "${bench[@]}" report --records "$OUT/records" --out "$OUT/report"
 fi
 
