@@ -267,6 +267,20 @@ def test_corrupt_image_is_skipped_and_plain_folder_uses_embedding_loss_only(tmp_
     assert set(_steps(result.out_dir)[0]) >= {"embedding"} and "token" not in _steps(result.out_dir)[0]
 
 
+def _poison_second_embedding_loss(monkeypatch) -> list[int]:
+    """Make the embedding loss NaN on its second call; returns the list that counts the calls."""
+    real = distill_model.embedding_loss
+    calls = []
+
+    def poisoned(student, teacher):
+        calls.append(1)
+        terms = real(student, teacher)
+        return {"embedding": terms["embedding"] * float("nan")} if len(calls) == 2 else terms
+
+    monkeypatch.setattr(distill_model, "embedding_loss", poisoned)
+    return calls
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cache_dir, monkeypatch):
     config = DistillConfig.demo(
         out=str(tmp_path),
@@ -279,15 +293,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cache_dir, 
         prompts_per_image=1,
         max_prompt_iters=0,
     )
-    real = distill_model.embedding_loss
-    calls = []
-
-    def poisoned(student, teacher):
-        calls.append(1)
-        terms = real(student, teacher)
-        return {"embedding": terms["embedding"] * float("nan")} if len(calls) == 2 else terms
-
-    monkeypatch.setattr(distill_model, "embedding_loss", poisoned)
+    _poison_second_embedding_loss(monkeypatch)
     with pytest.raises(DistillError, match=r"non-finite loss or gradient at step 2 .*the last good checkpoint is"):
         distill(config)
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
@@ -310,15 +316,7 @@ def test_a_nan_between_log_steps_is_caught_at_the_next_one_before_any_checkpoint
         prompts_per_image=1,
         max_prompt_iters=0,
     )
-    real = distill_model.embedding_loss
-    calls = []
-
-    def poisoned(student, teacher):
-        calls.append(1)
-        terms = real(student, teacher)
-        return {"embedding": terms["embedding"] * float("nan")} if len(calls) == 2 else terms
-
-    monkeypatch.setattr(distill_model, "embedding_loss", poisoned)
+    calls = _poison_second_embedding_loss(monkeypatch)
     message = r"non-finite loss or gradient at step 2 \(loss=nan, .*\); stopped at step 3, before any later checkpoint"
     with pytest.raises(DistillError, match=message):
         distill(config)
