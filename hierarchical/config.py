@@ -8,7 +8,7 @@ IoU: pixels above it count as covered), and `reprompt_rule`, which points the se
 which fixes the sparse grid at a quarter per side). `decoder_micro_batch` is ours too: how many
 prompts the mask decoder takes at a time inside each `points_per_batch` batch (see
 `hierarchical/decoder.py`; it changes the speed and the float rounding, not the contract's result);
-None picks per device: 16 on a CPU, the whole batch on a GPU.
+None picks per device: 4 on a CPU (16 or more on a CPU shared with other jobs), the whole batch on a GPU.
 """
 
 from __future__ import annotations

@@ -39,10 +39,11 @@ from segment_anything.modeling.transformer import Attention, TwoWayAttentionBloc
 # Any number of prompts per call works; kept as a setting's lower bound (GeneratorConfig).
 MIN_MICRO_BATCH = 1
 # On a CPU: 4 prompts keep a micro-batch's B x 4096 x 256 intermediates (16 MB) near the caches and were
-# fastest on a quiet 2-core Xeon (0.45 s per 64 prompts; 8: 0.65 s), but with other jobs on the cores
-# (load 3-5) every one of its many small parallel regions waits for a descheduled thread: 11.4 s, no
-# faster than SAM's decoder (11.2 s), where 16 took 4.1 s and 64 2.5 s. 16 is the robust middle.
-CPU_MICRO_BATCH = 16
+# fastest on a quiet 2-core Xeon (64 prompts at the paper's IoU filter, two runs: 4: 0.61-0.71 s, 8: 0.88 s,
+# 16: 0.85-1.06 s, 64: 1.02-1.16 s). With other jobs on the cores (load 3-5) every one of its many small
+# parallel regions waits for a descheduled thread (4: 11.4 s, 16: 4.1 s, 64: 2.5 s): on a shared machine
+# pass a larger `decoder_micro_batch`.
+CPU_MICRO_BATCH = 4
 
 
 def default_micro_batch(device: torch.device, points_per_batch: int) -> int:
