@@ -235,16 +235,14 @@ class SharedImageDecoder:
             ious.append(iou_pred[prompt, mask])
             if not len(prompt):
                 continue
-            needed = keep.any(dim=1)
-            if needed.all():
-                hyper_in = self._hyper_in(hs, slice(1, None))
-                masks.append(self.mask_head(keys, hyper_in, self.grid)[prompt, mask])
-                continue
             # Only the prompts with a surviving mask go through the mask head; their masks are all three
             # (the head's work is per prompt; the product per mask is small).
-            rows = needed.nonzero()[:, 0]
-            head = self.mask_head(keys[rows], self._hyper_in(hs[rows], slice(1, None)), self.grid)
-            position = torch.cumsum(needed, 0) - 1
+            needed = keep.any(dim=1)
+            if not needed.all():
+                rows = needed.nonzero()[:, 0]
+                hs, keys = hs[rows], keys[rows]
+            head = self.mask_head(keys, self._hyper_in(hs, slice(1, None)), self.grid)
+            position = torch.cumsum(needed, 0) - 1  # a prompt's row among those kept
             masks.append(head[position[prompt], mask])
         if masks:
             low_res = torch.cat(masks)
