@@ -270,6 +270,24 @@ def integer_gemm(x: torch.Tensor | tuple[torch.Tensor, ...], weight: torch.Tenso
     return out
 
 
+def product_over_channels(
+    x: torch.Tensor | tuple[torch.Tensor, ...], weight: torch.Tensor, bias: torch.Tensor | None, integer_bias: bool
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` over the last dimension, as the INT8 export should see it.
+
+    With ``integer_bias``: 2-D rows into `integer_gemm` (QGemm, the bias inside), reshaped back. Otherwise
+    (no bias, or an input left float): MatMul (+ Add), which ORT fuses with a DQ input into its integer kernels.
+    """
+    if integer_bias:
+        shape = (x[0] if isinstance(x, tuple) else x).shape
+        if len(shape) == 2:  # already rows: no Reshape nodes in the exported graph
+            return integer_gemm(x, weight, bias)
+        rows = each_range(x, lambda part: part.reshape(-1, shape[-1]))
+        return integer_gemm(rows, weight, bias).reshape(*shape[:-1], weight.shape[0])
+    out = summed_over_ranges(x, lambda part: torch.matmul(part, weight.t()))
+    return out + bias if bias is not None else out
+
+
 class QuantLinear(QuantLayer, nn.Linear):
     """Linear with a quantized input and weight; with an integer product its bias is on the int32 grid."""
 
@@ -283,13 +301,7 @@ class QuantLinear(QuantLayer, nn.Linear):
         bias = self.quantized_bias()
         if not self.weight_quant.export_int8:
             return F.linear(x, weight, bias)
-        if self.integer_bias:  # 2-D rows: a Gemm, with the bias inside the integer kernel
-            shape = (x[0] if isinstance(x, tuple) else x).shape
-            rows = each_range(x, lambda part: part.reshape(-1, shape[-1]))
-            return integer_gemm(rows, weight, bias).reshape(*shape[:-1], self.out_features)
-        # No bias, or an input left float: MatMul (+ Add), which ORT fuses with a DQ input into its integer kernels.
-        out = summed_over_ranges(x, lambda part: torch.matmul(part, weight.t()))
-        return out + bias if bias is not None else out
+        return product_over_channels(x, weight, bias, self.integer_bias)
 
     def float_forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         return F.linear(x, self.weight if weight is None else weight, self.bias)
@@ -348,13 +360,8 @@ class QuantConv2d(QuantLayer, nn.Conv2d):
         weight = self.weight_quant(self.weight.reshape(self.out_channels, channels))
         x = self.input_quants[0](x)
         bias = self.quantized_bias()
-        rows = each_range(x, lambda part: part.permute(0, 2, 3, 1).reshape(batch, height * width, channels))
-        if self.integer_bias:
-            out = integer_gemm(each_range(rows, lambda part: part.reshape(-1, channels)), weight, bias)
-        else:
-            out = summed_over_ranges(rows, lambda part: torch.matmul(part, weight.t()))
-            if bias is not None:
-                out = out + bias
+        rows = each_range(x, lambda part: part.permute(0, 2, 3, 1).reshape(-1, channels))
+        out = product_over_channels(rows, weight, bias, self.integer_bias)
         return out.reshape(batch, height, width, self.out_channels).permute(0, 3, 1, 2)
 
     def float_forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
