@@ -13,11 +13,10 @@ ONNX file sizes next to the timings.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -31,6 +30,7 @@ from tqdm import tqdm
 
 from benchmarks.records import device_name, make_record
 from student_models import EMBED_DIM, EMBED_SIDE, IMAGE_SIZE, build_sam
+from student_models.device import torch_threads
 from student_models.prompts import box_prompts
 from student_models.sam_runner import SamBackend, TorchSamBackend, compile_mode
 
@@ -130,16 +130,6 @@ class LatencyRunner:
             times.append((time.perf_counter() - start) * 1000)
         quartiles = np.percentile(times, [25, 75]) if len(times) > 1 else (times[0], times[0])
         return Timing(statistics.median(times), float(quartiles[0]), float(quartiles[1]), min(times), len(times))
-
-
-@contextlib.contextmanager
-def torch_threads(num_threads: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(num_threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def example_inputs(decoder_boxes: int = 1, seed: int = 0, image_batch: int = 1) -> dict[str, torch.Tensor]:

@@ -35,7 +35,7 @@ from quantize.ort_baseline import ort_quantize_static
 from quantize.ptq import quantize_, quantized_layers
 from student_models import build_sam
 from student_models.data import open_dataset
-from student_models.device import add_device_argument
+from student_models.device import add_device_argument, torch_threads
 from student_models.prompts import box_prompts
 from student_models.sam_runner import TorchSamBackend
 
@@ -70,6 +70,19 @@ def get_parser() -> argparse.ArgumentParser:
         "--twin-convs-too",
         action="store_true",
         help="also quantize and export the first method with twin-uniform convolution inputs (PTQConfig.twin_convs)",
+    )
+    parser.add_argument(
+        "--uniform-too",
+        action="store_true",
+        help="also quantize and export minmax with every input uniform (no twin ranges): the fast graph that "
+        "`python -m quantize --method minmax --no-twin` gives",
+    )
+    parser.add_argument(
+        "--reference-encoder",
+        default=None,
+        metavar="MODEL",
+        help="a registered model (e.g. vit_h; random weights) whose PyTorch float32 image encoder is timed once "
+        "per thread count in the middle of the interleaved latency repeats: speed-ups measured in the same run",
     )
     add_device_argument(parser)
     return parser
@@ -107,25 +120,36 @@ def _git_commit() -> str:
 
 
 def _latency(
-    files: dict[str, tuple[Path, Path]], threads: int | None, repeats: int, prompts: int
+    files: dict[str, tuple[Path, Path]],
+    threads: int | None,
+    repeats: int,
+    prompts: int,
+    reference: torch.nn.Module | None = None,
 ) -> dict[str, dict[str, float]]:
     """Median encoder/decoder ms per model, the models interleaved within each repeat (on a shared
-    machine, load changes then hit every model alike, so their ratios stay comparable)."""
+    machine, load changes then hit every model alike, so their ratios stay comparable). A `reference`
+    image encoder (PyTorch, float32, on the CPU) runs once after half the repeats: "reference" ->
+    {"encoder_ms"}."""
     runners = {key: OnnxSam(encoder, decoder, num_threads=threads) for key, (encoder, decoder) in files.items()}
     rng = np.random.default_rng(0)
     image = torch.from_numpy(rng.standard_normal((1, 3, 1024, 1024)).astype(np.float32))
+    reference_ms = None
     corners = np.sort(rng.uniform(0, 1024, size=(prompts, 2, 2)), axis=1).reshape(prompts, 4)
     coords, labels = (torch.from_numpy(a) for a in box_prompts(corners))
     embeddings = {key: runner.encode(image) for key, runner in runners.items()}  # warm-up, both parts
     for key, runner in runners.items():
         runner.decode(embeddings[key], coords, labels)
     times: dict[str, dict[str, list[float]]] = {key: {"encoder_ms": [], "decoder_ms": []} for key in runners}
-    for _ in range(repeats):
+    for repeat in range(repeats):
+        if reference is not None and repeat == repeats // 2:
+            with torch.no_grad(), torch_threads(threads or os.cpu_count()):
+                reference_ms = median_latency_ms(lambda: reference(image), 1, warmup=0)
         for key, runner in runners.items():
             times[key]["encoder_ms"].append(median_latency_ms(lambda r=runner: r.encode(image), 1, warmup=0))
             decode = lambda r=runner, e=embeddings[key]: r.decode(e, coords, labels)  # noqa: E731
             times[key]["decoder_ms"].append(median_latency_ms(decode, 1, warmup=0))
-    return {key: {name: statistics.median(values) for name, values in parts.items()} for key, parts in times.items()}
+    medians = {key: {name: statistics.median(values) for name, values in parts.items()} for key, parts in times.items()}
+    return medians | ({"reference": {"encoder_ms": reference_ms}} if reference is not None else {})
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -167,18 +191,20 @@ def run(args: argparse.Namespace) -> dict:
         {"name": "float32 ONNX (ORT)", **fidelity(reference, run_model(OnnxSam(*files["float32"]), eval_items))}
     )
 
-    # (label, method, twin_convs): each method with the default config, and with --twin-convs-too the
-    # first method with twin-uniform convolution inputs as well (the default before issue 14).
-    variants = [(method, method, False) for method in args.methods]
+    # (label, method, PTQConfig changes): each method with the default config; with --twin-convs-too the
+    # first method with twin-uniform convolution inputs as well (the default before issue 14); with
+    # --uniform-too minmax with no twin ranges (the fast graph).
+    variants = [(method, method, {}) for method in args.methods]
     if args.twin_convs_too:
-        variants.append((f"{args.methods[0]} twin-convs", args.methods[0], True))
+        variants.append((f"{args.methods[0]} twin-convs", args.methods[0], {"twin_convs": True}))
+    if args.uniform_too:
+        variants.append(("minmax all-uniform", "minmax", {"twin_softmax": False, "twin_gelu": False}))
     for bits in args.bits:
-        for label, method, twin_convs in variants:
+        for label, method, changes in variants:
             sam = fresh()
             config = PTQConfig(
                 w_bits=bits, a_bits=bits, method=method, num_calib=args.num_calib, max_prompts=args.max_prompts,
-                num_alphas=args.num_alphas, rounds=args.rounds, keep_float=tuple(args.keep_float),
-                twin_convs=twin_convs,
+                num_alphas=args.num_alphas, rounds=args.rounds, keep_float=tuple(args.keep_float), **changes,
             )  # fmt: skip
             start = time.time()
             quantize_(sam, config, box_prompt_loop(calib_items), model_name=args.model)
@@ -193,8 +219,8 @@ def run(args: argparse.Namespace) -> dict:
                         quantized = run_model(TorchSamBackend(sam, args.device), eval_items)
                     name = f"ours W8A8 {label}, {group} in float (PyTorch, simulated)"
                     records["fidelity"].append({"name": name, **fidelity(reference, quantized)})
-            # Exported: the first method, the all-int8 baseline and the twin-convs comparison.
-            if bits == 8 and (method in (args.methods[0], "minmax") or twin_convs):
+            # Exported: the first method, the minmax baseline and the added variants.
+            if bits == 8 and (method in (args.methods[0], "minmax") or changes):
                 tag = label.replace(" ", "_")
                 try:
                     result = export_onnx(sam, out, "int8", prefix=f"ours_{tag}_")
@@ -223,8 +249,14 @@ def run(args: argparse.Namespace) -> dict:
         records["fidelity"].append({"name": f"{key} (ORT)", "quantize_s": round(time.time() - start, 1),
                                     **fidelity(reference, run_model(OnnxSam(*paths), eval_items))})  # fmt: skip
 
+    reference = None
+    if args.reference_encoder and not args.skip_latency:
+        torch.manual_seed(0)
+        reference = build_sam(args.reference_encoder).image_encoder.eval()
+        records["reference_encoder"] = f"{args.reference_encoder} (PyTorch float32, random weights, CPU)"
     for threads in () if args.skip_latency else (1, None):  # the same run, models interleaved per repeat
-        for key, timing in _latency(files, threads, args.repeats, args.decoder_prompts).items():
+        timings = _latency(files, threads, args.repeats, args.decoder_prompts, reference)
+        for key, timing in timings.items():
             records["latency"].append({"name": key, "threads": threads or os.cpu_count(), **timing})
     for key, (encoder, decoder) in files.items():
         records["sizes_mb"][key] = {"encoder": round(encoder.stat().st_size / 2**20, 2),
@@ -249,9 +281,17 @@ def to_markdown(records: dict) -> str:
         "|---|---|---|---|---|",
     ]
     base = {r["threads"]: r["encoder_ms"] for r in records["latency"] if r["name"] == "float32"}  # same run
-    for r in records["latency"]:
+    students = [r for r in records["latency"] if r["name"] != "reference"]
+    for r in students:
         lines.append(f"| {r['name']} | {r['threads']} | {r['encoder_ms']:.0f} | {r['decoder_ms']:.0f} | "
                      f"{base[r['threads']] / r['encoder_ms']:.2f}x |")  # fmt: skip
+    reference = {r["threads"]: r["encoder_ms"] for r in records["latency"] if r["name"] == "reference"}
+    if reference:
+        lines += ["", f"| {records['reference_encoder']} vs | threads | reference encoder (ms) | speed-up |",
+                  "|---|---|---|---|"]  # fmt: skip
+        for r in students:
+            ms = reference[r["threads"]]
+            lines.append(f"| {r['name']} | {r['threads']} | {ms:.0f} | {ms / r['encoder_ms']:.3g}x |")
     lines += ["", "| model | encoder.onnx (MB) | decoder.onnx (MB) |", "|---|---|---|"]
     for key, size in records["sizes_mb"].items():
         lines.append(f"| {key} | {size['encoder']} | {size['decoder']} |")

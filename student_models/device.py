@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -52,3 +54,14 @@ def add_device_argument(parser: argparse.ArgumentParser, **kwargs) -> None:
         help=kwargs.pop("help", "auto (CUDA when PyTorch sees a GPU, else CPU), cpu, cuda or cuda:N (default auto)"),
         **kwargs,
     )
+
+
+@contextlib.contextmanager
+def torch_threads(num_threads: int) -> Iterator[None]:
+    """PyTorch's intra-op CPU threads set to `num_threads` inside the block, then put back."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
