@@ -19,6 +19,7 @@ import torch
 from distill.cache import checkpoint_identity
 from distill.config import DistillConfig
 from distill.model import DistillError
+from distill.prompts import SAMPLER_VERSION
 from distill.runtime import Runtime
 from student_models.io import atomic_write_text
 
@@ -59,13 +60,15 @@ def run_identity(cfg: DistillConfig, fields: dict[str, Any]) -> dict[str, Any]:
     """What makes a run the same run: the config without RESUMABLE_CHANGES, paths replaced by what they hold.
 
     The data becomes its kind and resolved folder (or the generator's settings), the teacher checkpoint the
-    file's sha256 (or the seed of random weights), the student checkpoint likewise.
+    file's sha256 (or the seed of random weights), the student checkpoint likewise; and the prompt sampler's
+    version, since the same seed draws other prompts under another.
     """
     values = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES}
     values.update(
         data=fields["data"],
         teacher_checkpoint=fields["weights"],
         student_checkpoint=checkpoint_identity(cfg.student_checkpoint, cfg.seed),
+        prompt_sampler=SAMPLER_VERSION,  # absent (None) in checkpoints written before the version was recorded
     )
     return values
 

@@ -268,6 +268,21 @@ def test_resume_with_a_changed_setting_is_still_refused(tmp_path, clean_run, cac
     assert_one_error(err, "the config differs (lr: checkpoint 0.002, now 0.5)")
 
 
+@pytest.mark.slow
+def test_a_checkpoint_of_the_old_prompt_sampler_is_not_resumed(tmp_path, clean_run, cache_dir, capsys):
+    """Before the sampler's version was part of the identity, a run resumed from such a checkpoint silently
+    drew other prompts from the same seed."""
+    out = tmp_path / "run"
+    shutil.copytree(clean_run[0], out)
+    state_path = out / "checkpoints" / "last.pt"
+    state = torch.load(state_path, weights_only=True)
+    del state["identity"]["prompt_sampler"]  # as written before the version was recorded
+    torch.save(state, state_path)
+    code, _, err = cli(capsys, *TINY, "--cache-dir", cache_dir, "--out", out, "--resume")
+    assert code == 1
+    assert_one_error(err, "the config differs (prompt_sampler: checkpoint None, now 2)")
+
+
 # ---- the teacher cache verifies what it reuses ------------------------------------------------------------
 
 
