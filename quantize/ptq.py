@@ -22,7 +22,7 @@ from segment_anything.modeling import Sam
 from torch import nn
 from tqdm import tqdm
 
-from quantize.adapters import fold_batchnorms, fuse_reparameterizable, install_attention_adapters, set_submodule
+from quantize.adapters import fold_batchnorms, fuse_reparameterizable, install_adapters, set_submodule
 from quantize.calibration import (
     ForwardLoop,
     box_prompt_loop,
@@ -74,7 +74,7 @@ def prepare_structure(sam: Sam) -> None:
     """The numerically identical rewrites every quantized model gets (also re-applied on load)."""
     fuse_reparameterizable(sam)
     fold_batchnorms(sam)
-    install_attention_adapters(sam)
+    install_adapters(sam)
 
 
 def find_layers(sam: Sam, config: PTQConfig) -> tuple[list[str], list[str]]:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from quantize import PTQConfig
-from quantize.adapters import install_attention_adapters
+from quantize.adapters import install_adapters
 from quantize.calibration import LayerCalibrator
 from quantize.modules import quantized_copy
 from quantize.search import LayerSearch, search_layer
@@ -45,7 +45,7 @@ def test_attention_adapters_are_exact(name):
     attn = sam.mask_decoder.transformer.layers[0].cross_attn_token_to_image
     with torch.no_grad():
         before_enc, before_dec = sam.image_encoder(x), attn(tokens, image, image)
-        replaced = install_attention_adapters(sam)
+        replaced = install_adapters(sam)
         adapted = sam.mask_decoder.transformer.layers[0].cross_attn_token_to_image
         after_enc, after_dec = sam.image_encoder(x), adapted(tokens, image, image)
     assert (
