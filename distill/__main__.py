@@ -99,6 +99,12 @@ def add_settings(parser: argparse.ArgumentParser, leave_out: tuple[str, ...] = (
     add("--val-prompts-per-image", type=int)
     add("--freeze-bn", action=switch, help="keep the student's BatchNorm statistics fixed (small per-GPU batches)")
     add(
+        "--decoder-images",
+        type=int,
+        help="images whose prompts go through a decoder in one call (default: the whole batch); with N, the "
+        "student decoder is recomputed in backward: memory for N x P prompts, ~115 MB each in float32",
+    )
+    add(
         "--log-every",
         type=int,
         help="steps between log records (default 1); the host waits for the GPU only at these, checkpoint and "

@@ -102,6 +102,10 @@ class DistillConfig:
     train_decoder: bool = True  # the student's mask decoder is trained; its prompt encoder stays frozen
     decoder_lr_scale: float = 0.1  # the decoder starts at the teacher's weights: a smaller lr keeps it there
     freeze_bn: bool = False  # BatchNorm in eval mode; SyncBatchNorm is used instead under DDP on CUDA
+    # Images whose prompts go through a decoder in one call (None: the whole batch at once, fastest). With a
+    # number, the student decoder's activations are recomputed in backward one call at a time: memory for
+    # N x P prompts instead of B x P (about 115 MB per prompt in float32), one more decoder forward per step.
+    decoder_images: int | None = None
 
     # prompts
     hard_prompts: bool = True
@@ -147,8 +151,9 @@ class DistillConfig:
         for name in positive_ints:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        for name in ("steps", "decoder_images"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (or unset), got {getattr(self, name)}")
         for name in ("num_workers", "warmup_steps", "max_prompt_iters", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

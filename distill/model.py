@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from segment_anything.modeling import PromptEncoder, Sam
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from distill.config import DistillConfig
 from distill.data import DistillBatch, DistillItem
@@ -130,6 +131,45 @@ def decode(sam: Sam, embeddings: torch.Tensor, prompts: PromptSet | Sequence[Pro
     masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
     iou = decoder.iou_prediction_head(hs[:, 0])
     return DecoderOutput(masks.float(), iou.float(), hs.float())
+
+
+def decode_in_chunks(
+    sam: Sam,
+    embeddings: torch.Tensor,
+    prompts: PromptSet | Sequence[PromptSet],
+    images_per_call: int | None,
+    recompute: bool = False,
+) -> DecoderOutput:
+    """`decode`, in calls of at most `images_per_call` images' prompts (None: one call), outputs concatenated.
+
+    With `recompute` each call is checkpointed: its activations are not kept for the backward pass but
+    recomputed there, one call at a time, so a training step holds one call's decoder activations (about
+    115 MB per prompt in float32 for SAM's decoder, measured on the CPU) instead of all B x P prompts'.
+    The gradients are the same; the price is one more decoder forward.
+    """
+    sets = [prompts] if isinstance(prompts, PromptSet) else list(prompts)
+    images = len(embeddings)
+    chunk = images_per_call or images
+    if chunk >= images and not recompute:
+        return decode(sam, embeddings, sets)
+    per = sum(p.num_prompts for p in sets) // images
+    outputs = []
+    for first in range(0, images, chunk):
+        stop = min(first + chunk, images)
+        call = (embeddings[first:stop], _prompt_rows(sets, first * per, stop * per))
+        outputs.append(checkpoint(decode, sam, *call, use_reentrant=False) if recompute else decode(sam, *call))
+    return DecoderOutput(*(_concat([getattr(o, f) for o in outputs]) for f in ("masks", "iou", "tokens")))
+
+
+def _prompt_rows(sets: Sequence[PromptSet], start: int, stop: int) -> list[PromptSet]:
+    """Rows start..stop-1 of the concatenation of `sets`, as views of the sets they fall in."""
+    out, offset = [], 0
+    for p in sets:
+        lo, hi = max(start, offset), min(stop, offset + p.num_prompts)
+        if lo < hi:
+            out.append(p.rows(lo - offset, hi - offset))
+        offset += p.num_prompts
+    return out
 
 
 def check_embedding_shapes(student: torch.Tensor, teacher: torch.Tensor, student_name: str, teacher_name: str) -> None:
@@ -267,10 +307,12 @@ class DistillStep(nn.Module):
         per = cfg.prompts_per_image
         prompts = [p.prompts for p in parts]
         multimask = _multimask(parts, per, student_emb.device)
+        chunk = cfg.decoder_images
         with torch.no_grad(), phase("teacher_decoder"):
-            teacher_out = decode(self.teacher, _take(parts, teacher_emb), prompts)
+            teacher_out = decode_in_chunks(self.teacher, _take(parts, teacher_emb), prompts, chunk)
         with phase("student_forward"):
-            student_out = decode(self.student, _take(parts, student_emb), prompts)
+            recompute = chunk is not None and torch.is_grad_enabled()
+            student_out = decode_in_chunks(self.student, _take(parts, student_emb), prompts, chunk, recompute)
             gt = _take(parts, rows["gt"], per)
             terms = {"prompt_iters": gt.new_full((len(gt),), float(iteration), dtype=torch.float32)}
             if cfg.token_loss:
@@ -304,10 +346,12 @@ class DistillStep(nn.Module):
         student_mask = teacher_mask = None
         if need_student:
             with phase("student_forward"):
-                student_mask = decode(self.student, _take(parts, student_emb), prompts).chosen(multimask)[0] > 0
+                student_out = decode_in_chunks(self.student, _take(parts, student_emb), prompts, cfg.decoder_images)
+                student_mask = student_out.chosen(multimask)[0] > 0
         if need_teacher:
             with phase("teacher_decoder"):
-                teacher_mask = decode(self.teacher, _take(parts, teacher_emb), prompts).chosen(multimask)[0] > 0
+                teacher_out = decode_in_chunks(self.teacher, _take(parts, teacher_emb), prompts, cfg.decoder_images)
+                teacher_mask = teacher_out.chosen(multimask)[0] > 0
         with phase("prompt_sampling"):
             if cfg.prompt_mode == "disagreement":
                 prediction, target = student_mask, teacher_mask

@@ -26,9 +26,10 @@ from student_models.io import atomic_write_text
 # Fields that may change between a run and its resumption without changing the result. Where the run
 # folder and the cache live is one of them (a moved folder, or "runs/x" spelled "/home/me/runs/x", holds
 # the same run); the data and the checkpoints are compared by what they are (`run_identity`), not by spelling.
-# The device too: a run may go on elsewhere (bit-exact only on the device it started on).
+# The device too: a run may go on elsewhere (bit-exact only on the device it started on); and how many
+# images' prompts a decoder call takes, which changes memory, not the computation (bit-exact only unchanged).
 RESUMABLE_CHANGES = {"resume", "overwrite", "cache_only", "num_workers", "log_every", "extra", "out", "cache_dir"}
-RESUMABLE_CHANGES |= {"device"}
+RESUMABLE_CHANGES |= {"device", "decoder_images"}
 # What a fresh run in a folder replaces (besides a log.jsonl that records training).
 RUN_FILES = ("checkpoints/last.pt", "student.pt", "metrics.json", "config.json")
 

@@ -33,6 +33,7 @@ def test_defaults_resolve_models_and_round_trip():
         ({"box_prob": 1.5}, r"box_prob must be in \[0, 1\]"),
         ({"embedding_weight": 0.0, "token_loss": False, "output_loss": False}, "every loss is off"),
         ({"steps": 0}, "steps must be >= 1"),
+        ({"decoder_images": 0}, "decoder_images must be >= 1"),
     ],
 )
 def test_bad_values_are_refused_with_a_message(kwargs, message):

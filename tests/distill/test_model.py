@@ -15,7 +15,14 @@ import torch
 
 from distill.config import DistillConfig
 from distill.data import Collate, DistillItem, lowres_masks, stream_items
-from distill.model import DistillStep, agreement, decode, image_blind_embedding, sparse_embeddings
+from distill.model import (
+    DistillStep,
+    agreement,
+    decode,
+    decode_in_chunks,
+    image_blind_embedding,
+    sparse_embeddings,
+)
 from distill.prompts import PromptSet
 from student_models.preprocessing import prepare_image
 from tests.helpers import requires_cuda, synthetic_image, tiny_model
@@ -99,6 +106,54 @@ def test_decode_is_sams_decoder_for_one_image_and_for_many_at_once(item_and_mode
     torch.testing.assert_close(logits[2:], both.masks[2 + torch.arange(2), both.iou[2:, 1:].argmax(1) + 1])
     with pytest.raises(ValueError, match="same prompt count per embedding and token count per prompt"):
         decode(student, embedding, [boxes, points.add_points(torch.zeros(2, 2), torch.ones(2))])
+
+
+@pytest.mark.parametrize("images_per_call", [1, 2, None])
+def test_decoding_in_chunks_gives_the_values_and_gradients_of_one_call(item_and_models, images_per_call):
+    """Three images, 2 prompts each, boxes for the first and points for the other two (so a chunk of 2 spans
+    both sets): chunked and checkpointed calls give one call's masks, IoU, tokens and gradient within float
+    rounding."""
+    student, _, item = item_and_models
+    torch.manual_seed(0)
+    boxes = PromptSet(torch.zeros(2, 0, 2), torch.zeros(2, 0), torch.rand(2, 4).sort(1).values * 512)
+    points = PromptSet(torch.rand(4, 1, 2) * 1024, torch.ones(4, 1), None)
+    base = torch.stack([item.teacher_embedding, item.teacher_embedding.flip(-1), item.teacher_embedding.flip(-2)])
+    results = {}
+    for name, call in {
+        "one call": lambda e: decode(student, e, [boxes, points]),
+        "chunked": lambda e: decode_in_chunks(student, e, [boxes, points], images_per_call, recompute=True),
+    }.items():
+        embeddings = base.clone().requires_grad_(True)
+        out = call(embeddings)
+        (out.masks.square().mean() + out.iou.sum() + out.tokens.mean()).backward()
+        results[name] = (out.masks, out.iou, out.tokens, embeddings.grad)
+    for got, expected in zip(results["chunked"], results["one call"], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_step_with_the_decoders_in_chunks_gives_the_terms_and_gradients_of_one_call(item_and_models):
+    """--decoder-images 1: every decoder call takes one image's prompts and the student's is recomputed in
+    backward; the loss terms and the student's gradients are those of whole-batch calls."""
+    _, teacher, item = item_and_models
+    items = [replace(item, index=i, image=item.image.roll(13 * i, dims=-1)) for i in range(3)]
+    results = {}
+    for chunk in (None, 1):
+        student = tiny_model("tinyvit_test", seed=2)
+        config = DistillConfig(
+            prompts_per_image=3, max_prompt_iters=2, gt_mask_weight=1.0, seed=1, decoder_images=chunk
+        )
+        step = DistillStep(student, teacher, config, use_prompts=True).train()
+        terms = step(Collate(config.seed, 0, 3, 0.5, 2)(items))
+        sum(terms.values()).backward()
+        grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+        results[chunk] = ({n: v.detach() for n, v in terms.items()}, grads)
+    (terms_one, grads_one), (terms_chunked, grads_chunked) = results[None], results[1]
+    assert terms_one.keys() == terms_chunked.keys() and grads_one.keys() == grads_chunked.keys()
+    assert any(n.startswith("mask_decoder.") for n in grads_one)  # the decoder is trained: the recompute is used
+    for name in terms_one:
+        torch.testing.assert_close(terms_chunked[name], terms_one[name], rtol=1e-5, atol=1e-6, msg=name)
+    for name in grads_one:
+        torch.testing.assert_close(grads_chunked[name], grads_one[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize(
