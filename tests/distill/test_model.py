@@ -283,11 +283,16 @@ def test_the_step_makes_no_host_round_trip(item_and_models, monkeypatch):
 
 
 @requires_cuda
-def test_the_step_does_not_wait_for_the_gpu(item_and_models):
-    """Under CUDA's sync debug mode, the step's own code (distill/) triggers no synchronisation, bf16 autocast on."""
+@pytest.mark.parametrize("decoder_images", [None, 2])
+def test_the_step_does_not_wait_for_the_gpu(item_and_models, decoder_images):
+    """Under CUDA's sync debug mode, the step's own code (distill/) triggers no synchronisation, bf16 autocast on;
+    also with the decoders in chunks and the student's recomputed in backward."""
     student, teacher, item = item_and_models
     device = torch.device("cuda")
-    config = DistillConfig(prompts_per_image=4, max_prompt_iters=3, gt_mask_weight=1.0, gt_iou_weight=1.0, seed=1)
+    config = DistillConfig(
+        prompts_per_image=4, max_prompt_iters=3, gt_mask_weight=1.0, gt_iou_weight=1.0, seed=1,
+        decoder_images=decoder_images,
+    )  # fmt: skip
     items = [replace(item, index=i) for i in range(4)]
     batch = Collate(config.seed, 0, 4, 0.5, 3)(items).pin_memory().to(device, non_blocking=True)
     step = DistillStep(copy.deepcopy(student), copy.deepcopy(teacher), config, use_prompts=True).to(device).train()
