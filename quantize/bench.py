@@ -133,13 +133,13 @@ def _latency(
     runners = {key: OnnxSam(encoder, decoder, num_threads=threads) for key, (encoder, decoder) in files.items()}
     rng = np.random.default_rng(0)
     image = torch.from_numpy(rng.standard_normal((1, 3, 1024, 1024)).astype(np.float32))
-    reference_ms = None
     corners = np.sort(rng.uniform(0, 1024, size=(prompts, 2, 2)), axis=1).reshape(prompts, 4)
     coords, labels = (torch.from_numpy(a) for a in box_prompts(corners))
     embeddings = {key: runner.encode(image) for key, runner in runners.items()}  # warm-up, both parts
     for key, runner in runners.items():
         runner.decode(embeddings[key], coords, labels)
     times: dict[str, dict[str, list[float]]] = {key: {"encoder_ms": [], "decoder_ms": []} for key in runners}
+    reference_ms = None
     for repeat in range(repeats):
         if reference is not None and repeat == repeats // 2:
             with torch.no_grad(), torch_threads(threads or os.cpu_count()):
@@ -249,13 +249,13 @@ def run(args: argparse.Namespace) -> dict:
         records["fidelity"].append({"name": f"{key} (ORT)", "quantize_s": round(time.time() - start, 1),
                                     **fidelity(reference, run_model(OnnxSam(*paths), eval_items))})  # fmt: skip
 
-    reference = None
+    reference_encoder = None
     if args.reference_encoder and not args.skip_latency:
         torch.manual_seed(0)
-        reference = build_sam(args.reference_encoder).image_encoder.eval()
+        reference_encoder = build_sam(args.reference_encoder).image_encoder.eval()
         records["reference_encoder"] = f"{args.reference_encoder} (PyTorch float32, random weights, CPU)"
     for threads in () if args.skip_latency else (1, None):  # the same run, models interleaved per repeat
-        timings = _latency(files, threads, args.repeats, args.decoder_prompts, reference)
+        timings = _latency(files, threads, args.repeats, args.decoder_prompts, reference_encoder)
         for key, timing in timings.items():
             records["latency"].append({"name": key, "threads": threads or os.cpu_count(), **timing})
     for key, (encoder, decoder) in files.items():
