@@ -106,8 +106,7 @@ def forced_quantizers(
     """Make each activation quantizer of `module` return ORT's value instead of its own rounding.
 
     Yields a dict filled during the forward: quantizer name -> {"mismatch": fraction of values
-    whose own rounding differs from ORT's, "values": how many values, "max_steps": largest difference
-    in steps}.
+    whose own rounding differs from ORT's, "max_steps": largest difference in steps}.
     Quantizers without a graph tensor are listed under "unmatched" with mismatch 1.0.
     """
     stats: dict[str, dict[str, float]] = {}
@@ -123,7 +122,7 @@ def forced_quantizers(
             calls[name], used[name] = call + 1, start + len(parts)
             graph = tensors.get(name, [])[start : start + len(parts)]
             if len(graph) < len(parts):
-                stats[f"{name}#{call}"] = {"mismatch": 1.0, "values": 1.0, "max_steps": float("inf"), "unmatched": 1.0}
+                stats[f"{name}#{call}"] = {"mismatch": 1.0, "max_steps": float("inf"), "unmatched": 1.0}
                 return None
             # A twin-uniform input's two ranges are each uniform, with their own scale.
             scales = quantizer.range_scales() if isinstance(own, tuple) else (quantizer.scale,)
@@ -137,8 +136,7 @@ def forced_quantizers(
             if isinstance(own, tuple):
                 steps = twin_steps(forced_parts, parts, scales)
             key = name if call == 0 else f"{name}#{call}"
-            count = sum(part.numel() for part in parts)
-            stats[key] = {"mismatch": differs / count, "values": float(count), "max_steps": steps}
+            stats[key] = {"mismatch": differs / sum(part.numel() for part in parts), "max_steps": steps}
             return tuple(forced_parts) if isinstance(own, tuple) else forced_parts[0]
 
         return replace
