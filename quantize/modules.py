@@ -243,15 +243,18 @@ class QuantLayer(nn.Module, abc.ABC):
         )
 
     @abc.abstractmethod
-    def float_forward(self, *inputs: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """The layer's op on given (already quantized or float) inputs and weight."""
+    def float_forward(
+        self, *inputs: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The layer's op on given (already quantized or float) inputs, weight and bias (None: the layer's own)."""
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         inputs = tuple(quant(x) for quant, x in zip(self.input_quants, inputs, strict=True))
         if not self.is_product:  # a window op: a twin input's two ranges are added back into one tensor first
             inputs = tuple(summed_over_ranges(x, lambda part: part) for x in inputs)
-        weight = self.weight_quant(self.weight) if self.weight_axis is not None else None
-        return self.float_forward(*inputs, weight=weight)
+        if self.weight_axis is None:  # no weight, no bias
+            return self.float_forward(*inputs)
+        return self.float_forward(*inputs, weight=self.weight_quant(self.weight), bias=self.quantized_bias())
 
 
 def integer_gemm(x: torch.Tensor | tuple[torch.Tensor, ...], weight: torch.Tensor, bias: torch.Tensor | None):
@@ -296,15 +299,15 @@ class QuantLinear(QuantLayer, nn.Linear):
         return self._products_run_int8()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.input_quants[0](x)
-        weight = self.weight_quant(self.weight)
-        bias = self.quantized_bias()
         if not self.weight_quant.export_int8:
-            return F.linear(x, weight, bias)
-        return product_over_channels(x, weight, bias, self.integer_bias)
+            return super().forward(x)
+        x, weight = self.input_quants[0](x), self.weight_quant(self.weight)
+        return product_over_channels(x, weight, self.quantized_bias(), self.integer_bias)
 
-    def float_forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        return F.linear(x, self.weight if weight is None else weight, self.bias)
+    def float_forward(
+        self, x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return F.linear(x, self.weight if weight is None else weight, self.bias if bias is None else bias)
 
 
 class QuantConv2d(QuantLayer, nn.Conv2d):
@@ -344,13 +347,9 @@ class QuantConv2d(QuantLayer, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.output_quant is not None:
-            x, weight = self.input_quants[0](x), self.weight_quant(self.weight)
-            return self.output_quant(self._conv_forward(x, weight, self.quantized_bias()))
+            return self.output_quant(super().forward(x))
         if not (self.weight_quant.export_int8 and self.is_pointwise):
-            x = self.input_quants[0](x)
-            if not self.is_pointwise:  # a window op: a twin input's two ranges are added back into one tensor first
-                x = summed_over_ranges(x, lambda part: part)
-            return self._conv_forward(x, self.weight_quant(self.weight), self.quantized_bias())
+            return super().forward(x)
         # Exported as NHWC rows -> Gemm (or MatMul) with a 2-D per-channel weight, so ORT runs it on its
         # integer kernels, the bias inside where `integer_bias` (ORT's ConvInteger kernel measured ~3.6x
         # slower than float Conv, ORT 1.32). 4-D NCHW <-> NHWC permutes (not 3-D transposes next to
@@ -364,18 +363,22 @@ class QuantConv2d(QuantLayer, nn.Conv2d):
         out = product_over_channels(rows, weight, bias, self.integer_bias)
         return out.reshape(batch, height, width, self.out_channels).permute(0, 3, 1, 2)
 
-    def float_forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        return self._conv_forward(x, self.weight if weight is None else weight, self.bias)
+    def float_forward(
+        self, x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self._conv_forward(x, self.weight if weight is None else weight, self.bias if bias is None else bias)
 
 
 class QuantConvTranspose2d(QuantLayer, nn.ConvTranspose2d):
     weight_axis = 1  # weight is C_in x C_out/groups x kH x kW
     is_product = False
 
-    def float_forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        weight = self.weight if weight is None else weight
+    def float_forward(
+        self, x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        weight, bias = self.weight if weight is None else weight, self.bias if bias is None else bias
         return F.conv_transpose2d(
-            x, weight, self.bias, self.stride, self.padding, self.output_padding, self.groups, self.dilation
+            x, weight, bias, self.stride, self.padding, self.output_padding, self.groups, self.dilation
         )
 
 
