@@ -85,12 +85,12 @@ class PromptSet:
 # ---- the counter-based generator -------------------------------------------------------------------------
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """x * c mod 2**32 for x in [0, 2**32) int64, in 16-bit halves so that no product leaves int64."""
+def _mul32(x: torch.Tensor | int, c: int) -> torch.Tensor | int:
+    """x * c mod 2**32 for x in [0, 2**32) (int64 tensor or int), in 16-bit halves so that no product leaves int64."""
     return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
+def _mix32(x: torch.Tensor | int) -> torch.Tensor | int:
     """lowbias32 (C. Wellons' hash prospector): a bijection of 32-bit integers whose output bits all flip with
     probability ~1/2 when one input bit does."""
     x = x ^ (x >> 16)
@@ -107,7 +107,10 @@ def random_bits(key: torch.Tensor, *words: torch.Tensor | int) -> torch.Tensor:
     """
     bits = key.to(torch.int64) & _MASK32
     for word in words:
-        word = torch.as_tensor(word, dtype=torch.int64, device=bits.device)
+        # A Python int is mixed in Python (the same 32-bit arithmetic): a CUDA tensor made from it would be
+        # a host-to-device copy, which waits for the GPU.
+        if isinstance(word, torch.Tensor):
+            word = word.to(device=bits.device, dtype=torch.int64)
         bits = _mix32(bits ^ _mix32((word + 0x9E3779B9) & _MASK32))
     return bits
 

@@ -307,3 +307,13 @@ def test_the_gpu_draws_the_cpu_prompts():
             assert torch.equal(gpu_points, points)
         else:
             torch.testing.assert_close(gpu_boxes, boxes, rtol=0, atol=1e-3)
+
+
+def test_a_python_int_word_draws_what_the_same_int64_tensor_draws():
+    """Int words are mixed on the host (no host-to-device copy on a GPU); the draws are the tensor path's."""
+    keys = torch.arange(50, dtype=torch.int64) * 7919
+    words = (3, 2**31 + 5, 0, 2**32 - 1)
+    as_ints = random_bits(keys, *words, torch.arange(50))
+    as_tensors = random_bits(keys, *(torch.tensor(w) for w in words), torch.arange(50))
+    assert torch.equal(as_ints, as_tensors)
+    assert as_ints.dtype == torch.int64 and int(as_ints.min()) >= 0 and int(as_ints.max()) < 2**32
