@@ -72,7 +72,13 @@ class _Graph:
 
 
 def fold_weight_quantization(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Replace each QuantizeLinear of a constant by its int8 result, stored as an initializer."""
+    """Replace each QuantizeLinear of a constant by its int8 result, stored as an initializer.
+
+    The integers are those PyTorch's fake quantization gives the simulated model: the weight times the
+    float32 reciprocal of its scale, rounded half to even. Dividing by the scale instead, as QuantizeLinear
+    is specified, rounds a weight at a tie the other way now and then (15 of tinyvit_5m's 5.7M weights),
+    and ORT would then compute with a weight the simulation does not have.
+    """
     g = _Graph(model)
     for node in list(g.graph.node):
         if node.op_type != "QuantizeLinear":
@@ -85,7 +91,8 @@ def fold_weight_quantization(model: onnx.ModelProto) -> onnx.ModelProto:
         shape = [1] * weight.ndim
         if scale.ndim:
             shape[axis] = -1
-        q = np.rint(weight / scale.reshape(shape)) + zero_point.reshape(shape)
+        reciprocal = (np.float32(1) / scale.astype(np.float32)).reshape(shape)
+        q = np.rint(weight.astype(np.float32) * reciprocal) + zero_point.reshape(shape)
         g.add_init(np.clip(q, -128, 127).astype(np.int8), node.output[0])
         g.graph.node.remove(node)
     return model
