@@ -11,10 +11,14 @@ from one that is slightly wrong.
 So the graph is run with every activation quantizer's output exposed (uint8 QuantizeLinear results,
 two per call for a twin-uniform input, one per range), and the PyTorch model is run with those
 values in place of its own rounding (teacher forcing). Then, with the rounding decisions shared:
-- per quantizer, the fraction of values PyTorch would round differently from ORT given the same
-  upstream values is only exact ties (~1e-6) when each layer of the graph computes what the
-  simulation computes; a layer that does not (a different scale, layout, or an extra rounding
-  inside a fused kernel) shows up as a large fraction or a difference of more than one step;
+- per quantizer, every value ORT rounds differently from PyTorch, given the same upstream values,
+  must be a tie: PyTorch's own input to that quantizer lies within float error of a rounding
+  boundary. The float error is measured (`float64_inputs`: the same pass in float64) and widened by
+  `TIE_FLOAT_ERRORS`, plus `TIE_RELATIVE` of the value's magnitude or its range's, whichever is
+  larger, for float ops whose last bits another implementation computes otherwise (Erf, LayerNorm's
+  reductions). A layer that computes something else (a different scale, a weight rounded the other
+  way, saturation, an extra rounding inside a fused kernel) moves values that lie nowhere near a
+  boundary, and any one of them fails the check with its quantizer named;
 - the outputs agree to float precision;
 - the shipped file gives the same outputs as the instrumented one, which runs the same compute
   kernels (checked by op count; exposing tensors adds only Transpose and Q/DQ re-encodings).
@@ -23,6 +27,7 @@ values in place of its own rounding (teacher forcing). Then, with the rounding d
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import re
 import tempfile
@@ -32,9 +37,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
 from torch import nn
 
-from quantize.modules import ActQuantizer
+from quantize.modules import ActQuantizer, WeightQuantizer
 from quantize.onnx_runtime import count_kernels, open_session, write_ort_format
 
 # Scope-named nodes of the TorchScript exporter: ".../input_quants.0/QuantizeLinear" (an input; a
@@ -42,6 +48,16 @@ from quantize.onnx_runtime import count_kernels, open_session, write_ort_format
 # convolution's output); repeated nodes get "_1", "_2"... suffixes.
 _QUANT_NODE = re.compile(r"^/(.*/(?:input_quants\.\d+|output_quant))/QuantizeLinear(_\d+)?$")
 ZERO_POINT = 128  # activations are uint8 with zero point 128 (see quantize.modules)
+# A correct layer's float error in a quantizer's input is measured, not assumed: the model is run again
+# in float64 on the same (ORT's) upstream values, and |float32 input - float64 input| is PyTorch's own
+# error at each value. ORT's integer products are exact, so where a product feeds the quantizer ORT's
+# input sits near the float64 one; its float ops (LayerNorm, Erf, a fused bias and residual add) have
+# errors of their own that float64 cannot see. So an output may round the other way only where its
+# input lies within TIE_FLOAT_ERRORS times that value's measured error, plus TIE_RELATIVE of the larger
+# of its magnitude and the top of its range, of a rounding boundary. 2^-14 is 1/128 of a step of an
+# 8-bit range; the ties of a random tinyvit_5m export lie within 5e-4 steps of a boundary.
+TIE_FLOAT_ERRORS = 4.0
+TIE_RELATIVE = 2.0**-14
 
 
 def _module_name(scope: str) -> str:
@@ -99,15 +115,74 @@ def twin_steps(
     return float(((forced[0] + forced[1]) - (own[0] + own[1])).abs().div(unit).max())
 
 
+def range_top(quantizer: ActQuantizer, x: torch.Tensor) -> torch.Tensor:
+    """The largest magnitude of the range each of `x` falls in (a twin-uniform quantizer has two)."""
+    levels = 2 ** (quantizer.bits - 1)
+    if quantizer.kind == "uniform":
+        return levels * quantizer.scale
+    low_scale, high_scale = quantizer.range_scales()
+    in_low = x < (quantizer.split if quantizer.kind == "twin_softmax" else 0.0)
+    return torch.where(in_low, levels * low_scale, (levels - 1) * high_scale)
+
+
+def range_steps(quantizer: ActQuantizer) -> tuple[torch.Tensor, ...]:
+    """The step of each of `quantizer`'s ranges: one for a uniform quantizer, (low, high) for a twin-uniform one."""
+    return (quantizer.scale,) if quantizer.kind == "uniform" else quantizer.range_scales()
+
+
+def _total(values: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """A quantizer's value: itself, or the sum of a twin-uniform input's two ranges (one is 0 at each position)."""
+    return sum(values[1:], values[0]) if isinstance(values, tuple) else values
+
+
+def tie_range(
+    quantizer: ActQuantizer, x: torch.Tensor, float_error: torch.Tensor | float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lowest, highest) value `quantizer` gives for an input within float error of `x`: the measured
+    `float_error` of each value (|float32 - float64|) times `TIE_FLOAT_ERRORS`, plus `TIE_RELATIVE` of
+    the larger of its magnitude and the top of its range (`range_top`).
+
+    Quantization is monotone within a range, so a value another correct implementation rounds `x` to lies
+    between the lowest and highest of its values at the interval's ends and at `x` (the middle one counts
+    where the interval crosses a twin-softmax split: the top of the low range lies above the bottom of
+    the high one).
+    """
+    delta = TIE_FLOAT_ERRORS * float_error + TIE_RELATIVE * torch.maximum(x.abs(), range_top(quantizer, x))
+    # forward, not __call__: the bounds must not pass through the checking hook.
+    values = torch.stack([_total(quantizer.forward(x + sign * delta)) for sign in (-1, 0, 1)])
+    return values.amin(dim=0), values.amax(dim=0)
+
+
+def unexplained_roundings(
+    quantizer: ActQuantizer, x: torch.Tensor, got: torch.Tensor, float_error: torch.Tensor | float = 0.0
+) -> int:
+    """How many of `got` (another implementation's quantized `x`) no tie explains (see `tie_range`)."""
+    low, high = tie_range(quantizer, x, float_error)
+    slack = 1e-3 * min(float(step) for step in range_steps(quantizer))  # float noise of the value itself
+    return int(((got < low - slack) | (got > high + slack)).sum())
+
+
+def _dequantized(values: np.ndarray, scale: torch.Tensor) -> np.ndarray:
+    """uint8 graph values as the float32 values they stand for."""
+    return np.ascontiguousarray((values.astype(np.float32) - ZERO_POINT) * scale.float().numpy())
+
+
 @contextlib.contextmanager
 def forced_quantizers(
-    module: nn.Module, tensors: dict[str, list[str]], values: dict[str, np.ndarray]
+    module: nn.Module,
+    tensors: dict[str, list[str]],
+    values: dict[str, np.ndarray],
+    reference_inputs: dict[str, torch.Tensor] | None = None,
 ) -> Iterator[dict[str, dict[str, float]]]:
     """Make each activation quantizer of `module` return ORT's value instead of its own rounding.
 
-    Yields a dict filled during the forward: quantizer name -> {"mismatch": fraction of values
-    whose own rounding differs from ORT's, "max_steps": largest difference in steps}.
-    Quantizers without a graph tensor are listed under "unmatched" with mismatch 1.0.
+    Yields a dict filled during the forward: quantizer call ("name", then "name#1", ...) ->
+    {"mismatch": fraction of values whose own rounding differs from ORT's, "unexplained": fraction
+    of values that differ and are not ties (`unexplained_roundings`, with the float error measured
+    against `reference_inputs`: the quantizers' inputs by call, from `float64_inputs`), "float_error":
+    the largest such error, "max_steps": largest difference in steps}. Quantizers without a graph tensor are
+    listed with "unmatched" and every fraction 1.0. Without `reference_inputs`, the dict holds each
+    call's "input" instead (the float64 pass).
     """
     stats: dict[str, dict[str, float]] = {}
     calls: dict[str, int] = {}
@@ -122,22 +197,31 @@ def forced_quantizers(
             calls[name], used[name] = call + 1, start + len(parts)
             graph = tensors.get(name, [])[start : start + len(parts)]
             if len(graph) < len(parts):
-                stats[f"{name}#{call}"] = {"mismatch": 1.0, "max_steps": float("inf"), "unmatched": 1.0}
+                stats[f"{name}#{call}"] = {"mismatch": 1.0, "unexplained": 1.0, "max_steps": float("inf"),
+                                           "unmatched": 1.0}  # fmt: skip
                 return None
             # A twin-uniform input's two ranges are each uniform, with their own scale.
             scales = quantizer.range_scales() if isinstance(own, tuple) else (quantizer.scale,)
-            forced_parts, differs, steps = [], 0, 0.0
-            for tensor, part, scale in zip(graph, parts, scales, strict=True):
-                value = (values[tensor].astype(np.float32) - ZERO_POINT) * scale.numpy()
-                forced = torch.from_numpy(np.ascontiguousarray(value)).reshape(part.shape)
-                differs += int((forced != part).sum())
-                steps = max(steps, float(((forced - part).abs() / scale).max()))
-                forced_parts.append(forced)
+            forced_parts = [
+                torch.from_numpy(_dequantized(values[tensor], scale)).reshape(part.shape).to(part.dtype)
+                for tensor, part, scale in zip(graph, parts, scales, strict=True)
+            ]
+            forced = tuple(forced_parts) if isinstance(own, tuple) else forced_parts[0]
+            key = name if call == 0 else f"{name}#{call}"
+            if reference_inputs is None:
+                stats[key] = {"input": inputs[0]}
+                return forced
+            differs = sum(int((f != part).sum()) for f, part in zip(forced_parts, parts, strict=True))
             if isinstance(own, tuple):
                 steps = twin_steps(forced_parts, parts, scales)
-            key = name if call == 0 else f"{name}#{call}"
-            stats[key] = {"mismatch": differs / sum(part.numel() for part in parts), "max_steps": steps}
-            return tuple(forced_parts) if isinstance(own, tuple) else forced_parts[0]
+            else:
+                steps = float(((forced - own).abs() / quantizer.scale).max())
+            float_error = (inputs[0].double() - reference_inputs[key]).abs().to(inputs[0].dtype)
+            unexplained = unexplained_roundings(quantizer, inputs[0], _total(forced), float_error)
+            stats[key] = {"mismatch": differs / sum(part.numel() for part in parts),
+                          "unexplained": unexplained / inputs[0].numel(), "float_error": float(float_error.max()),
+                          "max_steps": steps}  # fmt: skip
+            return forced
 
         return replace
 
@@ -151,6 +235,38 @@ def forced_quantizers(
     finally:
         for handle in handles:
             handle.remove()
+
+
+def float64_inputs(
+    module: nn.Module, args: tuple, tensors: dict[str, list[str]], values: dict[str, np.ndarray]
+) -> dict[str, torch.Tensor]:
+    """Each activation quantizer's input, by call, in a float64 copy of `module` fed ORT's quantized values.
+
+    With the same values upstream of every quantizer as the float32 pass, the difference between the two
+    passes' inputs is the float32 error of the layers in between alone. Weight scales stay float32 (what
+    PyTorch's per-channel fake quantization takes), the weights' int8 values are the same.
+    """
+    copy64 = copy.deepcopy(module).double()
+    for part in copy64.modules():
+        if isinstance(part, WeightQuantizer):
+            part.scale.data = part.scale.float()  # what per-channel fake quantization takes; its output is replaced
+        elif isinstance(part, PositionEmbeddingRandom):
+            part.float()  # casts its coordinates to float32 itself; its float32 encoding is the float32 pass's
+    originals = dict(module.named_modules())
+    handles = [
+        # The float32 model's int8 weights, exactly: rounding w / scale in float64 can break a tie the other way.
+        quantizer.register_forward_hook(lambda _, inputs, out, same=originals[name]: same(inputs[0].float()).double())
+        for name, quantizer in copy64.named_modules()
+        if isinstance(quantizer, WeightQuantizer)
+    ]
+    args64 = tuple(a.double() if a.is_floating_point() else a for a in args)
+    try:
+        with forced_quantizers(copy64, tensors, values) as recorded:
+            copy64(*args64)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {key: stat["input"] for key, stat in recorded.items() if "input" in stat}
 
 
 def run_instrumented(
