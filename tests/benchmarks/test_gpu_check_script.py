@@ -21,3 +21,25 @@ def test_a_spent_budget_runs_no_step_and_fails(tmp_path):
     assert not [line for line in summary if "passed in" in line]
     assert summary[-2].endswith("SOME STEPS FAILED")
     assert "torch" in (tmp_path / "out" / "environment.txt").read_text()
+
+
+def test_an_unknown_device_is_refused_before_anything_runs(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(SCRIPT), "--device", "tpu"], env=env, capture_output=True, text=True, timeout=60)
+
+    assert done.returncode == 2
+    assert "--device must be cuda or cpu, got 'tpu'" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_per_test_limit_stops_a_hanging_test_and_says_so(tmp_path):
+    """The script's CUDA tests run with pytest-timeout's --timeout: a test past it fails, named, with the reason."""
+    (tmp_path / "test_hangs.py").write_text("import time\n\ndef test_hangs():\n    time.sleep(30)\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-v", "--tb=long", "--timeout", "2", "-p", "no:cacheprovider", "test_hangs.py"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+    assert done.returncode == 1
+    assert "test_hangs.py::test_hangs FAILED" in done.stdout
+    assert "Timeout (>2.0s)" in done.stdout
