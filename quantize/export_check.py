@@ -243,8 +243,8 @@ def float64_inputs(
     """Each activation quantizer's input, by call, in a float64 copy of `module` fed ORT's quantized values.
 
     With the same values upstream of every quantizer as the float32 pass, the difference between the two
-    passes' inputs is the float32 error of the layers in between alone. Weight scales stay float32 (what
-    PyTorch's per-channel fake quantization takes), the weights' int8 values are the same.
+    passes' inputs is the float32 error of the layers in between alone; the weights are the float32
+    model's int8 values.
     """
     copy64 = copy.deepcopy(module).double()
     for part in copy64.modules():
@@ -253,19 +253,15 @@ def float64_inputs(
         elif isinstance(part, PositionEmbeddingRandom):
             part.float()  # casts its coordinates to float32 itself; its float32 encoding is the float32 pass's
     originals = dict(module.named_modules())
-    handles = [
-        # The float32 model's int8 weights, exactly: rounding w / scale in float64 can break a tie the other way.
-        quantizer.register_forward_hook(lambda _, inputs, out, same=originals[name]: same(inputs[0].float()).double())
-        for name, quantizer in copy64.named_modules()
-        if isinstance(quantizer, WeightQuantizer)
-    ]
+    for name, quantizer in copy64.named_modules():
+        if isinstance(quantizer, WeightQuantizer):
+            # The float32 model's int8 weights, exactly: rounding w / scale in float64 can break a tie the other way.
+            quantizer.register_forward_hook(
+                lambda _, inputs, out, same=originals[name]: same(inputs[0].float()).double()
+            )
     args64 = tuple(a.double() if a.is_floating_point() else a for a in args)
-    try:
-        with forced_quantizers(copy64, tensors, values) as recorded:
-            copy64(*args64)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with forced_quantizers(copy64, tensors, values) as recorded:
+        copy64(*args64)
     return {key: stat["input"] for key, stat in recorded.items() if "input" in stat}
 
 
