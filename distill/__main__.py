@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from distill.config import DEMO_SETTINGS, PROMPT_MODES, PROMPT_SOURCES, DistillConfig
 from distill.model import DistillError
@@ -120,6 +121,7 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
+    config = None
     try:
         config = config_from_args(args)
         if config.data is None:
@@ -136,7 +138,19 @@ def main(argv: list[str] | None = None) -> int:
     except (DistillError, ValueError, RuntimeError, OSError) as exc:  # OSError: a full disk, a folder gone
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        kept = _what_was_kept(Path(config.out)) if config else "nothing was started"
+        print(f"interrupted: {kept}", file=sys.stderr)
+        return 130  # the shell's code for a program stopped by SIGINT
     return 0
+
+
+def _what_was_kept(out: Path) -> str:
+    """One line on what an interrupted run leaves in `out` and how to go on (checkpoints are written whole)."""
+    last = out / "checkpoints" / "last.pt"
+    if last.is_file():
+        return f"the last checkpoint is kept in {last}; run the same command with --resume to continue from it"
+    return f"no checkpoint was written yet to {out}; run the same command again to start over"
 
 
 if __name__ == "__main__":

@@ -89,6 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(
+            f"interrupted: {args.out} keeps only files that were complete (each is written whole, an export only"
+            " once its checks pass); quantization does not resume: run the same command again",
+            file=sys.stderr,
+        )
+        return 130  # the shell's code for a program stopped by SIGINT
 
 
 def run(args: argparse.Namespace) -> int:

@@ -35,10 +35,8 @@ def test_an_unknown_device_is_refused_before_anything_runs(tmp_path):
 def test_the_per_test_limit_stops_a_hanging_test_and_says_so(tmp_path):
     """The script's CUDA tests run with pytest-timeout's --timeout: a test past it fails, named, with the reason."""
     (tmp_path / "test_hangs.py").write_text("import time\n\ndef test_hangs():\n    time.sleep(30)\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-v", "--tb=long", "--timeout", "2", "-p", "no:cacheprovider", "test_hangs.py"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    command = [sys.executable, "-m", "pytest", "-v", "--tb=long", "--timeout", "2", "-p", "no:cacheprovider"]
+    done = subprocess.run([*command, "test_hangs.py"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
 
     assert done.returncode == 1
     assert "test_hangs.py::test_hangs FAILED" in done.stdout

@@ -371,3 +371,25 @@ def test_missing_coco_image_is_named_then_used_again_once_restored(tmp_path, cap
     code, printed, _ = cli(capsys, *args, "--cache-only")
     assert code == 0 and "(1 embedded, of which 0 replaced broken files; 1 already there and verified" in printed
     assert not list((tmp_path / "cache").rglob("*.corrupt"))
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_ctrl_c_is_one_line_saying_what_was_kept(tmp_path, monkeypatch, capsys, checkpointed):
+    import distill.__main__ as cli
+
+    out = tmp_path / "run"
+    if checkpointed:
+        (out / "checkpoints").mkdir(parents=True)
+        (out / "checkpoints" / "last.pt").write_bytes(b"a checkpoint")
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "distill", interrupted)
+    assert main(["--out", str(out)]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("interrupted: ")
+    if checkpointed:
+        assert str(out / "checkpoints" / "last.pt") in err[0] and "--resume" in err[0]
+    else:
+        assert "no checkpoint was written yet" in err[0]

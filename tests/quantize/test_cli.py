@@ -59,3 +59,15 @@ def test_user_errors_are_one_line(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1 and "Traceback" not in err, err
     assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_ctrl_c_is_one_line_saying_what_was_kept(tmp_path, monkeypatch, capsys):
+    import quantize.__main__ as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run", interrupted)
+    assert main(["--out", str(tmp_path / "q")]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"interrupted: {tmp_path / 'q'} keeps only files that were complete")
