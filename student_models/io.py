@@ -102,6 +102,8 @@ def remove_stale_temp_files(folder: str | os.PathLike, pattern: str = ".*.tmp*")
 def writable_folder(folder: str | os.PathLike) -> Path:
     """Create `folder` and write a file in it, or raise OSError with one line that says why (before any long step)."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OSError(f"cannot use {folder} as the output folder: it is a file; --out must name a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):

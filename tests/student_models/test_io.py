@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from student_models.io import atomic_write, atomic_write_text, remove_stale_temp_files, temp_path
+from student_models.io import atomic_write, atomic_write_text, remove_stale_temp_files, temp_path, writable_folder
 
 
 def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
@@ -42,3 +42,12 @@ def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
     assert remove_stale_temp_files(tmp_path) == [stale]
     assert not stale.exists() and all(p.exists() for p in keep)
     assert remove_stale_temp_files(tmp_path, "*/.*.tmp*") == [tmp_path / "sub" / f".x.tmp{dead}"]
+
+
+def test_an_output_folder_that_is_a_file_is_named_as_such(tmp_path):
+    existing = tmp_path / "results.json"
+    existing.write_text("{}")
+    with pytest.raises(OSError, match=r"results\.json as the output folder: it is a file; --out must name a folder"):
+        writable_folder(existing)
+    assert existing.read_text() == "{}"
+    assert writable_folder(tmp_path / "new" / "folder").is_dir()
