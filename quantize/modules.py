@@ -42,6 +42,7 @@ from quantize.core import (
     twin_gelu_quant,
     twin_softmax_quant,
 )
+from student_models.tiny_vit import MatMul
 
 ACT_KINDS = ("uniform", "twin_softmax", "twin_gelu")
 
@@ -50,8 +51,8 @@ class AtOrAbove(torch.autograd.Function):
     """``x`` where ``x > alpha``, else 0; exported as ONNX ThresholdedRelu(alpha).
 
     With alpha the float32 just below a twin-softmax split, ``x > alpha`` is ``x >= split``: the high
-    range. One elementwise pass where ``x * (x < split)`` takes three (Less, Cast, Mul; with the Sub,
-    26 vs 71 ms on 64x256x256 in ORT here; Less + two Wheres took 200 ms against 58 ms in another run).
+    range. One elementwise pass where ``x * (x < split)`` takes three (Less, Cast, Mul) and a
+    Less + Where pair more again.
     """
 
     @staticmethod
@@ -262,8 +263,8 @@ def integer_gemm(x: torch.Tensor | tuple[torch.Tensor, ...], weight: torch.Tenso
 
     ORT fuses DQ -> Gemm <- DQ(int8 weight) with a DQ(int32) bias (`quantize.qdq_graph.quantize_bias`)
     into QGemm: the bias is added to the int32 accumulator, so no float Add pass over the output
-    follows, as it does after MatMul (measured on this CPU: 65536x64 -> 256 in 20.5 ms against
-    31.8 ms for MatMulIntegerToFloat + Add). A twin-uniform input's bias is on its high range's grid.
+    follows, as it does after MatMul (MatMulIntegerToFloat + Add). A twin-uniform input's bias is on
+    its high range's grid.
     """
     parts = x if isinstance(x, tuple) else (x,)
     out = None
@@ -351,8 +352,8 @@ class QuantConv2d(QuantLayer, nn.Conv2d):
         if not (self.weight_quant.export_int8 and self.is_pointwise):
             return super().forward(x)
         # Exported as NHWC rows -> Gemm (or MatMul) with a 2-D per-channel weight, so ORT runs it on its
-        # integer kernels, the bias inside where `integer_bias` (ORT's ConvInteger kernel measured ~3.6x
-        # slower than float Conv, ORT 1.32). 4-D NCHW <-> NHWC permutes (not 3-D transposes next to
+        # integer kernels, the bias inside where `integer_bias` (ORT's ConvInteger kernel is slower than
+        # its float Conv). 4-D NCHW <-> NHWC permutes (not 3-D transposes next to
         # reshapes) let ORT's transpose optimiser move them through Gelu/QuantizeLinear and cancel them
         # against QLinearConv's own NHWC layout.
         batch, channels, height, width = x.shape
@@ -388,7 +389,7 @@ class QuantMatMul(QuantLayer):
     weight_axis = None
     num_inputs = 2
 
-    def float_forward(self, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    def float_forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return summed_over_ranges(a, lambda a_part: summed_over_ranges(b, lambda b_part: a_part @ b_part))
 
 
@@ -431,8 +432,13 @@ def quantized_copy(
             module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
             module.dilation, module.groups, module.bias is not None,
         )  # fmt: skip
-    else:
+    elif isinstance(module, MatMul):
         layer = QuantMatMul()
+    else:
+        raise TypeError(
+            f"cannot quantize a {type(module).__name__}: quantized layers exist for Linear, Conv2d, ConvTranspose2d"
+            " and MatMul (student_models.tiny_vit)"
+        )
     _copy_params(module, layer)
     layer.init_quantizers(w_bits, a_bits, input_kinds)
     if wants_output_quantizer(layer, conv_outputs):

@@ -8,7 +8,7 @@ import torch
 
 from quantize import PTQConfig
 from quantize.core import quantize_symmetric, twin_gelu_quant, twin_softmax_quant
-from quantize.modules import ActQuantizer, WeightQuantizer
+from quantize.modules import ActQuantizer, WeightQuantizer, quantized_copy
 
 
 def reference_fake_quant(x: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
@@ -78,3 +78,8 @@ def test_config_validates_and_round_trips():
         PTQConfig(method="kl")
     with pytest.raises(ValueError, match="unknown PTQConfig fields: \\['colour'\\]"):
         PTQConfig.from_dict({"colour": 1})
+
+
+def test_a_module_without_a_quantized_layer_is_an_error_naming_its_type():
+    with pytest.raises(TypeError, match="cannot quantize a ReLU"):
+        quantized_copy(torch.nn.ReLU(), 8, 8, ["uniform"])
