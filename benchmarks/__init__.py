@@ -6,19 +6,10 @@ Run ``python -m benchmarks coco|latency|everything|report|demo``; the library ca
 from benchmarks.coco_eval import CocoEvalConfig, CocoEvalResult, DetectionsError, evaluate_coco
 from benchmarks.demo import DemoConfig, run_demo
 from benchmarks.everything import run_everything
-from benchmarks.latency import LatencyConfig, LatencyRunner, Timing, benchmark_latency, count_macs
-from benchmarks.records import RecordError, load_records, make_record, write_records
+from benchmarks.latency import LatencyConfig, benchmark_latency
+from benchmarks.records import RecordError
 from benchmarks.report import render_report, report_from_dir
-from benchmarks.runs import (
-    LoadedModel,
-    OnnxModel,
-    StageMissingError,
-    load_torch_model,
-    onnx_pair_in,
-    run_coco,
-    run_latency,
-)
-from benchmarks.synthetic_coco import write_synthetic_coco
+from benchmarks.runs import run_coco, run_latency
 
 __all__ = [
     "CocoEvalConfig",
@@ -26,25 +17,13 @@ __all__ = [
     "DemoConfig",
     "DetectionsError",
     "LatencyConfig",
-    "LatencyRunner",
-    "LoadedModel",
-    "OnnxModel",
     "RecordError",
-    "StageMissingError",
-    "Timing",
     "benchmark_latency",
-    "count_macs",
     "evaluate_coco",
-    "load_records",
-    "load_torch_model",
-    "make_record",
-    "onnx_pair_in",
     "render_report",
     "report_from_dir",
     "run_coco",
     "run_demo",
     "run_everything",
     "run_latency",
-    "write_records",
-    "write_synthetic_coco",
 ]

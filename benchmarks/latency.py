@@ -29,9 +29,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from benchmarks.records import device_name, make_record
-from student_models import EMBED_DIM, EMBED_SIDE, IMAGE_SIZE, build_sam
+from student_models import build_sam
 from student_models.device import torch_threads
 from student_models.prompts import box_prompts
+from student_models.registry import EMBED_DIM, EMBED_SIDE, IMAGE_SIZE
 from student_models.sam_runner import SamBackend, TorchSamBackend, compile_mode
 
 COMPONENTS = ("encoder", "decoder")

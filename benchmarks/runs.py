@@ -20,7 +20,8 @@ from segment_anything.modeling import Sam
 from benchmarks.coco_eval import CocoEvalConfig, CocoEvalResult, evaluate_coco
 from benchmarks.latency import LatencyConfig, OnnxPair, benchmark_latency
 from benchmarks.records import device_name, git_commit, make_out_dir, make_record, write_records
-from student_models import build_sam, canonical_name
+from student_models import build_sam
+from student_models.registry import canonical_name
 from student_models.sam_runner import SamBackend, SamRunner, TorchSamBackend
 
 ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder.onnx"

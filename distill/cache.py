@@ -47,11 +47,12 @@ from segment_anything.modeling import Sam
 from torch import nn
 from tqdm import tqdm
 
-from student_models import EMBED_DIM, EMBED_SIDE, IMAGE_SIZE, assemble_sam, atomic_torch_save, build_sam
-from student_models.checkpoints import resolve_checkpoint, sha256_file
+from student_models import build_sam
+from student_models.checkpoints import atomic_torch_save, resolve_checkpoint, sha256_file
 from student_models.data import SegmentationDataset, SyntheticDataset
 from student_models.io import atomic_write, atomic_write_text, remove_stale_temp_files
 from student_models.preprocessing import PIXEL_MEAN, PIXEL_STD, prepare_image
+from student_models.registry import EMBED_DIM, EMBED_SIDE, IMAGE_SIZE, assemble_sam
 
 EMBEDDING_SHAPE = (EMBED_DIM, EMBED_SIDE, EMBED_SIDE)
 PREPROCESSING = f"resize-longest-{IMAGE_SIZE}/mean{list(PIXEL_MEAN)}/std{list(PIXEL_STD)}/pad-bottom-right"

@@ -31,7 +31,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from student_models import canonical_name
+from student_models.registry import canonical_name
 
 PROMPT_MODES = ("gt", "disagreement")
 PROMPT_SOURCES = ("student", "teacher")

@@ -24,9 +24,9 @@ from torch.utils.data import Dataset
 
 from distill.cache import EmbeddingCache
 from distill.prompts import LOWRES_STRIDE, choose_masks, draw_iterations, image_keys, use_boxes
-from student_models import IMAGE_SIZE
 from student_models.data import SegmentationDataset
 from student_models.preprocessing import prepare_image
+from student_models.registry import IMAGE_SIZE
 
 LOWRES_SIDE = IMAGE_SIZE // LOWRES_STRIDE
 

@@ -51,7 +51,7 @@ from distill.prompts import (
     to_input_coords,
     valid_lowres_regions,
 )
-from student_models import IMAGE_SIZE
+from student_models.registry import IMAGE_SIZE
 
 
 class DistillError(RuntimeError):

@@ -13,7 +13,7 @@ The steps, top to bottom:
 4. AdamW + warm-up/cosine schedule, resumed exactly from ``<out>/checkpoints/last.pt`` with ``resume``;
 5. the loop: one `DistillStep` forward (student encoder, hard prompt iterations, losses), backward,
    clipping, a NaN/inf guard, a JSON-lines log, atomic checkpoints, validation each epoch;
-6. the final student checkpoint (`student_models.save_checkpoint`), config and metrics.
+6. the final student checkpoint (`student_models.checkpoints.save_checkpoint`), config and metrics.
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ from distill.runtime import (
     teardown_runtime,
     warmup_cosine,
 )
-from student_models import atomic_torch_save, build_sam, save_checkpoint
+from student_models import build_sam
+from student_models.checkpoints import atomic_torch_save, save_checkpoint
 from student_models.data import open_dataset
 from student_models.io import atomic_write_text, remove_stale_temp_files
 

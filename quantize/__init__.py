@@ -7,10 +7,9 @@ loads ONNX or ONNX Runtime.
 
 from importlib import import_module
 
-from quantize.checkpoint import load_quantized, read_quantized, save_quantized
+from quantize.checkpoint import load_quantized, save_quantized
 from quantize.config import PTQConfig
-from quantize.ptq import QuantReport, quantize_, quantized_layers
-from student_models.prompts import box_prompts, point_prompts
+from quantize.ptq import QuantReport, quantize_
 
 _DEPLOYMENT = {
     "ExportCheckError": "quantize.onnx_export",
@@ -25,13 +24,9 @@ __all__ = [
     "OnnxSam",
     "PTQConfig",
     "QuantReport",
-    "box_prompts",
     "export_onnx",
     "load_quantized",
-    "point_prompts",
     "quantize_",
-    "quantized_layers",
-    "read_quantized",
     "save_quantized",
 ]
 

@@ -24,11 +24,12 @@ from quantize.config import SEARCH_METHODS, PTQConfig
 from quantize.fidelity import fidelity, run_model
 from quantize.onnx_export import ExportCheckError, export_onnx
 from quantize.ptq import quantize_
-from student_models import CheckpointError, build_sam, canonical_name
+from student_models import CheckpointError, build_sam
 from student_models.data import DatasetError, open_dataset
 from student_models.device import add_device_argument
 from student_models.io import atomic_write_text, writable_folder
 from student_models.preprocessing import ImageError
+from student_models.registry import canonical_name
 from student_models.sam_runner import TorchSamBackend
 
 # What a user can get wrong: shown as one "error:" line, exit 1.

@@ -18,8 +18,9 @@ from segment_anything.modeling import Sam
 from quantize.config import PTQConfig
 from quantize.modules import ActQuantizer, QuantLayer, WeightQuantizer
 from quantize.ptq import apply_quantized_layers, prepare_structure, quantized_layers
-from student_models import CheckpointError, atomic_torch_save, build_sam, canonical_name, load_torch_file
-from student_models.checkpoints import load_state_dict_strict
+from student_models import CheckpointError, build_sam
+from student_models.checkpoints import atomic_torch_save, load_state_dict_strict, load_torch_file
+from student_models.registry import canonical_name
 
 FORMAT = "sam-compress/quantized-v1"
 

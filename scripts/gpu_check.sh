@@ -116,7 +116,7 @@ else
     if [[ ! -f "$coco_root/annotations/instances_val2017.json" ]]; then
         coco_root="$OUT/synthetic_coco"
         step synthetic-coco 30 "$PYTHON" -c \
-            "import sys; from benchmarks import write_synthetic_coco; write_synthetic_coco(sys.argv[1], num_images=16)" \
+            "import sys; from benchmarks.synthetic_coco import write_synthetic_coco; write_synthetic_coco(sys.argv[1], num_images=16)" \
             "$coco_root"
     fi
     # The first run fills the teacher cache (its rate is in the record); the embedding-only run reuses it.

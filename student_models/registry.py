@@ -44,6 +44,7 @@ _ALIASES: dict[str, str] = {}
 
 
 def register_model(spec: ModelSpec, aliases: tuple[str, ...] = ()) -> ModelSpec:
+    """Add `spec` to the zoo under its name and `aliases`, so `build_sam(name)` builds it (a taken name: ValueError)."""
     if spec.name in _REGISTRY:
         raise ValueError(f"model {spec.name!r} is already registered")
     _REGISTRY[spec.name] = spec
@@ -58,6 +59,7 @@ def list_models(role: str | None = None) -> list[str]:
 
 
 def get_spec(name: str) -> ModelSpec:
+    """The registered `ModelSpec` of `name` (a model name or an alias such as vit_t); KeyError lists the known names."""
     canonical = _ALIASES.get(name, name)
     if canonical not in _REGISTRY:
         known = ", ".join(sorted([*_REGISTRY, *_ALIASES]))

@@ -23,7 +23,7 @@ import torch
 import distill.model as distill_model
 from distill.__main__ import main
 from distill.cache import EMBEDDING_FILE_BYTES
-from student_models import read_checkpoint, save_checkpoint
+from student_models.checkpoints import read_checkpoint, save_checkpoint
 from tests.helpers import synthetic_image, tiny_model
 
 REPO = Path(__file__).resolve().parents[2]

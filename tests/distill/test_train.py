@@ -17,7 +17,8 @@ import torch
 import distill.model as distill_model
 from distill import DistillConfig, DistillError, distill
 from distill.__main__ import main
-from student_models import ModelSpec, build_sam, read_checkpoint, registry, save_checkpoint
+from student_models import ModelSpec, build_sam, registry
+from student_models.checkpoints import read_checkpoint, save_checkpoint
 from tests.helpers import COCO_ROOT, requires_cuda, synthetic_image
 
 REPO = Path(__file__).resolve().parents[2]

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from quantize import load_quantized, quantized_layers
+from quantize import load_quantized
 from quantize.__main__ import config_from_args, get_parser, main
+from quantize.ptq import quantized_layers
 
 
 def test_cli_passes_only_given_flags():

@@ -7,11 +7,12 @@ import sys
 
 import pytest
 
-from quantize import PTQConfig, export_onnx, quantize_, quantized_layers
+from quantize import PTQConfig, export_onnx, quantize_
 from quantize.__main__ import main
 from quantize.bench import get_parser as bench_parser
 from quantize.calibration import prepare_calibration
 from quantize.fidelity import fidelity, run_model
+from quantize.ptq import quantized_layers
 from student_models.sam_runner import TorchSamBackend
 from tests.helpers import requires_cuda, synthetic_image, tiny_model
 from tests.quantize.conftest import FAST

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from quantize import OnnxSam, PTQConfig, box_prompts, export_onnx, point_prompts, quantize_, quantized_layers
+from quantize import OnnxSam, PTQConfig, export_onnx, quantize_
 from quantize.modules import QuantConv2d
 from quantize.onnx_export import TOLERANCE
+from quantize.ptq import quantized_layers
+from student_models.prompts import box_prompts, point_prompts
 from student_models.sam_runner import TorchSamBackend
 from tests.helpers import synthetic_image, tiny_model
 from tests.quantize.conftest import FAST

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantize import PTQConfig, load_quantized, quantize_, quantized_layers, save_quantized
+from quantize import PTQConfig, load_quantized, quantize_, save_quantized
 from quantize.calibration import box_prompt_loop, prepare_calibration
 from quantize.fidelity import fidelity, run_model
-from student_models import CheckpointError, save_checkpoint
+from quantize.ptq import quantized_layers
+from student_models import CheckpointError
+from student_models.checkpoints import save_checkpoint
 from student_models.sam_runner import PointPromptDecoder, TorchSamBackend
 from tests.helpers import synthetic_image, tiny_model
 from tests.quantize.conftest import FAST

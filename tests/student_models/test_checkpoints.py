@@ -10,17 +10,14 @@ import pytest
 import torch
 
 import student_models.checkpoints as checkpoints
-from student_models import (
+from student_models import CheckpointError, build_sam, hashing, load_sam
+from student_models.checkpoints import (
     KNOWN_CHECKPOINTS,
-    CheckpointError,
-    build_sam,
-    hashing,
-    load_sam,
+    KnownCheckpoint,
     load_torch_file,
     read_checkpoint,
     save_checkpoint,
 )
-from student_models.checkpoints import KnownCheckpoint
 from tests.helpers import tiny_model
 
 OLD_NS = 1_600_000_000 * 10**9  # a modification time well in the past, so the hash memo keeps it
