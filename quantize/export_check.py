@@ -136,28 +136,32 @@ def _total(values: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
 
 
 def tie_range(
-    quantizer: ActQuantizer, x: torch.Tensor, float_error: torch.Tensor | float = 0.0
+    quantizer: ActQuantizer, x: torch.Tensor, float_error: torch.Tensor | float = 0.0, relative: float = TIE_RELATIVE
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(lowest, highest) value `quantizer` gives for an input within float error of `x`: the measured
-    `float_error` of each value (|float32 - float64|) times `TIE_FLOAT_ERRORS`, plus `TIE_RELATIVE` of
-    the larger of its magnitude and the top of its range (`range_top`).
+    `float_error` of each value (|float32 - float64|) times `TIE_FLOAT_ERRORS`, plus `relative` (by default
+    `TIE_RELATIVE`) of the larger of its magnitude and the top of its range (`range_top`).
 
     Quantization is monotone within a range, so a value another correct implementation rounds `x` to lies
     between the lowest and highest of its values at the interval's ends and at `x` (the middle one counts
     where the interval crosses a twin-softmax split: the top of the low range lies above the bottom of
     the high one).
     """
-    delta = TIE_FLOAT_ERRORS * float_error + TIE_RELATIVE * torch.maximum(x.abs(), range_top(quantizer, x))
+    delta = TIE_FLOAT_ERRORS * float_error + relative * torch.maximum(x.abs(), range_top(quantizer, x))
     # forward, not __call__: the bounds must not pass through the checking hook.
     values = torch.stack([_total(quantizer.forward(x + sign * delta)) for sign in (-1, 0, 1)])
     return values.amin(dim=0), values.amax(dim=0)
 
 
 def unexplained_roundings(
-    quantizer: ActQuantizer, x: torch.Tensor, got: torch.Tensor, float_error: torch.Tensor | float = 0.0
+    quantizer: ActQuantizer,
+    x: torch.Tensor,
+    got: torch.Tensor,
+    float_error: torch.Tensor | float = 0.0,
+    relative: float = TIE_RELATIVE,
 ) -> int:
     """How many of `got` (another implementation's quantized `x`) no tie explains (see `tie_range`)."""
-    low, high = tie_range(quantizer, x, float_error)
+    low, high = tie_range(quantizer, x, float_error, relative)
     slack = 1e-3 * min(float(step) for step in range_steps(quantizer))  # float noise of the value itself
     return int(((got < low - slack) | (got > high + slack)).sum())
 
@@ -173,6 +177,7 @@ def forced_quantizers(
     tensors: dict[str, list[str]],
     values: dict[str, np.ndarray],
     reference_inputs: dict[str, torch.Tensor] | None = None,
+    tie_relative: float = TIE_RELATIVE,
 ) -> Iterator[dict[str, dict[str, float]]]:
     """Make each activation quantizer of `module` return ORT's value instead of its own rounding.
 
@@ -182,7 +187,7 @@ def forced_quantizers(
     against `reference_inputs`: the quantizers' inputs by call, from `float64_inputs`), "float_error":
     the largest such error, "max_steps": largest difference in steps}. Quantizers without a graph tensor are
     listed with "unmatched" and every fraction 1.0. Without `reference_inputs`, the dict holds each
-    call's "input" instead (the float64 pass).
+    call's "input" instead (the float64 pass). `tie_relative`: the runtime's float allowance (`tie_range`).
     """
     stats: dict[str, dict[str, float]] = {}
     calls: dict[str, int] = {}
@@ -217,7 +222,7 @@ def forced_quantizers(
             else:
                 steps = float(((forced - own).abs() / quantizer.scale).max())
             float_error = (inputs[0].double() - reference_inputs[key]).abs().to(inputs[0].dtype)
-            unexplained = unexplained_roundings(quantizer, inputs[0], _total(forced), float_error)
+            unexplained = unexplained_roundings(quantizer, inputs[0], _total(forced), float_error, tie_relative)
             stats[key] = {"mismatch": differs / sum(part.numel() for part in parts),
                           "unexplained": unexplained / inputs[0].numel(), "float_error": float(float_error.max()),
                           "max_steps": steps}  # fmt: skip

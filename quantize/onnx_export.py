@@ -36,7 +36,7 @@ import onnx
 import torch
 from segment_anything.modeling import Sam
 
-from quantize.export_check import float64_inputs, forced_quantizers, run_instrumented
+from quantize.export_check import TIE_RELATIVE, float64_inputs, forced_quantizers, run_instrumented
 from quantize.modules import ActQuantizer, QuantConv2d, QuantConvTranspose2d, QuantLayer, WeightQuantizer
 from quantize.onnx_modules import EncoderForExport
 from quantize.onnx_runtime import count_kernels, open_session, write_ort_format
@@ -176,9 +176,39 @@ def check_int8(
     feeds = {name: arg.numpy() for name, arg in zip(input_names, args, strict=True)}
     shipped = _run(open_session(path), feeds)
     outputs, tensors, shipped_ops, instrumented_ops = run_instrumented(path, feeds, ort_format=path.suffix == ".ort")
+    diffs, bounds, info = compare_forced(model, args, tensors, outputs, shipped, expected, float_outputs)
+    compute_ops = (shipped_ops.keys() | instrumented_ops.keys()) - LAYOUT_OPS
+    diffs["kernel_count_difference"] = float(
+        sum(abs(shipped_ops.get(op, 0) - instrumented_ops.get(op, 0)) for op in compute_ops)
+    )
+    bounds["kernel_count_difference"] = 0.0
+    passed = all(diffs[k] <= bounds[k] for k in diffs)
+    return ExportCheck(path.name, "int8", diffs, bounds, passed, info)
+
+
+def compare_forced(
+    model: torch.nn.Module,
+    args: tuple,
+    tensors: dict[str, list[str]],
+    outputs: dict[str, np.ndarray],
+    shipped: dict[str, np.ndarray],
+    expected: dict[str, torch.Tensor],
+    float_outputs: dict[str, torch.Tensor],
+    tie_relative: float = TIE_RELATIVE,
+) -> tuple[dict[str, float], dict[str, float], dict[str, float | str]]:
+    """(checked differences, their bounds, unchecked figures) of a runtime's INT8 graph against `model`.
+
+    `outputs` are the runtime's outputs of the instrumented graph (every quantizer's values, `tensors` by
+    quantizer), `shipped` those of the file as shipped, both on `args`; `model` runs on the same values with
+    the runtime's rounding decisions (quantize.export_check), with `tie_relative` as the runtime's float
+    allowance. Any runtime that can expose the quantizers' outputs is checked this way.
+    """
     with export_mode(model, "int8"):
         reference_inputs = float64_inputs(model, args, tensors, outputs)
-    with export_mode(model, "int8"), forced_quantizers(model, tensors, outputs, reference_inputs) as rounding:
+    with (
+        export_mode(model, "int8"),
+        forced_quantizers(model, tensors, outputs, reference_inputs, tie_relative) as rounding,
+    ):
         forced = model(*args)
     with export_mode(model, "int8"):
         perturbed = model(args[0] * (1 + ULP_PROBE), *args[1:])
@@ -197,19 +227,11 @@ def check_int8(
     worst = max(rounding, key=lambda name: (rounding[name]["unexplained"], rounding[name]["mismatch"]))
     diffs["rounding_unexplained"] = rounding[worst]["unexplained"]
     diffs["rounding_max_steps"] = max(stat["max_steps"] for stat in rounding.values())
-    compute_ops = (shipped_ops.keys() | instrumented_ops.keys()) - LAYOUT_OPS
-    diffs["kernel_count_difference"] = float(
-        sum(abs(shipped_ops.get(op, 0) - instrumented_ops.get(op, 0)) for op in compute_ops)
-    )
-    bounds.update(
-        {"rounding_unexplained": 0.0, "rounding_max_steps": INT8_ROUNDING_MAX_STEPS,
-         "kernel_count_difference": 0.0}
-    )  # fmt: skip
+    bounds.update({"rounding_unexplained": 0.0, "rounding_max_steps": INT8_ROUNDING_MAX_STEPS})
     info["worst_rounding_quantizer"] = worst
     info["rounding_mismatch"] = max(stat["mismatch"] for stat in rounding.values())  # ties included
     info["forced_quantizers"] = float(len(rounding))
-    passed = all(diffs[k] <= bounds[k] for k in diffs)
-    return ExportCheck(path.name, "int8", diffs, bounds, passed, info)
+    return diffs, bounds, info
 
 
 def probe_inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
