@@ -59,8 +59,12 @@ class LayerSearch:
             self.groups.append((inputs, grads))
         weight = layer.weight.detach() if self.has_weight else None
         with torch.no_grad():
-            self.refs = [self.op(*inputs, weight=weight) for inputs, _ in self.groups]
+            self.refs = [self.run(inputs, weight) for inputs, _ in self.groups]
         self.count = sum(ref.numel() for ref in self.refs)
+
+    def run(self, inputs: list[torch.Tensor], weight: torch.Tensor | None) -> torch.Tensor:
+        """The layer's float computation on `inputs`, with `weight` where the layer has one (not a MatMul)."""
+        return self.op(*inputs, weight=weight) if self.has_weight else self.op(*inputs)
 
     def quantized_inputs(self, index: int, scale: torch.Tensor, split: torch.Tensor) -> list[torch.Tensor]:
         quantizer = self.layer.input_quants[index]
@@ -71,7 +75,7 @@ class LayerSearch:
         """inputs[j][g]: the (quantized) input j of sample group g; weight: the (quantized) weight."""
         total = 0.0
         for g, (ref, (_, grads)) in enumerate(zip(self.refs, self.groups, strict=True)):
-            diff = self.op(*(x[g] for x in inputs), weight=weight) - ref
+            diff = self.run([x[g] for x in inputs], weight) - ref
             if grads is not None:
                 diff = diff * grads
             total += float(diff.pow(2).sum())
