@@ -354,43 +354,55 @@ def _describe_failure(check: ExportCheck) -> str:
     return f"{check.file}: {', '.join(over)}" + (f" (worst quantizer: {worst})" if worst else "")
 
 
+# The decoder takes any number of prompts (B) of any number of points (N).
+DYNAMIC_AXES = {
+    "encoder": None,
+    "decoder": {"point_coords": {0: "B", 1: "N"}, "point_labels": {0: "B", 1: "N"},
+                "low_res_masks": {0: "B"}, "iou_predictions": {0: "B"}},
+}  # fmt: skip
+
+
+def probe_parts(sam: Sam, precision: str) -> dict[str, tuple]:
+    """The two graphs of `sam` on the probe inputs, as checks need them: {"encoder" | "decoder": (module, args,
+    input names, {output name: the model's output in `precision`}, {output name: float output} or None)}.
+
+    The float outputs (quantizers off, same inputs) are there for an int8 model only.
+    """
+    image, coords, labels = probe_inputs()
+    encoder, decoder = EncoderForExport(sam), PointPromptDecoder(sam)
+    with export_mode(sam, precision):
+        embedding = encoder(image)
+        masks, iou = decoder(embedding, coords, labels)
+    float_enc = float_dec = None
+    if precision == "int8":
+        with export_mode(sam, "float32"):
+            float_enc = {"image_embeddings": encoder(image)}
+            float_masks, float_iou = decoder(embedding, coords, labels)
+            float_dec = {"low_res_masks": float_masks, "iou_predictions": float_iou}
+    return {
+        "encoder": (encoder, (image,), ["image"], {"image_embeddings": embedding}, float_enc),
+        "decoder": (decoder, (embedding, coords, labels), ["image_embeddings", "point_coords", "point_labels"],
+                    {"low_res_masks": masks, "iou_predictions": iou}, float_dec),
+    }  # fmt: skip
+
+
 def _write_and_check(sam: Sam, out_dir: Path, precision: str, ort_format: bool, prefix: str) -> ExportResult:
     """`export_onnx`'s work in `out_dir`: export both graphs, check them in ORT, count kernels.
 
     A failed check is recorded in the result, not raised: the caller decides where the files go.
     """
     sam.eval()
-    image, coords, labels = probe_inputs()
     result = ExportResult(precision)
     result.int8_layers, result.simulated_layers, result.float_layers = layer_placement(sam, precision)
-    encoder, decoder = EncoderForExport(sam), PointPromptDecoder(sam)
-    float_enc = float_dec = None
-    if precision == "int8":
-        with export_mode(sam, "float32"):
-            float_emb = encoder(image)
-            float_enc = {"image_embeddings": float_emb}
+    parts = probe_parts(sam, precision)
+    enc_path, dec_path = out_dir / f"{prefix}encoder.onnx", out_dir / f"{prefix}decoder.onnx"
     with export_mode(sam, precision):
-        embedding = encoder(image)
-        masks, iou = decoder(embedding, coords, labels)
-    if precision == "int8":
-        with export_mode(sam, "float32"):
-            float_masks, float_iou = decoder(embedding, coords, labels)
-            float_dec = {"low_res_masks": float_masks, "iou_predictions": float_iou}
-    with export_mode(sam, precision):
-        enc_path, dec_path = out_dir / f"{prefix}encoder.onnx", out_dir / f"{prefix}decoder.onnx"
-        _export(encoder, (image,), enc_path, ["image"], ["image_embeddings"], None)
-        dynamic = {"point_coords": {0: "B", 1: "N"}, "point_labels": {0: "B", 1: "N"},
-                   "low_res_masks": {0: "B"}, "iou_predictions": {0: "B"}}  # fmt: skip
-        inputs, outputs = ["image_embeddings", "point_coords", "point_labels"], ["low_res_masks", "iou_predictions"]
-        _export(decoder, (embedding, coords, labels), dec_path, inputs, outputs, dynamic)
+        for part, path in (("encoder", enc_path), ("decoder", dec_path)):
+            module, args, inputs, expected, _ = parts[part]
+            _export(module, args, path, inputs, list(expected), DYNAMIC_AXES[part])
     paths = {"encoder": enc_path, "decoder": dec_path}
     if ort_format:
         paths.update({"encoder_ort": write_ort_format(enc_path), "decoder_ort": write_ort_format(dec_path)})
-    parts = {
-        "encoder": (encoder, (image,), ["image"], {"image_embeddings": embedding}, float_enc),
-        "decoder": (decoder, (embedding, coords, labels), inputs, {"low_res_masks": masks, "iou_predictions": iou},
-                    float_dec),
-    }  # fmt: skip
     for key, path in paths.items():
         module, args, names, expected, float_outputs = parts[key.split("_")[0]]
         if precision == "float32":

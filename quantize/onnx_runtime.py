@@ -124,8 +124,8 @@ def write_ort_format(path: Path) -> Path:
     return target
 
 
-def _float32_array(tensor: torch.Tensor) -> np.ndarray:
-    """A CPU float32 C-contiguous numpy view (a copy only where needed) of a tensor, for an ORT feed."""
+def float32_array(tensor: torch.Tensor) -> np.ndarray:
+    """A CPU float32 C-contiguous numpy view (a copy only where needed) of a tensor, for a runtime's feed."""
     return np.ascontiguousarray(torch.as_tensor(tensor).detach().cpu().numpy(), dtype=np.float32)
 
 
@@ -153,7 +153,7 @@ class OnnxSam:
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Bx3x1024x1024 float32 preprocessed images -> Bx256x64x64 float32 embeddings (one ORT call per image)."""
-        images = _float32_array(images)
+        images = float32_array(images)
         if images.ndim != 4 or images.shape[1:] != (3, 1024, 1024):
             raise ValueError(f"OnnxSam.encode expects Bx3x1024x1024 preprocessed images, got {images.shape}")
         embeddings = [
@@ -165,11 +165,11 @@ class OnnxSam:
         self, embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """1x256x64x64 embedding, BxNx2 coords, BxN labels -> (Bx4x256x256 logits, Bx4 IoU)."""
-        coords, labels = _float32_array(coords), _float32_array(labels)
+        coords, labels = float32_array(coords), float32_array(labels)
         if coords.ndim != 3 or coords.shape[-1] != 2 or labels.shape != coords.shape[:2]:
             raise ValueError(
                 f"OnnxSam.decode expects point_coords BxNx2 and point_labels BxN, got {coords.shape} and {labels.shape}"
             )
-        feeds = {"image_embeddings": _float32_array(embedding), "point_coords": coords, "point_labels": labels}
+        feeds = {"image_embeddings": float32_array(embedding), "point_coords": coords, "point_labels": labels}
         masks, iou = self.decoder.run(["low_res_masks", "iou_predictions"], feeds)
         return torch.from_numpy(masks), torch.from_numpy(iou)
