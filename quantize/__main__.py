@@ -23,6 +23,7 @@ from quantize.checkpoint import save_quantized
 from quantize.config import SEARCH_METHODS, PTQConfig
 from quantize.fidelity import fidelity, run_model
 from quantize.onnx_export import ExportCheckError, export_onnx
+from quantize.openvino_runtime import MissingExtraError, export_openvino, require_openvino
 from quantize.ptq import quantize_
 from student_models import CheckpointError, build_sam
 from student_models.data import DatasetError, open_dataset
@@ -33,7 +34,10 @@ from student_models.registry import canonical_name
 from student_models.sam_runner import TorchSamBackend
 
 # What a user can get wrong: shown as one "error:" line, exit 1.
-USER_ERRORS = (ValueError, KeyError, CheckpointError, DatasetError, ImageError, ExportCheckError, OSError)
+USER_ERRORS = (
+    ValueError, KeyError, CheckpointError, DatasetError, ImageError, ExportCheckError, MissingExtraError, OSError,
+)  # fmt: skip
+RUNTIMES = ("ort", "openvino")
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -62,6 +66,11 @@ def get_parser() -> argparse.ArgumentParser:
         "--no-conv-outputs", action="store_true", help="leave convolution outputs unquantized (float Conv in ONNX)"
     )
     parser.add_argument("--no-export", action="store_true", help="skip the ONNX export")
+    parser.add_argument(
+        "--runtime", nargs="+", choices=RUNTIMES, default=["ort"],
+        help="runtimes to export for and check in (default: ort; openvino also writes OpenVINO IR, the "
+        "openvino extra)",
+    )  # fmt: skip
     add_device_argument(parser)
     return parser
 
@@ -101,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    if "openvino" in args.runtime:
+        if args.no_export:
+            raise ValueError("--runtime openvino converts the exported ONNX files: drop --no-export")
+        require_openvino()
     out = writable_folder(Path(args.out))
     if args.checkpoint is None:
         print(f"WARNING: no --checkpoint: quantizing {args.model} with RANDOM weights (a pipeline demo only)")
@@ -144,10 +157,18 @@ def run(args: argparse.Namespace) -> int:
                 "int8_layers": len(result.int8_layers),
                 "simulated_layers": result.simulated_layers,
             }
+            if "openvino" in args.runtime:
+                checks = export_openvino(sam, out / precision, precision)
+                summary["export"][precision]["openvino"] = {
+                    "version": require_openvino(),
+                    "files": [str(out / precision / check.file) for check in checks],
+                    "checks": [check.__dict__ for check in checks],
+                }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "export")}, indent=2))
     exported = ", ".join(str(out / precision) for precision in summary.get("export", {}))
-    onnx_files = f"ONNX files under {exported}, " if exported else ""
+    kinds = "ONNX and OpenVINO IR" if "openvino" in args.runtime else "ONNX"
+    onnx_files = f"{kinds} files under {exported}, " if exported else ""
     print(f"wrote {checkpoint}, {onnx_files}summary {out / 'summary.json'}")
     return 0
 

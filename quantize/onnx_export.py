@@ -144,7 +144,7 @@ def _run(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True))
 
 
-def _output_diffs(got: dict[str, np.ndarray], expected: dict[str, torch.Tensor], tolerance: dict[str, float]):
+def output_diffs(got: dict[str, np.ndarray], expected: dict[str, torch.Tensor], tolerance: dict[str, float]):
     """{"<out>.rms", "<out>.max"} relative differences of `got` against `expected`, and their bounds."""
     diffs, bounds = {}, {}
     for key, ref in expected.items():
@@ -156,7 +156,7 @@ def _output_diffs(got: dict[str, np.ndarray], expected: dict[str, torch.Tensor],
 
 
 def _compare(session, feeds: dict[str, np.ndarray], expected: dict[str, torch.Tensor], name: str) -> ExportCheck:
-    diffs, bounds = _output_diffs(_run(session, feeds), expected, TOLERANCE["float32"])
+    diffs, bounds = output_diffs(_run(session, feeds), expected, TOLERANCE["float32"])
     return ExportCheck(name, "float32", diffs, bounds, all(diffs[k] <= bounds[k] for k in diffs))
 
 
@@ -214,7 +214,7 @@ def compare_forced(
         perturbed = model(args[0] * (1 + ULP_PROBE), *args[1:])
     as_dict = lambda out: dict(zip(expected, out if isinstance(out, tuple) else (out,), strict=True))  # noqa: E731
     forced, perturbed = as_dict(forced), as_dict(perturbed)
-    diffs, bounds = _output_diffs(outputs, forced, TOLERANCE["int8"])
+    diffs, bounds = output_diffs(outputs, forced, TOLERANCE["int8"])
     info: dict[str, float | str] = {}
     for key, ref in expected.items():
         ref = ref.numpy()
@@ -335,7 +335,7 @@ def export_onnx(
             staging.rename(kept)
             raise ExportCheckError(
                 "ONNX Runtime disagrees with PyTorch: "
-                + "; ".join(_describe_failure(c) for c in failed)
+                + "; ".join(describe_failure(c) for c in failed)
                 + f". Nothing was written to {out_dir}; the failed graphs are in {kept} for debugging."
             )
         for name in [*(Path(f).name for f in result.files.values()), report]:
@@ -346,7 +346,7 @@ def export_onnx(
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _describe_failure(check: ExportCheck) -> str:
+def describe_failure(check: ExportCheck) -> str:
     """ "decoder.onnx: rounding_unexplained 0.03 > 0 (worst quantizer: ...)": the figures over their bounds."""
     over = [f"{key} {value:.3g} > {check.tolerance[key]:.3g}" for key, value in check.rel_diff.items()
             if value > check.tolerance[key]]  # fmt: skip

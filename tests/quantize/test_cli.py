@@ -72,3 +72,21 @@ def test_ctrl_c_is_one_line_saying_what_was_kept(tmp_path, monkeypatch, capsys):
     assert main(["--out", str(tmp_path / "q")]) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"interrupted: {tmp_path / 'q'} keeps only files that were complete")
+
+
+def test_openvino_needs_the_export_and_its_extra(tmp_path, monkeypatch, capsys):
+    import quantize.openvino_runtime as openvino_runtime
+
+    assert main(["--out", str(tmp_path / "q"), "--runtime", "openvino", "--no-export"]) == 1
+    assert "--runtime openvino converts the exported ONNX files: drop --no-export" in capsys.readouterr().err
+
+    def missing():
+        raise openvino_runtime.MissingExtraError(
+            'the OpenVINO runtime needs the openvino extra: pip install -e ".[openvino]"'
+        )
+
+    monkeypatch.setattr(openvino_runtime, "_openvino", missing)
+    assert main(["--out", str(tmp_path / "q"), "--runtime", "ort", "openvino"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ['error: the OpenVINO runtime needs the openvino extra: pip install -e ".[openvino]"']
+    assert not (tmp_path / "q").exists()  # refused before anything was written

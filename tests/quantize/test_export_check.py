@@ -12,7 +12,7 @@ from torch import nn
 import quantize.onnx_runtime
 from quantize.export_check import TIE_RELATIVE, tie_range, twin_steps, unexplained_roundings
 from quantize.modules import ActQuantizer, QuantLayer, WeightQuantizer, quantized_copy
-from quantize.onnx_export import _describe_failure, _export, check_int8, export_mode
+from quantize.onnx_export import _export, check_int8, describe_failure, export_mode
 from quantize.onnx_runtime import count_kernels
 from quantize.ptq import share_requantized_scales
 from student_models.tiny_vit import MatMul
@@ -320,4 +320,4 @@ def test_check_accepts_ties_rounded_the_other_way_and_refuses_a_kernel_off_by_a_
     check = check_int8(block, path, (x,), ["x"], expected, float_out)
     assert not check.passed
     assert check.rel_diff["rounding_unexplained"] > 1e-2
-    assert "rounding_unexplained" in _describe_failure(check) and "fc1.input_quants.0" in _describe_failure(check)
+    assert "rounding_unexplained" in describe_failure(check) and "fc1.input_quants.0" in describe_failure(check)

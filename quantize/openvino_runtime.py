@@ -1,0 +1,196 @@
+"""OpenVINO on CPU: the exported graphs as OpenVINO IR, checked in OpenVINO, and `OpenVinoSam` to run them.
+
+The IR (``encoder.xml`` / ``.bin``, ``decoder.xml`` / ``.bin``) is converted from the ONNX files
+`quantize.export_onnx` wrote and checked, so it carries the searched scales unchanged: OpenVINO turns
+each QuantizeLinear/DequantizeLinear pair into a FakeQuantize and runs the products on its integer
+kernels. The IR keeps float32 weights where the ONNX file had them (no fp16 compression).
+
+Inference precision is float32 (``INFERENCE_PRECISION_HINT``): on CPUs with bfloat16 (AVX512_BF16,
+AMX) OpenVINO's CPU plugin otherwise runs the float parts in bfloat16, which the INT8 model's
+requantization chains do not survive (docs/BENCHMARKS.md has the measurement).
+
+The INT8 IR is checked like the ONNX file in ONNX Runtime (`quantize.export_check`): an instrumented
+copy exposes every quantizer's uint8 values, the simulated PyTorch model runs with OpenVINO's rounding
+decisions, and every value OpenVINO rounds apart must be a tie. OpenVINO's float normalisations
+(LayerNorm as MVN) differ from PyTorch's by up to ~1e-4 of a value, more than float64 can see in
+PyTorch's own arithmetic, hence its larger tie allowance `OPENVINO_TIE_RELATIVE`. On x86 CPUs without
+VNNI, integer products of uint8 activations and int8 weights are summed in pairs in int16 and can
+saturate; the check then fails there, as it should (quantize such models with ``--w-bits 7``).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from segment_anything.modeling import Sam
+
+from quantize.export_check import instrument
+from quantize.onnx_export import (
+    TOLERANCE,
+    ExportCheck,
+    ExportCheckError,
+    compare_forced,
+    cpu_copy,
+    describe_failure,
+    output_diffs,
+    probe_parts,
+)
+from quantize.onnx_runtime import float32_array
+
+# OpenVINO's MVN normalises with up to 1.6e-4 relative error of a value (measured on tinyvit_5m: 0.013
+# steps at most, 0.3% of a LayerNorm output's values rounded apart); 2^-12 of the value or its range.
+OPENVINO_TIE_RELATIVE = 2.0**-12
+PRECISION = {"INFERENCE_PRECISION_HINT": "f32"}
+# Exposing the quantizers' outputs changes which ops OpenVINO fuses, so the shipped IR does not give the
+# instrumented copy's outputs bit for bit (ONNX Runtime does). The shipped IR is checked free-running:
+# its outputs may differ from the simulation's by at most this many times the model's own sensitivity
+# to a 1e-7 change of its input, which is what rounding ties flipped elsewhere cost. Measured on
+# tinyvit_test W8A8: 2.7% / 2.1% RMS (encoder / masks) against a sensitivity of 2.3% / 1.3%, as ORT's
+# shipped graph (2.6% / 2.0%); bfloat16 float parts or saturating products cost several times more.
+FREE_RUNNING_FACTOR = 3.0
+
+
+class MissingExtraError(ImportError):
+    """An optional dependency that the requested runtime needs is not installed (the message names the extra)."""
+
+
+def _openvino():
+    try:
+        import openvino
+    except ImportError:
+        raise MissingExtraError(
+            'the OpenVINO runtime needs the openvino extra: pip install -e ".[openvino]" -c constraints.txt'
+        ) from None
+    return openvino
+
+
+def require_openvino() -> str:
+    """OpenVINO's version, or `MissingExtraError` naming the extra (checked before any long step)."""
+    return _openvino().__version__
+
+
+def write_openvino(onnx_path: str | os.PathLike) -> Path:
+    """Convert the ONNX file at `onnx_path` into OpenVINO IR beside it (same name, .xml and .bin); returns the .xml."""
+    ov = _openvino()
+    target = Path(onnx_path).with_suffix(".xml")
+    ov.save_model(ov.convert_model(os.fspath(onnx_path)), os.fspath(target), compress_to_fp16=False)
+    return target
+
+
+def compile_model(path: str | os.PathLike, num_threads: int | None = None):
+    """An OpenVINO CPU model for an .xml or .onnx file, in float32 inference precision."""
+    ov = _openvino()
+    config = dict(PRECISION)
+    if num_threads is not None:
+        config["INFERENCE_NUM_THREADS"] = num_threads
+    return ov.Core().compile_model(os.fspath(path), "CPU", config)
+
+
+def run_model(compiled, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every output of a compiled model on `feeds`, under each of its tensor names."""
+    results = compiled(feeds)
+    return {name: np.asarray(results[output]) for output in compiled.outputs for name in output.get_names()}
+
+
+def run_instrumented_openvino(
+    onnx_path: str | os.PathLike, feeds: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
+    """(all outputs by name, quantizer tensors) of an instrumented copy of `onnx_path` run by OpenVINO."""
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / Path(onnx_path).name
+        tensors = instrument(onnx_path, copy)
+        outputs = run_model(compile_model(copy), feeds)
+    return outputs, tensors
+
+
+class OpenVinoSam:
+    """SAM from two OpenVINO IR (or ONNX) files, run by OpenVINO on CPU: a `SamBackend` like `OnnxSam`.
+
+    Args:
+        encoder_path, decoder_path: files written by `write_openvino` (float32 or INT8).
+        num_threads: inference threads (None: OpenVINO's default).
+    """
+
+    device = torch.device("cpu")
+
+    def __init__(
+        self, encoder_path: str | os.PathLike, decoder_path: str | os.PathLike, num_threads: int | None = None
+    ) -> None:
+        self.encoder_path, self.decoder_path = os.fspath(encoder_path), os.fspath(decoder_path)
+        self.num_threads = num_threads
+        self.encoder = compile_model(encoder_path, num_threads)
+        self.decoder = compile_model(decoder_path, num_threads)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Bx3x1024x1024 float32 preprocessed images -> Bx256x64x64 float32 embeddings (one call per image)."""
+        images = float32_array(images)
+        if images.ndim != 4 or images.shape[1:] != (3, 1024, 1024):
+            raise ValueError(f"OpenVinoSam.encode expects Bx3x1024x1024 preprocessed images, got {images.shape}")
+        embeddings = [
+            run_model(self.encoder, {"image": images[i : i + 1]})["image_embeddings"] for i in range(len(images))
+        ]
+        return torch.from_numpy(np.concatenate(embeddings))
+
+    def decode(
+        self, embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """1x256x64x64 embedding, BxNx2 coords, BxN labels -> (Bx4x256x256 logits, Bx4 IoU)."""
+        coords, labels = float32_array(coords), float32_array(labels)
+        if coords.ndim != 3 or coords.shape[-1] != 2 or labels.shape != coords.shape[:2]:
+            raise ValueError(
+                f"OpenVinoSam.decode expects point_coords BxNx2 and point_labels BxN, got {coords.shape} and "
+                f"{labels.shape}"
+            )
+        feeds = {"image_embeddings": float32_array(embedding), "point_coords": coords, "point_labels": labels}
+        out = run_model(self.decoder, feeds)
+        return torch.from_numpy(out["low_res_masks"]), torch.from_numpy(out["iou_predictions"])
+
+
+@torch.no_grad()
+def export_openvino(sam: Sam, onnx_dir: str | os.PathLike, precision: str, prefix: str = "") -> list[ExportCheck]:
+    """Convert ``{prefix}encoder.onnx`` and ``{prefix}decoder.onnx`` in `onnx_dir` (what `export_onnx` wrote for
+    `sam` in `precision`) into OpenVINO IR beside them, and check the IR in OpenVINO.
+
+    float32: the IR's outputs against PyTorch's (`TOLERANCE`); int8: the layer-by-layer check with
+    OpenVINO's rounding decisions on an instrumented copy (`compare_forced`, `OPENVINO_TIE_RELATIVE`), and
+    the shipped IR free-running (`FREE_RUNNING_FACTOR`). When a check fails, the IR files are removed and
+    `ExportCheckError` names what failed.
+    """
+    onnx_dir = Path(onnx_dir)
+    parts = probe_parts(cpu_copy(sam).eval(), precision)
+    checks, written = [], []
+    for part in ("encoder", "decoder"):
+        module, args, names, expected, float_outputs = parts[part]
+        onnx_path = onnx_dir / f"{prefix}{part}.onnx"
+        xml = write_openvino(onnx_path)
+        written += [xml, xml.with_suffix(".bin")]
+        feeds = {name: arg.numpy() for name, arg in zip(names, args, strict=True)}
+        shipped = run_model(compile_model(xml), feeds)
+        if precision == "float32":
+            diffs, bounds = output_diffs(shipped, expected, TOLERANCE["float32"])
+            info = {}
+        else:
+            outputs, tensors = run_instrumented_openvino(onnx_path, feeds)
+            diffs, bounds, info = compare_forced(
+                module, args, tensors, outputs, shipped, expected, float_outputs, OPENVINO_TIE_RELATIVE
+            )
+            for key in expected:  # the shipped IR is fused otherwise than the instrumented copy: see FREE_RUNNING
+                del diffs[f"{key}.shipped_vs_instrumented.max"], bounds[f"{key}.shipped_vs_instrumented.max"]
+                diffs[f"{key}.shipped_free_running.rms"] = info[f"{key}.free_running_rms"]
+                sensitivity = max(float(info[f"{key}.ulp_sensitivity_rms"]), TOLERANCE["int8"]["rms"])
+                bounds[f"{key}.shipped_free_running.rms"] = FREE_RUNNING_FACTOR * sensitivity
+        passed = all(diffs[key] <= bounds[key] for key in diffs)
+        checks.append(ExportCheck(xml.name, precision, diffs, bounds, passed, info))
+    failed = [check for check in checks if not check.passed]
+    if failed:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise ExportCheckError(
+            "OpenVINO disagrees with PyTorch: " + "; ".join(describe_failure(check) for check in failed)
+            + f". No OpenVINO file was kept in {onnx_dir}."
+        )  # fmt: skip
+    return checks

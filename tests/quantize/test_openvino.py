@@ -1,0 +1,65 @@
+"""OpenVINO: IR converted from the checked ONNX files, checked layer by layer in OpenVINO, run as a SamBackend."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import quantize.openvino_runtime as openvino_runtime
+from quantize import ExportCheckError, export_onnx
+from quantize.onnx_export import TOLERANCE, export_mode
+from quantize.openvino_runtime import OpenVinoSam, export_openvino
+from student_models.prompts import box_prompts
+from student_models.sam_runner import TorchSamBackend
+
+ov = pytest.importorskip("openvino", reason='the OpenVINO runtime is an extra: pip install -e ".[openvino]"')
+
+
+@pytest.fixture(scope="module")
+def onnx_dirs(quantized_tinyvit, tmp_path_factory):
+    sam, _ = quantized_tinyvit
+    dirs = {precision: tmp_path_factory.mktemp(precision) for precision in ("float32", "int8")}
+    for precision, folder in dirs.items():
+        export_onnx(sam, folder, precision, ort_format=False)
+    return sam, dirs
+
+
+def test_float32_ir_matches_pytorch_and_runs_as_a_backend(onnx_dirs):
+    sam, dirs = onnx_dirs
+    checks = export_openvino(sam, dirs["float32"], "float32")
+    assert [c.file for c in checks] == ["encoder.xml", "decoder.xml"] and all(c.passed for c in checks), checks
+    runner = OpenVinoSam(dirs["float32"] / "encoder.xml", dirs["float32"] / "decoder.xml", num_threads=1)
+    reference = TorchSamBackend(sam)
+    images = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 3, 1024, 1024)).astype(np.float32))
+    with torch.no_grad(), export_mode(sam, "float32"):
+        expected = reference.encode(images)
+        embedding = runner.encode(images)
+        torch.testing.assert_close(embedding, expected, atol=TOLERANCE["float32"]["max"], rtol=0)
+        coords, labels = (torch.from_numpy(a) for a in box_prompts(np.array([[10, 20, 400, 500], [0, 0, 50, 60]])))
+        masks, iou = runner.decode(embedding, coords, labels)
+        ref_masks, ref_iou = reference.decode(embedding, coords, labels)
+    assert masks.shape == (2, 4, 256, 256) and iou.shape == (2, 4)
+    torch.testing.assert_close(masks, ref_masks, atol=1e-3, rtol=0)
+    torch.testing.assert_close(iou, ref_iou, atol=1e-3, rtol=0)
+    with pytest.raises(ValueError, match="expects Bx3x1024x1024 preprocessed images"):
+        runner.encode(torch.zeros(3, 1024, 1024))
+
+
+def test_int8_ir_passes_the_layer_by_layer_check(onnx_dirs):
+    sam, dirs = onnx_dirs
+    checks = export_openvino(sam, dirs["int8"], "int8")
+    assert all(c.passed for c in checks), checks
+    assert all(c.rel_diff["rounding_unexplained"] == 0 and c.info["forced_quantizers"] > 10 for c in checks)
+    assert (dirs["int8"] / "encoder.xml").is_file() and (dirs["int8"] / "decoder.bin").is_file()
+
+
+def test_bfloat16_inference_is_refused_where_the_cpu_would_use_it(onnx_dirs, monkeypatch, tmp_path):
+    """OpenVINO's default on bf16 CPUs: the float parts in bfloat16. The check must see that it is another model."""
+    if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        pytest.skip("this CPU has no bfloat16: OpenVINO runs float32 here whatever the hint")
+    sam, dirs = onnx_dirs
+    monkeypatch.setattr(openvino_runtime, "PRECISION", {"INFERENCE_PRECISION_HINT": "bf16"})
+    with pytest.raises(ExportCheckError, match="OpenVINO disagrees with PyTorch: encoder.xml: .*rounding_unexplained"):
+        export_openvino(sam, dirs["int8"], "int8", prefix="")
+    assert not (dirs["int8"] / "encoder.xml").exists()
