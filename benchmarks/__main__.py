@@ -1,8 +1,9 @@
-"""Command line: ``python -m benchmarks coco|latency|everything|distill|report|demo``; see ``--help`` of each."""
+"""Command line: ``python -m benchmarks coco|latency|everything|distill|runtimes|report|demo``; see ``--help``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -13,9 +14,11 @@ from benchmarks.latency import LatencyConfig
 from benchmarks.records import RecordError
 from benchmarks.runs import StageMissingError
 from distill import CacheError, DistillError
+from quantize.config import MissingExtraError
 from student_models import CheckpointError
 from student_models.data import DatasetError
 from student_models.device import add_device_argument
+from student_models.io import atomic_write_text
 from student_models.preprocessing import ImageError
 
 # Errors that mean "the input is wrong" or "the output cannot be written" (OSError: an unwritable
@@ -29,6 +32,7 @@ USER_ERRORS = (
     RecordError,
     StageMissingError,
     CheckpointError,
+    MissingExtraError,
     OSError,
     ValueError,
 )
@@ -109,6 +113,13 @@ def get_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", required=True, help="folder for report.md and ap_vs_latency.png")
 
     add_distill_arguments(sub.add_parser("distill", help="distillation throughput split by phase, peak memory"))
+
+    runtimes = sub.add_parser("runtimes", help="exported encoders in ONNX Runtime and OpenVINO: SQNR and latency")
+    runtimes.add_argument("folder", help="output folder of python -m quantize --runtime ort openvino")
+    runtimes.add_argument("--images", required=True, help="folder of images held out from calibration")
+    runtimes.add_argument("--num-images", type=int, default=2)
+    runtimes.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    runtimes.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds per thread count")
 
     demo = sub.add_parser("demo", help="offline demo: distill -> quantize -> ONNX -> everything -> AP -> latency")
     demo.add_argument("--coco-root", help="evaluate AP on this COCO folder instead of the generated synthetic set")
@@ -206,10 +217,20 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if run_demo(Path(args.out), coco_root=args.coco_root, device=args.device) else 1
 
 
+def _runtimes(args: argparse.Namespace) -> None:
+    from benchmarks.runtimes import compare_runtimes
+
+    record, table = compare_runtimes(args.folder, args.images, args.num_images, tuple(args.threads), args.repeats)
+    path = atomic_write_text(Path(args.folder) / "runtimes.json", json.dumps(record, indent=2))
+    print(f"{record['cpu']}, {record['isa']}; onnxruntime {record['onnxruntime']}, openvino {record['openvino']}")
+    print(table)
+    print(f"record: {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     handlers = {"coco": _coco, "latency": _latency, "everything": _everything, "report": _report, "demo": _demo}
-    handlers["distill"] = run_distill_benchmark
+    handlers.update(distill=run_distill_benchmark, runtimes=_runtimes)
     try:
         return handlers[args.command](args) or 0
     except USER_ERRORS as exc:

@@ -44,6 +44,25 @@ def cpu_name() -> str:
     return f"{name} ({os.cpu_count()} logical cores)"
 
 
+@cache
+def cpu_isa() -> str:
+    """The widest integer-product extension the CPU reports: "AMX", "AVX-512 VNNI", "AVX-VNNI", "AVX2" or
+    the machine type (INT8 speed, and on x86 without VNNI correctness, depend on it)."""
+    try:
+        flags = set(re.search(r"^flags\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE).group(1).split())
+    except (OSError, AttributeError):
+        flags = set()
+    for flag, name in (
+        ("amx_int8", "AMX"),
+        ("avx512_vnni", "AVX-512 VNNI"),
+        ("avx_vnni", "AVX-VNNI"),
+        ("avx2", "AVX2"),
+    ):
+        if flag in flags:
+            return name
+    return platform.machine()
+
+
 def device_name(device: str | torch.device = "cpu") -> str:
     """A human-readable name of the device a figure was measured on."""
     device = torch.device(device)

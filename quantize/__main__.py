@@ -20,10 +20,10 @@ import torch
 
 from quantize.calibration import box_prompt_loop, prepare_calibration
 from quantize.checkpoint import save_quantized
-from quantize.config import SEARCH_METHODS, PTQConfig
+from quantize.config import SEARCH_METHODS, MissingExtraError, PTQConfig
 from quantize.fidelity import fidelity, run_model
 from quantize.onnx_export import ExportCheckError, export_onnx
-from quantize.openvino_runtime import MissingExtraError, export_openvino, require_openvino
+from quantize.openvino_runtime import export_openvino, require_openvino
 from quantize.ptq import quantize_
 from student_models import CheckpointError, build_sam
 from student_models.data import DatasetError, open_dataset

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from segment_anything.modeling import Sam
 
+from quantize.config import MissingExtraError
 from quantize.export_check import instrument
 from quantize.onnx_export import (
     TOLERANCE,
@@ -54,10 +55,6 @@ PRECISION = {"INFERENCE_PRECISION_HINT": "f32"}
 FREE_RUNNING_FACTOR = 3.0
 
 
-class MissingExtraError(ImportError):
-    """An optional dependency that the requested runtime needs is not installed (the message names the extra)."""
-
-
 def _openvino():
     try:
         import openvino
@@ -81,10 +78,11 @@ def write_openvino(onnx_path: str | os.PathLike) -> Path:
     return target
 
 
-def compile_model(path: str | os.PathLike, num_threads: int | None = None):
-    """An OpenVINO CPU model for an .xml or .onnx file, in float32 inference precision."""
+def compile_model(path: str | os.PathLike, num_threads: int | None = None, config: dict | None = None):
+    """An OpenVINO CPU model for an .xml or .onnx file, in float32 inference precision (`config`: instead of
+    `PRECISION`; ``{}`` is OpenVINO's default)."""
     ov = _openvino()
-    config = dict(PRECISION)
+    config = dict(PRECISION if config is None else config)
     if num_threads is not None:
         config["INFERENCE_NUM_THREADS"] = num_threads
     return ov.Core().compile_model(os.fspath(path), "CPU", config)

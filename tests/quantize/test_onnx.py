@@ -16,14 +16,6 @@ from tests.helpers import synthetic_image, tiny_model
 from tests.quantize.conftest import FAST
 
 
-@pytest.fixture(scope="module")
-def exports(quantized_tinyvit, tmp_path_factory):
-    sam, _ = quantized_tinyvit
-    out = tmp_path_factory.mktemp("onnx")
-    float_result = export_onnx(sam, out, "float32", ort_format=False, prefix="float_")
-    return sam, float_result, export_onnx(sam, out, "int8")
-
-
 def test_float_export_matches_pytorch(exports):
     _, result, _ = exports
     assert {c.file for c in result.checks} == {"float_encoder.onnx", "float_decoder.onnx"}

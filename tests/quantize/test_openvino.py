@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 import quantize.openvino_runtime as openvino_runtime
-from quantize import ExportCheckError, export_onnx
+from quantize import ExportCheckError
 from quantize.onnx_export import TOLERANCE, export_mode
 from quantize.openvino_runtime import OpenVinoSam, export_openvino
 from student_models.prompts import box_prompts
@@ -17,19 +19,18 @@ ov = pytest.importorskip("openvino", reason='the OpenVINO runtime is an extra: p
 
 
 @pytest.fixture(scope="module")
-def onnx_dirs(quantized_tinyvit, tmp_path_factory):
-    sam, _ = quantized_tinyvit
-    dirs = {precision: tmp_path_factory.mktemp(precision) for precision in ("float32", "int8")}
-    for precision, folder in dirs.items():
-        export_onnx(sam, folder, precision, ort_format=False)
-    return sam, dirs
+def onnx_dir(exports):
+    """(the quantized tinyvit_test, the folder of its float_*.onnx and int8 *.onnx files)."""
+    sam, _, int8 = exports
+    return sam, Path(int8.files["encoder"]).parent
 
 
-def test_float32_ir_matches_pytorch_and_runs_as_a_backend(onnx_dirs):
-    sam, dirs = onnx_dirs
-    checks = export_openvino(sam, dirs["float32"], "float32")
-    assert [c.file for c in checks] == ["encoder.xml", "decoder.xml"] and all(c.passed for c in checks), checks
-    runner = OpenVinoSam(dirs["float32"] / "encoder.xml", dirs["float32"] / "decoder.xml", num_threads=1)
+def test_float32_ir_matches_pytorch_and_runs_as_a_backend(onnx_dir):
+    sam, folder = onnx_dir
+    checks = export_openvino(sam, folder, "float32", prefix="float_")
+    assert [c.file for c in checks] == ["float_encoder.xml", "float_decoder.xml"], checks
+    assert all(c.passed for c in checks), checks
+    runner = OpenVinoSam(folder / "float_encoder.xml", folder / "float_decoder.xml", num_threads=1)
     reference = TorchSamBackend(sam)
     images = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 3, 1024, 1024)).astype(np.float32))
     with torch.no_grad(), export_mode(sam, "float32"):
@@ -46,20 +47,20 @@ def test_float32_ir_matches_pytorch_and_runs_as_a_backend(onnx_dirs):
         runner.encode(torch.zeros(3, 1024, 1024))
 
 
-def test_int8_ir_passes_the_layer_by_layer_check(onnx_dirs):
-    sam, dirs = onnx_dirs
-    checks = export_openvino(sam, dirs["int8"], "int8")
+def test_int8_ir_passes_the_layer_by_layer_check(onnx_dir):
+    sam, folder = onnx_dir
+    checks = export_openvino(sam, folder, "int8")
     assert all(c.passed for c in checks), checks
     assert all(c.rel_diff["rounding_unexplained"] == 0 and c.info["forced_quantizers"] > 10 for c in checks)
-    assert (dirs["int8"] / "encoder.xml").is_file() and (dirs["int8"] / "decoder.bin").is_file()
+    assert (folder / "encoder.xml").is_file() and (folder / "decoder.bin").is_file()
 
 
-def test_bfloat16_inference_is_refused_where_the_cpu_would_use_it(onnx_dirs, monkeypatch, tmp_path):
+def test_bfloat16_inference_is_refused_where_the_cpu_would_use_it(onnx_dir, monkeypatch):
     """OpenVINO's default on bf16 CPUs: the float parts in bfloat16. The check must see that it is another model."""
     if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         pytest.skip("this CPU has no bfloat16: OpenVINO runs float32 here whatever the hint")
-    sam, dirs = onnx_dirs
+    sam, folder = onnx_dir
     monkeypatch.setattr(openvino_runtime, "PRECISION", {"INFERENCE_PRECISION_HINT": "bf16"})
     with pytest.raises(ExportCheckError, match="OpenVINO disagrees with PyTorch: encoder.xml: .*rounding_unexplained"):
-        export_openvino(sam, dirs["int8"], "int8", prefix="")
-    assert not (dirs["int8"] / "encoder.xml").exists()
+        export_openvino(sam, folder, "int8")
+    assert not (folder / "encoder.xml").exists()

@@ -1,0 +1,94 @@
+"""The exported encoders in each runtime, side by side: embedding SQNR against float32 and latency.
+
+    python -m benchmarks runtimes DIR --images IMAGES [--num-images 2] [--threads 1 2] [--repeats 5]
+
+DIR is a folder `python -m quantize --runtime ort openvino` wrote (``float32/`` and ``int8/`` with
+ONNX files and OpenVINO IR). Every encoder runs on the same preprocessed images: SQNR (dB) of its
+embeddings against ONNX Runtime's float32 ones, and the median time per image at each thread count,
+the files timed interleaved (one image through each in turn, `--repeats` rounds) so that a busy
+machine slows all of them alike. OpenVINO runs with float32 inference precision, as
+`quantize.openvino_runtime` ships it, and once more with OpenVINO's CPU default ("default"), which on
+CPUs with bfloat16 runs the float parts in bfloat16. Returns the record (CPU model and ISA, runtime
+versions, images, SQNR per encoder, median ms per encoder and thread count) and its Markdown table;
+the command writes ``runtimes.json`` into DIR and prints the table.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from benchmarks.records import cpu_isa, cpu_name
+from quantize.onnx_runtime import open_session
+from quantize.openvino_runtime import compile_model, require_openvino, run_model
+from student_models.preprocessing import list_image_files, load_image, prepare_image
+
+
+def sqnr_db(value: np.ndarray, reference: np.ndarray) -> float:
+    """10 log10(|reference|^2 / |value - reference|^2)."""
+    noise = float(((value.astype(np.float64) - reference) ** 2).sum())
+    return float("inf") if noise == 0 else 10 * np.log10(float((reference.astype(np.float64) ** 2).sum()) / noise)
+
+
+def _runners(folder: Path, threads: int) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """name -> run(image) -> embedding, for every encoder file in `folder` and each way of running it."""
+    runners = {}
+    for precision in ("float32", "int8"):
+        session = open_session(folder / precision / "encoder.onnx", threads)
+        runners[f"ort {precision}"] = lambda x, s=session: s.run(["image_embeddings"], {"image": x})[0]
+        xml = folder / precision / "encoder.xml"
+        if xml.is_file():
+            for name, config in ((f"openvino {precision}", None), (f"openvino {precision} (default)", {})):
+                model = compile_model(xml, threads, config)
+                runners[name] = lambda x, m=model: run_model(m, {"image": x})["image_embeddings"]
+    return runners
+
+
+def compare_runtimes(
+    folder: str | Path, images_dir: str | Path, num_images: int = 2, threads: tuple[int, ...] = (1, 2), repeats: int = 5
+) -> tuple[dict, str]:
+    """(record, Markdown table) for the encoders under `folder` on the first `num_images` of `images_dir`."""
+    folder = Path(folder)
+    files = list_image_files(images_dir)[:num_images]
+    if not files:
+        raise ValueError(f"no images in {images_dir}: give a folder of held-out images with --images")
+    images = [prepare_image(load_image(path)).tensor.numpy() for path in files]
+    record = {
+        "folder": str(folder), "images": [p.name for p in files], "cpu": cpu_name(), "isa": cpu_isa(),
+        "onnxruntime": ort.__version__, "openvino": require_openvino(), "sqnr_db": {}, "median_ms": {},
+    }  # fmt: skip
+    for count in threads:
+        runners = _runners(folder, count)
+        outputs = {name: [run(x) for x in images] for name, run in runners.items()}  # also the warm-up
+        if not record["sqnr_db"]:
+            reference = outputs["ort float32"]
+            record["sqnr_db"] = {
+                name: round(float(np.mean([sqnr_db(o, r) for o, r in zip(outs, reference, strict=True)])), 2)
+                for name, outs in outputs.items()
+                if name != "ort float32"
+            }
+        times: dict[str, list[float]] = {name: [] for name in runners}
+        for _ in range(repeats):
+            for x in images:
+                for name, run in runners.items():
+                    start = time.perf_counter()
+                    run(x)
+                    times[name].append((time.perf_counter() - start) * 1e3)
+        record["median_ms"][str(count)] = {name: round(float(np.median(t)), 1) for name, t in times.items()}
+    return record, _table(record)
+
+
+def _table(record: dict) -> str:
+    timed = record["median_ms"]
+    lines = [
+        "| encoder | SQNR vs ORT float32 (dB) | " + " | ".join(f"{t} thr: ms (ORT fp32 / it)" for t in timed) + " |",
+        "|" + "---|" * (2 + len(timed)),
+    ]
+    for name in next(iter(timed.values())):
+        cells = [f"{timed[t][name]} ({timed[t]['ort float32'] / timed[t][name]:.2f}x)" for t in timed]
+        lines.append(f"| {name} | {record['sqnr_db'].get(name, '-')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
