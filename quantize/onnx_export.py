@@ -136,7 +136,7 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str],
     onnx.save(model, str(path))
 
 
-def _relative_rms(value: np.ndarray, ref: np.ndarray) -> float:
+def relative_rms(value: np.ndarray, ref: np.ndarray) -> float:
     return float(np.sqrt(((value - ref) ** 2).mean() / max((ref**2).mean(), 1e-12)))
 
 
@@ -149,7 +149,7 @@ def output_diffs(got: dict[str, np.ndarray], expected: dict[str, torch.Tensor], 
     diffs, bounds = {}, {}
     for key, ref in expected.items():
         ref = ref.detach().numpy().astype(np.float64)
-        diffs[f"{key}.rms"] = _relative_rms(got[key], ref)
+        diffs[f"{key}.rms"] = relative_rms(got[key], ref)
         diffs[f"{key}.max"] = float(np.abs(got[key] - ref).max() / max(np.abs(ref).max(), 1e-6))
         bounds.update({f"{key}.rms": tolerance["rms"], f"{key}.max": tolerance["max"]})
     return diffs, bounds
@@ -221,9 +221,9 @@ def compare_forced(
         scale = max(np.abs(ref).max(), 1e-6)
         diffs[f"{key}.shipped_vs_instrumented.max"] = float(np.abs(shipped[key] - outputs[key]).max() / scale)
         bounds[f"{key}.shipped_vs_instrumented.max"] = TOLERANCE["float32"]["max"]
-        info[f"{key}.free_running_rms"] = _relative_rms(shipped[key], ref)
-        info[f"{key}.ulp_sensitivity_rms"] = _relative_rms(perturbed[key].numpy(), ref)
-        info[f"{key}.quant_error_rms"] = _relative_rms(float_outputs[key].numpy(), ref)
+        info[f"{key}.free_running_rms"] = relative_rms(shipped[key], ref)
+        info[f"{key}.ulp_sensitivity_rms"] = relative_rms(perturbed[key].numpy(), ref)
+        info[f"{key}.quant_error_rms"] = relative_rms(float_outputs[key].numpy(), ref)
     worst = max(rounding, key=lambda name: (rounding[name]["unexplained"], rounding[name]["mismatch"]))
     diffs["rounding_unexplained"] = rounding[worst]["unexplained"]
     diffs["rounding_max_steps"] = max(stat["max_steps"] for stat in rounding.values())

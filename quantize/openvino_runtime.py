@@ -39,8 +39,9 @@ from quantize.onnx_export import (
     describe_failure,
     output_diffs,
     probe_parts,
+    relative_rms,
 )
-from quantize.onnx_runtime import float32_array
+from quantize.onnx_runtime import float32_array, open_session
 
 # OpenVINO's MVN normalises with up to 1.6e-4 relative error of a value (measured on tinyvit_5m: 0.013
 # steps at most, 0.3% of a LayerNorm output's values rounded apart); 2^-12 of the value or its range.
@@ -48,10 +49,12 @@ OPENVINO_TIE_RELATIVE = 2.0**-12
 PRECISION = {"INFERENCE_PRECISION_HINT": "f32"}
 # Exposing the quantizers' outputs changes which ops OpenVINO fuses, so the shipped IR does not give the
 # instrumented copy's outputs bit for bit (ONNX Runtime does). The shipped IR is checked free-running:
-# its outputs may differ from the simulation's by at most this many times the model's own sensitivity
-# to a 1e-7 change of its input, which is what rounding ties flipped elsewhere cost. Measured on
-# tinyvit_test W8A8: 2.7% / 2.1% RMS (encoder / masks) against a sensitivity of 2.3% / 1.3%, as ORT's
-# shipped graph (2.6% / 2.0%); bfloat16 float parts or saturating products cost several times more.
+# its outputs may differ from the simulation's by at most this many times what rounding ties flipped
+# elsewhere cost this model: the larger of ONNX Runtime's free-running distance (its graph is checked
+# exactly, layer by layer and as shipped) and the model's own sensitivity to a 1e-7 change of its input
+# (one perturbation: on a decoder it can be ~0). Measured (RMS, OpenVINO / ORT): tinyvit_test W8A8
+# encoder 2.7% / 2.6%, masks 2.1% / 2.0%; random tinyvit_5m encoder 5.3% / 5.2%; random repvit_m0_9
+# masks 2.2% / 1.3%. bfloat16 float parts or saturating products cost several times more.
 FREE_RUNNING_FACTOR = 3.0
 
 
@@ -176,11 +179,17 @@ def export_openvino(sam: Sam, onnx_dir: str | os.PathLike, precision: str, prefi
             diffs, bounds, info = compare_forced(
                 module, args, tensors, outputs, shipped, expected, float_outputs, OPENVINO_TIE_RELATIVE
             )
-            for key in expected:  # the shipped IR is fused otherwise than the instrumented copy: see FREE_RUNNING
+            ort_outputs = dict(zip(list(expected), open_session(onnx_path).run(list(expected), feeds), strict=True))
+            for key, ref in expected.items():  # the shipped IR is fused otherwise than the instrumented copy
                 del diffs[f"{key}.shipped_vs_instrumented.max"], bounds[f"{key}.shipped_vs_instrumented.max"]
+                info[f"{key}.ort_free_running_rms"] = relative_rms(ort_outputs[key], ref.numpy())
+                flips = (
+                    info[f"{key}.ulp_sensitivity_rms"],
+                    info[f"{key}.ort_free_running_rms"],
+                    TOLERANCE["int8"]["rms"],
+                )
                 diffs[f"{key}.shipped_free_running.rms"] = info[f"{key}.free_running_rms"]
-                sensitivity = max(float(info[f"{key}.ulp_sensitivity_rms"]), TOLERANCE["int8"]["rms"])
-                bounds[f"{key}.shipped_free_running.rms"] = FREE_RUNNING_FACTOR * sensitivity
+                bounds[f"{key}.shipped_free_running.rms"] = FREE_RUNNING_FACTOR * max(flips)
         passed = all(diffs[key] <= bounds[key] for key in diffs)
         checks.append(ExportCheck(xml.name, precision, diffs, bounds, passed, info))
     failed = [check for check in checks if not check.passed]
