@@ -31,6 +31,10 @@ class PTQConfig:
             (depthwise, transposed), at the largest activations of a CNN stage, while the products of
             the transformer blocks (Linear after GELU, attention after softmax) take their two ranges
             as two integer products (docs/BENCHMARKS.md, issue 14).
+        twin_margin: a twin-uniform candidate is kept only where it lowers its layer's search error (MSE
+            or Hessian-weighted) by more than this fraction against the same search with uniform
+            ranges; elsewhere the input is uniform (one integer product instead of two). 0 keeps twin
+            wherever it is better at all.
         conv_outputs: also quantize the output of each non-pointwise convolution whose input is
             uniformly quantized (one more rounding per such layer; scale by output MSE over the
             alpha grid, min/max for "minmax"), so that ONNX Runtime runs it as an integer
@@ -58,6 +62,7 @@ class PTQConfig:
     twin_softmax: bool = True
     twin_gelu: bool = True
     twin_convs: bool = False
+    twin_margin: float = 0.1
     conv_outputs: bool = True
     max_split_exponent: int = 12
     keep_float: tuple[str, ...] = ()
@@ -86,6 +91,8 @@ class PTQConfig:
         for name in ("num_alphas", "rounds", "num_calib", "max_prompts", "search_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.twin_margin < 1:
+            raise ValueError(f"twin_margin must be in [0, 1), got {self.twin_margin}")
         if self.max_split_exponent < 0:
             raise ValueError(f"max_split_exponent must be >= 0, got {self.max_split_exponent}")
         unknown = [part for part in self.parts if part not in PARTS]

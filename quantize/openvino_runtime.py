@@ -48,13 +48,15 @@ from quantize.onnx_runtime import float32_array, open_session
 OPENVINO_TIE_RELATIVE = 2.0**-12
 PRECISION = {"INFERENCE_PRECISION_HINT": "f32"}
 # Exposing the quantizers' outputs changes which ops OpenVINO fuses, so the shipped IR does not give the
-# instrumented copy's outputs bit for bit (ONNX Runtime does). The shipped IR is checked free-running:
-# its outputs may differ from the simulation's by at most this many times what rounding ties flipped
-# elsewhere cost this model: the larger of ONNX Runtime's free-running distance (its graph is checked
-# exactly, layer by layer and as shipped) and the model's own sensitivity to a 1e-7 change of its input
-# (one perturbation: on a decoder it can be ~0). Measured (RMS, OpenVINO / ORT): tinyvit_test W8A8
-# encoder 2.7% / 2.6%, masks 2.1% / 2.0%; random tinyvit_5m encoder 5.3% / 5.2%; random repvit_m0_9
-# masks 2.2% / 1.3%. bfloat16 float parts or saturating products cost several times more.
+# instrumented copy's outputs bit for bit (ONNX Runtime does). The shipped IR is checked free-running, a
+# weaker check (the layer-by-layer one above is the strict one): its outputs may differ from the
+# simulation's by at most FREE_RUNNING_FACTOR times what rounding ties flipped elsewhere cost this model
+# (the larger of ONNX Runtime's free-running distance, its graph being checked exactly, and the model's
+# sensitivity to a 1e-7 change of its input), or QUANT_ERROR_FRACTION of the quantization error itself:
+# on a small probe either flip measure can be ~0 by chance (a handful of ties). Measured (RMS, OpenVINO
+# / ORT): tinyvit_test W8A8 encoder 2.7% / 2.6%, masks 1.5-2.1% / 0.07-2.0%; random tinyvit_5m encoder
+# 5.3% / 5.2%; random repvit_m0_9 masks 2.2% / 1.3%.
+QUANT_ERROR_FRACTION = 0.5
 FREE_RUNNING_FACTOR = 3.0
 
 
@@ -158,8 +160,8 @@ def export_openvino(sam: Sam, onnx_dir: str | os.PathLike, precision: str, prefi
 
     float32: the IR's outputs against PyTorch's (`TOLERANCE`); int8: the layer-by-layer check with
     OpenVINO's rounding decisions on an instrumented copy (`compare_forced`, `OPENVINO_TIE_RELATIVE`), and
-    the shipped IR free-running (`FREE_RUNNING_FACTOR`). When a check fails, the IR files are removed and
-    `ExportCheckError` names what failed.
+    the shipped IR free-running (`FREE_RUNNING_FACTOR`, `QUANT_ERROR_FRACTION`). When a check fails, the IR
+    files are removed and `ExportCheckError` names what failed.
     """
     onnx_dir = Path(onnx_dir)
     parts = probe_parts(cpu_copy(sam).eval(), precision)
@@ -183,13 +185,11 @@ def export_openvino(sam: Sam, onnx_dir: str | os.PathLike, precision: str, prefi
             for key, ref in expected.items():  # the shipped IR is fused otherwise than the instrumented copy
                 del diffs[f"{key}.shipped_vs_instrumented.max"], bounds[f"{key}.shipped_vs_instrumented.max"]
                 info[f"{key}.ort_free_running_rms"] = relative_rms(ort_outputs[key], ref.numpy())
-                flips = (
-                    info[f"{key}.ulp_sensitivity_rms"],
-                    info[f"{key}.ort_free_running_rms"],
-                    TOLERANCE["int8"]["rms"],
-                )
+                flips = max(info[f"{key}.ulp_sensitivity_rms"], info[f"{key}.ort_free_running_rms"])
                 diffs[f"{key}.shipped_free_running.rms"] = info[f"{key}.free_running_rms"]
-                bounds[f"{key}.shipped_free_running.rms"] = FREE_RUNNING_FACTOR * max(flips)
+                bounds[f"{key}.shipped_free_running.rms"] = max(
+                    FREE_RUNNING_FACTOR * flips, QUANT_ERROR_FRACTION * info[f"{key}.quant_error_rms"]
+                )
         passed = all(diffs[key] <= bounds[key] for key in diffs)
         checks.append(ExportCheck(xml.name, precision, diffs, bounds, passed, info))
     failed = [check for check in checks if not check.passed]

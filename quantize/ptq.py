@@ -67,7 +67,13 @@ class QuantReport:
             "unused_float": self.unused,
             "num_calib": self.num_calib,
             "median_error_ratio_vs_minmax": float(np.median(gain)) if gain else None,
-        }
+            # layers whose twin-uniform candidates were searched: kept twin or not, and twin's error / uniform's
+            "twin_candidates": {
+                name: {"twin": any(kind != "uniform" for kind in info["inputs"]),
+                       "error_ratio": info["error_twin"] / max(info["error_uniform"], 1e-30)}
+                for name, info in self.layers.items() if "error_twin" in info
+            },
+        }  # fmt: skip
 
 
 def prepare_structure(sam: Sam) -> None:
@@ -190,6 +196,8 @@ def quantize_(
             "error_minmax": result.error_minmax,
             "error": result.error,
         }
+        if result.error_twin is not None:
+            report.layers[name].update(error_twin=result.error_twin, error_uniform=result.error_uniform)
         calibrator.reset()
     calibrate_output_quantizers(sam, report, loop, config)
     for consumer, producer in share_requantized_scales(sam, loop).items():

@@ -37,6 +37,8 @@ class LayerSearchResult:
     input_params: list[float] = field(default_factory=list)  # alpha (uniform/twin_gelu) or split (twin_softmax)
     error_minmax: float = 0.0
     error: float = 0.0
+    error_twin: float | None = None  # for a layer with twin-uniform candidates: the error with them twin
+    error_uniform: float | None = None  # ... and with them uniform (the kept kinds are the layer's)
 
 
 class LayerSearch:
@@ -88,27 +90,79 @@ def _alpha_grid(config: PTQConfig) -> list[float]:
 
 
 def search_layer(calibrator: LayerCalibrator, config: PTQConfig) -> LayerSearchResult:
-    """Set the layer's quantizer buffers to the chosen scales and return what was chosen."""
+    """Set the layer's quantizer buffers to the chosen scales and return what was chosen.
+
+    A layer with twin-uniform inputs is searched twice, with those inputs twin and with them uniform,
+    and keeps twin only where that lowers its error (its own metric, as ranked by the search) by more
+    than `config.twin_margin`: a twin input costs a second integer product (or a float one) in the
+    exported graph, so it has to pay for it. The result says which was kept and both errors.
+    """
+    layer = calibrator.layer
+    twin = [q for q in layer.input_quants if q.kind != "uniform"]
+    result = _search_and_set(calibrator, config)
+    if not twin or config.method == "minmax" or not calibrator.called:
+        return result
+    kinds = [q.kind for q in twin]
+    for quantizer in twin:
+        quantizer.kind = "uniform"
+    uniform = _search_and_set(calibrator, config)
+    uniform.error_twin, uniform.error_uniform = result.error, uniform.error
+    if result.error < (1 - config.twin_margin) * uniform.error:  # twin pays for itself: back to its scales
+        for quantizer, kind in zip(twin, kinds, strict=True):
+            quantizer.kind = kind
+        result.error_twin, result.error_uniform = result.error, uniform.error
+        _set_scales(calibrator, config, result)
+        return result
+    return uniform
+
+
+def _weight_max(layer) -> torch.Tensor | None:
+    """Per-channel max|W| of a layer with a weight, else None."""
+    if layer.weight_axis is None:
+        return None
+    dims = [d for d in range(layer.weight.ndim) if d != layer.weight_axis]
+    return layer.weight.detach().abs().amax(dim=dims).clamp(min=1e-8)
+
+
+def _input_scale(quantizer, amax: torch.Tensor, value: float, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, split) of an input quantizer for a searched `value`: a split for twin-softmax, else an alpha."""
+    one = torch.ones((), device=amax.device)  # on the model's device, as amax is
+    if quantizer.kind == "twin_softmax":
+        return one, one * value
+    return value * amax / qmax, one
+
+
+def _set_scales(calibrator: LayerCalibrator, config: PTQConfig, result: LayerSearchResult) -> None:
+    """Write `result`'s scales into the layer's quantizers and enable them."""
+    layer = calibrator.layer
+    qmax, wqmax = int_range(config.a_bits)[1], int_range(config.w_bits)[1]
+    with torch.no_grad():
+        if result.weight_alpha is not None:
+            layer.weight_quant.scale.copy_(result.weight_alpha * _weight_max(layer) / wqmax)
+            layer.weight_quant.enabled = True
+        for quantizer, amax, value in zip(layer.input_quants, calibrator.amax, result.input_params, strict=True):
+            scale, split = _input_scale(quantizer, amax.compute_amax(), value, qmax)
+            quantizer.scale.copy_(scale)
+            quantizer.split.copy_(split)
+            quantizer.enabled = True
+
+
+def _search_and_set(calibrator: LayerCalibrator, config: PTQConfig) -> LayerSearchResult:
+    """`search_layer` for the input kinds the layer has now."""
     layer = calibrator.layer
     qmax = int_range(config.a_bits)[1]
     wqmax = int_range(config.w_bits)[1]
     alphas = _alpha_grid(config)
     splits = [2.0**-k for k in range(config.max_split_exponent + 1)]
     amax = [c.compute_amax() for c in calibrator.amax]
-    w_max = None
-    if layer.weight_axis is not None:
-        dims = [d for d in range(layer.weight.ndim) if d != layer.weight_axis]
-        w_max = layer.weight.detach().abs().amax(dim=dims).clamp(min=1e-8)
+    w_max = _weight_max(layer)
 
     # Min/max start: alpha 1 for every uniform scale, split 1 (one range) for twin-softmax.
     w_alpha = 1.0 if w_max is not None else None
     params = [1.0 for _ in layer.input_quants]
 
     def input_scale(j: int, value: float) -> tuple[torch.Tensor, torch.Tensor]:
-        one = torch.ones((), device=amax[j].device)  # on the model's device, as amax is
-        if layer.input_quants[j].kind == "twin_softmax":
-            return one, one * value
-        return value * amax[j] / qmax, one
+        return _input_scale(layer.input_quants[j], amax[j], value, qmax)
 
     def weight_q(alpha: float | None) -> torch.Tensor | None:
         if alpha is None:
@@ -137,16 +191,7 @@ def search_layer(calibrator: LayerCalibrator, config: PTQConfig) -> LayerSearchR
         result = LayerSearchResult(w_alpha, params, error_minmax, best)
     else:
         result = LayerSearchResult(w_alpha, params)
-
-    with torch.no_grad():
-        if w_alpha is not None:
-            layer.weight_quant.scale.copy_(w_alpha * w_max / wqmax)
-            layer.weight_quant.enabled = True
-        for j, quantizer in enumerate(layer.input_quants):
-            scale, split = input_scale(j, params[j])
-            quantizer.scale.copy_(scale)
-            quantizer.split.copy_(split)
-            quantizer.enabled = True
+    _set_scales(calibrator, config, result)
     return result
 
 
