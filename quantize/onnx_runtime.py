@@ -12,6 +12,7 @@ The files follow the contract written by `quantize.export_onnx`:
 
 from __future__ import annotations
 
+import abc
 import os
 import platform
 from pathlib import Path
@@ -129,16 +130,17 @@ def float32_array(tensor: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(torch.as_tensor(tensor).detach().cpu().numpy(), dtype=np.float32)
 
 
-class OnnxSam:
-    """SAM from two ONNX (or ORT-format) files, run by ONNX Runtime on CPU: a `SamBackend`.
+class CpuSamRunner(abc.ABC):
+    """A `SamBackend` over two exported files run by a CPU runtime: the file contract and input checks,
+    with the runtime left to `load` (open a file) and `run` (outputs by name).
 
     ``encode`` and ``decode`` take and return tensors, as `TorchSamBackend`'s do, so `SamRunner`,
-    quantization fidelity and the latency benchmark run either back-end the same way; inputs on
-    another device are brought to the CPU, and numpy appears only at the ORT call.
+    quantization fidelity and the latency benchmark run any back-end the same way; inputs on another
+    device are brought to the CPU, and numpy appears only at the runtime's call.
 
     Args:
-        encoder_path, decoder_path: files written by `quantize.export_onnx` (float32 or INT8 QDQ).
-        num_threads: intra-op threads (None: ORT's default, all cores).
+        encoder_path, decoder_path: the two exported files.
+        num_threads: the runtime's threads (None: its default).
     """
 
     device = torch.device("cpu")
@@ -148,16 +150,26 @@ class OnnxSam:
     ) -> None:
         self.encoder_path, self.decoder_path = os.fspath(encoder_path), os.fspath(decoder_path)
         self.num_threads = num_threads
-        self.encoder = open_session(encoder_path, num_threads)
-        self.decoder = open_session(decoder_path, num_threads)
+        self.encoder = self.load(encoder_path, num_threads)
+        self.decoder = self.load(decoder_path, num_threads)
+
+    @abc.abstractmethod
+    def load(self, path: str | os.PathLike, num_threads: int | None):
+        """The runtime's model for the file at `path`."""
+
+    @abc.abstractmethod
+    def run(self, model, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """`model`'s outputs `names` on `feeds`."""
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Bx3x1024x1024 float32 preprocessed images -> Bx256x64x64 float32 embeddings (one ORT call per image)."""
+        """Bx3x1024x1024 float32 preprocessed images -> Bx256x64x64 float32 embeddings (one call per image)."""
         images = float32_array(images)
         if images.ndim != 4 or images.shape[1:] != (3, 1024, 1024):
-            raise ValueError(f"OnnxSam.encode expects Bx3x1024x1024 preprocessed images, got {images.shape}")
+            raise ValueError(
+                f"{type(self).__name__}.encode expects Bx3x1024x1024 preprocessed images, got {images.shape}"
+            )
         embeddings = [
-            self.encoder.run(["image_embeddings"], {"image": images[i : i + 1]})[0] for i in range(len(images))
+            self.run(self.encoder, ["image_embeddings"], {"image": images[i : i + 1]})[0] for i in range(len(images))
         ]
         return torch.from_numpy(embeddings[0] if len(embeddings) == 1 else np.concatenate(embeddings))
 
@@ -168,8 +180,24 @@ class OnnxSam:
         coords, labels = float32_array(coords), float32_array(labels)
         if coords.ndim != 3 or coords.shape[-1] != 2 or labels.shape != coords.shape[:2]:
             raise ValueError(
-                f"OnnxSam.decode expects point_coords BxNx2 and point_labels BxN, got {coords.shape} and {labels.shape}"
+                f"{type(self).__name__}.decode expects point_coords BxNx2 and point_labels BxN, got {coords.shape} "
+                f"and {labels.shape}"
             )
         feeds = {"image_embeddings": float32_array(embedding), "point_coords": coords, "point_labels": labels}
-        masks, iou = self.decoder.run(["low_res_masks", "iou_predictions"], feeds)
+        masks, iou = self.run(self.decoder, ["low_res_masks", "iou_predictions"], feeds)
         return torch.from_numpy(masks), torch.from_numpy(iou)
+
+
+class OnnxSam(CpuSamRunner):
+    """SAM from two ONNX (or ORT-format) files, run by ONNX Runtime on CPU (`CpuSamRunner`).
+
+    Args:
+        encoder_path, decoder_path: files written by `quantize.export_onnx` (float32 or INT8 QDQ).
+        num_threads: intra-op threads (None: ORT's default, all cores).
+    """
+
+    def load(self, path: str | os.PathLike, num_threads: int | None) -> ort.InferenceSession:
+        return open_session(path, num_threads)
+
+    def run(self, model: ort.InferenceSession, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return model.run(names, feeds)

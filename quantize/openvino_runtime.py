@@ -41,7 +41,7 @@ from quantize.onnx_export import (
     probe_parts,
     relative_rms,
 )
-from quantize.onnx_runtime import float32_array, open_session
+from quantize.onnx_runtime import CpuSamRunner, open_session
 
 # OpenVINO's MVN normalises with up to 1.6e-4 relative error of a value (measured on tinyvit_5m: 0.013
 # steps at most, 0.3% of a LayerNorm output's values rounded apart); 2^-12 of the value or its range.
@@ -110,47 +110,20 @@ def run_instrumented_openvino(
     return outputs, tensors
 
 
-class OpenVinoSam:
-    """SAM from two OpenVINO IR (or ONNX) files, run by OpenVINO on CPU: a `SamBackend` like `OnnxSam`.
+class OpenVinoSam(CpuSamRunner):
+    """SAM from two OpenVINO IR (or ONNX) files, run by OpenVINO on CPU (`CpuSamRunner`), as `OnnxSam` is.
 
     Args:
         encoder_path, decoder_path: files written by `write_openvino` (float32 or INT8).
         num_threads: inference threads (None: OpenVINO's default).
     """
 
-    device = torch.device("cpu")
+    def load(self, path: str | os.PathLike, num_threads: int | None):
+        return compile_model(path, num_threads)
 
-    def __init__(
-        self, encoder_path: str | os.PathLike, decoder_path: str | os.PathLike, num_threads: int | None = None
-    ) -> None:
-        self.encoder_path, self.decoder_path = os.fspath(encoder_path), os.fspath(decoder_path)
-        self.num_threads = num_threads
-        self.encoder = compile_model(encoder_path, num_threads)
-        self.decoder = compile_model(decoder_path, num_threads)
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Bx3x1024x1024 float32 preprocessed images -> Bx256x64x64 float32 embeddings (one call per image)."""
-        images = float32_array(images)
-        if images.ndim != 4 or images.shape[1:] != (3, 1024, 1024):
-            raise ValueError(f"OpenVinoSam.encode expects Bx3x1024x1024 preprocessed images, got {images.shape}")
-        embeddings = [
-            run_model(self.encoder, {"image": images[i : i + 1]})["image_embeddings"] for i in range(len(images))
-        ]
-        return torch.from_numpy(np.concatenate(embeddings))
-
-    def decode(
-        self, embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """1x256x64x64 embedding, BxNx2 coords, BxN labels -> (Bx4x256x256 logits, Bx4 IoU)."""
-        coords, labels = float32_array(coords), float32_array(labels)
-        if coords.ndim != 3 or coords.shape[-1] != 2 or labels.shape != coords.shape[:2]:
-            raise ValueError(
-                f"OpenVinoSam.decode expects point_coords BxNx2 and point_labels BxN, got {coords.shape} and "
-                f"{labels.shape}"
-            )
-        feeds = {"image_embeddings": float32_array(embedding), "point_coords": coords, "point_labels": labels}
-        out = run_model(self.decoder, feeds)
-        return torch.from_numpy(out["low_res_masks"]), torch.from_numpy(out["iou_predictions"])
+    def run(self, model, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        outputs = run_model(model, feeds)
+        return [outputs[name] for name in names]
 
 
 @torch.no_grad()
