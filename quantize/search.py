@@ -99,13 +99,16 @@ def search_layer(calibrator: LayerCalibrator, config: PTQConfig) -> LayerSearchR
     """
     layer = calibrator.layer
     twin = [q for q in layer.input_quants if q.kind != "uniform"]
-    result = _search_and_set(calibrator, config)
-    if not twin or config.method == "minmax" or not calibrator.called:
+    searched = config.method != "minmax" and calibrator.called
+    # One set of samples and float references for both searches: they depend on the inputs, not on the kinds.
+    search = LayerSearch(calibrator, use_grads=config.method == "hessian") if searched else None
+    result = _search_and_set(calibrator, config, search)
+    if not twin or search is None:
         return result
     kinds = [q.kind for q in twin]
     for quantizer in twin:
         quantizer.kind = "uniform"
-    uniform = _search_and_set(calibrator, config)
+    uniform = _search_and_set(calibrator, config, search)
     uniform.error_twin, uniform.error_uniform = result.error, uniform.error
     if result.error < (1 - config.twin_margin) * uniform.error:  # twin pays for itself: back to its scales
         for quantizer, kind in zip(twin, kinds, strict=True):
@@ -147,8 +150,8 @@ def _set_scales(calibrator: LayerCalibrator, config: PTQConfig, result: LayerSea
             quantizer.enabled = True
 
 
-def _search_and_set(calibrator: LayerCalibrator, config: PTQConfig) -> LayerSearchResult:
-    """`search_layer` for the input kinds the layer has now."""
+def _search_and_set(calibrator: LayerCalibrator, config: PTQConfig, search: LayerSearch | None) -> LayerSearchResult:
+    """`search_layer` for the input kinds the layer has now (min/max scales where `search` is None)."""
     layer = calibrator.layer
     qmax = int_range(config.a_bits)[1]
     wqmax = int_range(config.w_bits)[1]
@@ -169,8 +172,7 @@ def _search_and_set(calibrator: LayerCalibrator, config: PTQConfig) -> LayerSear
             return None
         return layer.weight_quant.quantize(layer.weight.detach(), alpha * w_max / wqmax)
 
-    if config.method != "minmax" and calibrator.called:
-        search = LayerSearch(calibrator, use_grads=config.method == "hessian")
+    if search is not None:
         q_inputs = [search.quantized_inputs(j, *input_scale(j, params[j])) for j in range(len(params))]
         q_weight = weight_q(w_alpha)
         best = error_minmax = search.error(q_weight, q_inputs)
