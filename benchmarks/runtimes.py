@@ -53,6 +53,14 @@ def compare_runtimes(
 ) -> tuple[dict, str]:
     """(record, Markdown table) for the encoders under `folder` on the first `num_images` of `images_dir`."""
     folder = Path(folder)
+    missing = [
+        str(folder / p / "encoder.onnx") for p in ("float32", "int8") if not (folder / p / "encoder.onnx").is_file()
+    ]
+    if missing:
+        raise ValueError(
+            f"{', '.join(missing)} not found: give the output folder of python -m quantize (with its ONNX export, "
+            "and --runtime ort openvino for the OpenVINO rows)"
+        )
     files = list_image_files(images_dir)[:num_images]
     if not files:
         raise ValueError(f"no images in {images_dir}: give a folder of held-out images with --images")

@@ -140,3 +140,9 @@ def test_everything_prints_the_per_method_table_and_names_bad_methods(synthetic_
     with pytest.raises(SystemExit):
         main([*argv, "--images", str(tmp_path), "--out", str(tmp_path)])
     assert "not allowed with argument --coco-root" in capsys.readouterr().err
+
+
+def test_runtimes_names_a_folder_without_the_exported_encoders(tmp_path, capsys):
+    assert main(["runtimes", str(tmp_path), "--images", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'float32' / 'encoder.onnx'}" in err and "give the output folder of python -m quantize" in err
