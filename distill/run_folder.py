@@ -9,7 +9,6 @@ is append-only JSON lines, and a line cut short by a kill is ignored.
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from distill.config import DistillConfig
 from distill.model import DistillError
 from distill.prompts import SAMPLER_VERSION
 from distill.runtime import Runtime
-from student_models.io import atomic_write_text
+from student_models.io import atomic_write_text, writable_folder
 
 # Fields that may change between a run and its resumption without changing the result. Where the run
 # folder and the cache live is one of them (a moved folder, or "runs/x" spelled "/home/me/runs/x", holds
@@ -34,18 +33,12 @@ RESUMABLE_CHANGES |= {"device", "decoder_images"}
 RUN_FILES = ("checkpoints/last.pt", "student.pt", "metrics.json", "config.json")
 
 
-def check_writable(folder: Path, what: str) -> None:
-    """Make `folder` and write a file in it, or stop with one line that says why (before any long step)."""
-    if folder.exists() and not folder.is_dir():
-        raise DistillError(f"cannot use {folder} as the {what}: it is a file")
+def check_writable(folder: Path, what: str, flag: str) -> None:
+    """`student_models.io.writable_folder`, its one-line refusal raised as the DistillError of a bad input."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        writable_folder(folder, what, flag)
     except OSError as exc:
-        reason = exc.strerror or str(exc)
-        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(folder) else ""
-        raise DistillError(f"cannot write to the {what} {folder}: {reason}{where}") from None
+        raise DistillError(str(exc)) from None
 
 
 def earlier_run(out: Path, log: JsonLog) -> list[str]:

@@ -105,7 +105,7 @@ def _distill(cfg: DistillConfig, rt: Runtime, phases: PhaseTimer) -> DistillResu
     # 0. Inputs that would otherwise fail late: a folder we cannot write, a run we would replace, a state
     # we cannot resume (the cache folder, data and checkpoints follow in 1). Every rank checks (so all
     # stop together); only rank 0 deletes.
-    check_writable(out, "output folder")
+    check_writable(out, "output folder", "--out")
     if rt.is_main:
         for folder in (out, out / "checkpoints"):
             remove_stale_temp_files(folder)  # left by a killed run
@@ -138,7 +138,8 @@ def _distill(cfg: DistillConfig, rt: Runtime, phases: PhaseTimer) -> DistillResu
     # Reads the teacher file (its sha256). The device type and precision are part of it: bf16 != fp32 embeddings.
     fields = fingerprint_fields(cfg.teacher, cfg.teacher_checkpoint, cfg.seed, dataset, rt.device, amp_dtype)
     if not (cache_root(cfg.cache_path, fields) / "cache.json").is_file():
-        check_writable(Path(cfg.cache_path), "teacher-cache folder")  # (a complete cache may be read-only)
+        # Only a cache still to be filled must be writable: a complete one may be read-only (shared).
+        check_writable(Path(cfg.cache_path), "teacher-cache folder", "--cache-dir")
     identity = run_identity(cfg, fields)  # reads the student file
     if state is not None:
         check_resumable(state_path, state, cfg, identity, rt)

@@ -99,17 +99,22 @@ def remove_stale_temp_files(folder: str | os.PathLike, pattern: str = ".*.tmp*")
     return removed
 
 
-def writable_folder(folder: str | os.PathLike) -> Path:
-    """Create `folder` and write a file in it, or raise OSError with one line that says why (before any long step)."""
+def writable_folder(folder: str | os.PathLike, what: str = "output folder", flag: str = "--out") -> Path:
+    """Create `folder` and write a file in it, or raise OSError with one line that says why (before any long step).
+
+    `what` names the folder in the message ("output folder", "teacher-cache folder") and `flag` the option
+    that chooses it. Where the failure is at another path (a parent that cannot be created), it is named too.
+    """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
-        raise OSError(f"cannot use {folder} as the output folder: it is a file; --out must name a folder")
+        raise OSError(f"cannot use {folder} as the {what}: it is a file; {flag} must name a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(folder) else ""
         raise OSError(
-            f"cannot write to the output folder {folder}: {exc.strerror or exc}; choose another --out"
+            f"cannot write to the {what} {folder}: {exc.strerror or exc}{where}; choose another {flag}"
         ) from None
     return folder

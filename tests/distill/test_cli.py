@@ -130,7 +130,7 @@ def test_unwritable_out_is_one_error_line_in_a_real_process(tmp_path):
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
-        f"error: cannot write to the output folder {blocker / 'run'}: Not a directory"
+        f"error: cannot write to the output folder {blocker / 'run'}: Not a directory; choose another --out"
     ], done.stderr
     assert blocker.read_text() == "not a folder"
 
@@ -140,7 +140,7 @@ def test_out_that_is_a_file_is_refused(tmp_path, capsys):
     blocker.write_text("keep me")
     code, _, err = cli(capsys, "--out", blocker)
     assert code == 1 and blocker.read_text() == "keep me"
-    assert_one_error(err, f"cannot use {blocker} as the output folder: it is a file")
+    assert_one_error(err, f"cannot use {blocker} as the output folder: it is a file; --out must name a folder")
 
 
 @pytest.mark.parametrize("case", ["student-checkpoint", "teacher-checkpoint", "data"])
@@ -164,7 +164,8 @@ def test_unwritable_cache_folder_is_refused_before_anything_is_computed(tmp_path
     blocker.write_text("not a folder")
     code, _, err = cli(capsys, "--num-synthetic", "3", "--cache-dir", blocker / "cache", "--out", tmp_path / "out")
     assert code == 1 and blocker.read_text() == "not a folder"
-    assert_one_error(err, f"cannot write to the teacher-cache folder {blocker / 'cache'}: Not a directory")
+    refusal = f"cannot write to the teacher-cache folder {blocker / 'cache'}: Not a directory"
+    assert_one_error(err, f"{refusal}; choose another --cache-dir")
     assert not (tmp_path / "out" / "log.jsonl").exists()
 
 

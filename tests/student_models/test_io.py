@@ -51,3 +51,12 @@ def test_an_output_folder_that_is_a_file_is_named_as_such(tmp_path):
         writable_folder(existing)
     assert existing.read_text() == "{}"
     assert writable_folder(tmp_path / "new" / "folder").is_dir()
+
+
+def test_a_folder_that_cannot_be_made_is_named_with_its_role_and_option(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("keep me")
+    message = rf"cannot write to the teacher-cache folder {blocker}/cache: Not a directory; choose another --cache-dir$"
+    with pytest.raises(OSError, match=message):
+        writable_folder(blocker / "cache", "teacher-cache folder", "--cache-dir")
+    assert blocker.read_text() == "keep me"
