@@ -1,4 +1,7 @@
-"""Command line: ``python -m benchmarks coco|latency|everything|distill|runtimes|report|demo``; see ``--help``."""
+"""Command line: ``python -m benchmarks coco|latency|everything|distill|runtimes|export-matrix|report|demo``.
+
+See ``--help``.
+"""
 
 from __future__ import annotations
 
@@ -121,6 +124,15 @@ def get_parser() -> argparse.ArgumentParser:
     runtimes.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     runtimes.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds per thread count")
 
+    matrix = sub.add_parser("export-matrix", help="python -m quantize over models x calib sizes x methods x twin")
+    matrix.add_argument("--calib", required=True, help="calibration images (the first --num-eval are held out last)")
+    matrix.add_argument("--out", required=True, help="folder for one sub-folder per cell, matrix.json and matrix.md")
+    matrix.add_argument("--models", nargs="+", default=["tinyvit_5m", "repvit_m0_9"])
+    matrix.add_argument("--num-calib", type=int, nargs="+", default=[1, 8, 32])
+    matrix.add_argument("--methods", nargs="+", default=["mse", "hessian"])
+    matrix.add_argument("--alpha-candidates", type=int, default=20, help="passed to python -m quantize")
+    matrix.add_argument("--rounds", type=int, default=1, help="passed to python -m quantize")
+
     demo = sub.add_parser("demo", help="offline demo: distill -> quantize -> ONNX -> everything -> AP -> latency")
     demo.add_argument("--coco-root", help="evaluate AP on this COCO folder instead of the generated synthetic set")
     demo.add_argument("--out", default="demo_out", help="output folder (default: ./demo_out)")
@@ -227,10 +239,18 @@ def _runtimes(args: argparse.Namespace) -> None:
     print(f"record: {path}")
 
 
+def _export_matrix(args: argparse.Namespace) -> None:
+    from benchmarks.export_matrix import run_matrix
+
+    options = ["--alpha-candidates", str(args.alpha_candidates), "--rounds", str(args.rounds)]
+    matrix, table = run_matrix(args.calib, args.out, args.models, args.num_calib, args.methods, options)
+    print(f"{matrix['cpu']}, {matrix['isa']}\n{table}\nrecord: {Path(args.out) / 'matrix.json'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     handlers = {"coco": _coco, "latency": _latency, "everything": _everything, "report": _report, "demo": _demo}
-    handlers.update(distill=run_distill_benchmark, runtimes=_runtimes)
+    handlers.update(distill=run_distill_benchmark, runtimes=_runtimes, **{"export-matrix": _export_matrix})
     try:
         return handlers[args.command](args) or 0
     except USER_ERRORS as exc:

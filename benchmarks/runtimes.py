@@ -23,15 +23,10 @@ import numpy as np
 import onnxruntime as ort
 
 from benchmarks.records import cpu_isa, cpu_name
+from quantize.fidelity import sqnr_db
 from quantize.onnx_runtime import open_session
 from quantize.openvino_runtime import compile_model, require_openvino, run_model
 from student_models.preprocessing import list_image_files, load_image, prepare_image
-
-
-def sqnr_db(value: np.ndarray, reference: np.ndarray) -> float:
-    """10 log10(|reference|^2 / |value - reference|^2)."""
-    noise = float(((value.astype(np.float64) - reference) ** 2).sum())
-    return float("inf") if noise == 0 else 10 * np.log10(float((reference.astype(np.float64) ** 2).sum()) / noise)
 
 
 def _runners(folder: Path, threads: int) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
@@ -75,7 +70,7 @@ def compare_runtimes(
         if not record["sqnr_db"]:
             reference = outputs["ort float32"]
             record["sqnr_db"] = {
-                name: round(float(np.mean([sqnr_db(o, r) for o, r in zip(outs, reference, strict=True)])), 2)
+                name: round(float(np.mean([sqnr_db(r, o) for o, r in zip(outs, reference, strict=True)])), 2)
                 for name, outs in outputs.items()
                 if name != "ort float32"
             }
