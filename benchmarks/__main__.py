@@ -123,6 +123,9 @@ def get_parser() -> argparse.ArgumentParser:
     runtimes.add_argument("--num-images", type=int, default=2)
     runtimes.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     runtimes.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds per thread count")
+    runtimes.add_argument(
+        "--profile", action="store_true", help="then time every op type with each runtime's profiler (first --threads)"
+    )
 
     matrix = sub.add_parser("export-matrix", help="python -m quantize over models x calib sizes x methods x twin")
     matrix.add_argument("--calib", required=True, help="calibration images (the first --num-eval are held out last)")
@@ -232,7 +235,9 @@ def _demo(args: argparse.Namespace) -> int:
 def _runtimes(args: argparse.Namespace) -> None:
     from benchmarks.runtimes import compare_runtimes
 
-    record, table = compare_runtimes(args.folder, args.images, args.num_images, tuple(args.threads), args.repeats)
+    record, table = compare_runtimes(
+        args.folder, args.images, args.num_images, tuple(args.threads), args.repeats, args.profile
+    )
     path = atomic_write_text(Path(args.folder) / "runtimes.json", json.dumps(record, indent=2))
     print(f"{record['cpu']}, {record['isa']}; onnxruntime {record['onnxruntime']}, openvino {record['openvino']}")
     print(table)

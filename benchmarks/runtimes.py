@@ -1,6 +1,6 @@
 """The exported encoders in each runtime, side by side: embedding SQNR against float32 and latency.
 
-    python -m benchmarks runtimes DIR --images IMAGES [--num-images 2] [--threads 1 2] [--repeats 5]
+    python -m benchmarks runtimes DIR --images IMAGES [--num-images 2] [--threads 1 2] [--repeats 5] [--profile]
 
 DIR is a folder `python -m quantize --runtime ort openvino` wrote (``float32/`` and ``int8/`` with
 ONNX files and OpenVINO IR). Every encoder runs on the same preprocessed images: SQNR (dB) of its
@@ -10,7 +10,10 @@ machine slows all of them alike. OpenVINO runs with float32 inference precision,
 `quantize.openvino_runtime` ships it, and once more with OpenVINO's CPU default ("default"), which on
 CPUs with bfloat16 runs the float parts in bfloat16. Returns the record (CPU model and ISA, runtime
 versions, images, SQNR per encoder, median ms per encoder and thread count) and its Markdown table;
-the command writes ``runtimes.json`` into DIR and prints the table.
+the command writes ``runtimes.json`` into DIR and prints the table. With ``--profile``, each runtime's
+profiler then times every op of each encoder (ONNX Runtime and OpenVINO as shipped) at the first
+thread count, after the timing, so that profiling costs the timed runs nothing
+(`benchmarks.op_profile`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from benchmarks.op_profile import openvino_op_times, ort_op_times, profile_table, summarize
 from benchmarks.records import cpu_isa, cpu_name
 from quantize.fidelity import sqnr_db
 from quantize.onnx_runtime import open_session
@@ -43,8 +47,24 @@ def _runners(folder: Path, threads: int) -> dict[str, Callable[[np.ndarray], np.
     return runners
 
 
+def _profiles(folder: Path, images: list[np.ndarray], threads: int) -> dict[str, dict]:
+    """`benchmarks.op_profile`'s summary for each encoder file as shipped, by the runner names of `_runners`."""
+    profiles = {}
+    for precision in ("float32", "int8"):
+        profiles[f"ort {precision}"] = summarize(ort_op_times(folder / precision / "encoder.onnx", images, threads))
+        xml = folder / precision / "encoder.xml"
+        if xml.is_file():
+            profiles[f"openvino {precision}"] = summarize(openvino_op_times(xml, images, threads))
+    return profiles
+
+
 def compare_runtimes(
-    folder: str | Path, images_dir: str | Path, num_images: int = 2, threads: tuple[int, ...] = (1, 2), repeats: int = 5
+    folder: str | Path,
+    images_dir: str | Path,
+    num_images: int = 2,
+    threads: tuple[int, ...] = (1, 2),
+    repeats: int = 5,
+    profile: bool = False,
 ) -> tuple[dict, str]:
     """(record, Markdown table) for the encoders under `folder` on the first `num_images` of `images_dir`."""
     folder = Path(folder)
@@ -82,7 +102,11 @@ def compare_runtimes(
                     run(x)
                     times[name].append((time.perf_counter() - start) * 1e3)
         record["median_ms"][str(count)] = {name: round(float(np.median(t)), 1) for name, t in times.items()}
-    return record, _table(record)
+    if not profile:
+        return record, _table(record)
+    record["profile_threads"] = threads[0]
+    record["profile"] = _profiles(folder, images, threads[0])
+    return record, f"{_table(record)}\n\nProfile at {threads[0]} thread(s):\n\n{profile_table(record['profile'])}"
 
 
 def _table(record: dict) -> str:
