@@ -197,6 +197,17 @@ class DistillConfig:
         )
 
     @property
+    def loss_weights(self) -> dict[str, float]:
+        """The weight of each loss term in the total (`distill.losses.weighted_total`); other terms are logged only."""
+        return {
+            "embedding": self.embedding_weight,
+            "token": self.token_weight,
+            "output": self.output_weight,
+            "gt_mask": self.gt_mask_weight,
+            "gt_iou": self.gt_iou_weight,
+        }
+
+    @property
     def cache_path(self) -> str:
         return self.cache_dir if self.cache_dir is not None else f"{self.out}/teacher_cache"
 

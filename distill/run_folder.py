@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,8 @@ from distill.cache import checkpoint_identity
 from distill.config import DistillConfig
 from distill.model import DistillError
 from distill.prompts import SAMPLER_VERSION
-from distill.runtime import Runtime
-from student_models.io import atomic_write_text, writable_folder
+from distill.runtime import Runtime, barrier
+from student_models.io import atomic_write_text, remove_stale_temp_files, writable_folder
 
 # Fields that may change between a run and its resumption without changing the result. Where the run
 # folder and the cache live is one of them (a moved folder, or "runs/x" spelled "/home/me/runs/x", holds
@@ -39,6 +40,29 @@ def check_writable(folder: Path, what: str, flag: str) -> None:
         writable_folder(folder, what, flag)
     except OSError as exc:
         raise DistillError(str(exc)) from None
+
+
+def prepare_run_folder(cfg: DistillConfig, rt: Runtime, log: JsonLog, say: Callable[[str], None]) -> None:
+    """Make `cfg.out` ready for a run, or stop with one line: a writable folder, without the temporary files of a
+    killed run, holding no earlier run that this one would replace silently (refused, or removed with
+    --overwrite). Every rank checks (so all stop together); only rank 0 deletes."""
+    out = Path(cfg.out)
+    check_writable(out, "output folder", "--out")
+    if rt.is_main:
+        for folder in (out, out / "checkpoints"):
+            remove_stale_temp_files(folder)  # left by a killed run
+    earlier = [] if cfg.resume or cfg.cache_only else earlier_run(out, log)
+    if earlier and not cfg.overwrite:
+        raise DistillError(
+            f"{out} holds an earlier run ({', '.join(earlier)}) that a fresh run would replace. "
+            f"Continue it with --resume, discard it with --overwrite, or choose another --out."
+        )
+    if earlier and rt.is_main:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        log.clear()
+        say(f"--overwrite: removed the earlier run in {out} ({', '.join(earlier)})")
+    barrier(rt)
 
 
 def earlier_run(out: Path, log: JsonLog) -> list[str]:
