@@ -95,7 +95,7 @@ def add_settings(parser: argparse.ArgumentParser, leave_out: tuple[str, ...] = (
     add("--prompt-source", choices=PROMPT_SOURCES, help="whose prediction drives --prompt-mode gt")
     add("--prompts-per-image", type=int)
     add("--max-prompt-iters", type=int, help="k ~ U{0..this} corrective points (paper: 9)")
-    add("--val-images", type=int, help="held-out images for student-teacher agreement")
+    add("--val-images", type=int, help="held-out images for the student's fidelity to the teacher")
     add("--val-fraction", type=float)
     add("--val-prompts-per-image", type=int)
     add("--freeze-bn", action=switch, help="keep the student's BatchNorm statistics fixed (small per-GPU batches)")

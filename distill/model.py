@@ -368,7 +368,7 @@ class DistillStep(nn.Module):
 
 
 def validation_prompts(item: DistillItem, max_prompts: int, device: torch.device | str = "cpu") -> PromptSet:
-    """Fixed prompts for agreement: the exact GT boxes (first `max_prompts`), else a 3x3 point grid."""
+    """Fixed prompts for validation: the exact GT boxes (first `max_prompts`), else a 3x3 point grid."""
     if item.gt_boxes is not None and len(item.gt_boxes) > 0:
         boxes = torch.as_tensor(item.gt_boxes[:max_prompts], dtype=torch.float32, device=device)
         empty = boxes.new_zeros((len(boxes), 0, 2))
@@ -388,8 +388,8 @@ def image_blind_embedding(embedding: torch.Tensor, input_size: tuple[int, int]) 
 
 
 @torch.no_grad()
-def agreement(student: Sam, teacher_heads: Sam, items: Iterable[DistillItem], max_prompts: int) -> dict[str, float]:
-    """Sums over validation prompts/images of student-teacher agreement, for the caller to reduce and average.
+def fidelity(student: Sam, teacher_heads: Sam, items: Iterable[DistillItem], max_prompts: int) -> dict[str, float]:
+    """Sums over validation prompts/images of the student's fidelity to the teacher, for the caller to average.
 
     `items` is consumed one at a time and nothing of an item is kept after it is scored, so a stream
     (`distill.data.stream_items`) keeps memory flat whatever the number of held-out images. The sums stay on
@@ -402,8 +402,8 @@ def agreement(student: Sam, teacher_heads: Sam, items: Iterable[DistillItem], ma
     random-weight test teachers, whose logits sit near 0).
 
     The image-blind student gives every position the teacher embedding's mean over the image, so it knows
-    the image's average but nothing of its layout; its agreement comes from the prompts and the decoder
-    alone, and is the floor that a student's agreement should be read against.
+    the image's average but nothing of its layout; its mask IoU comes from the prompts and the decoder
+    alone, and is the floor that a student's mask IoU should be read against.
     """
     device = next(student.parameters()).device
     names = ("iou", "blind_iou", "logit_l1", "embedding_l1")

@@ -2,7 +2,7 @@
 
 `distill.train` holds the story, set-up and loop; this module what each of the loop's steps does:
 `TrainingRun.train_step` (forward, backward, clipping, the NaN/inf guard, the optimiser step), `log` (one
-JSON-lines record), `validate` (student-teacher agreement on the held-out images), `save_state` (the atomic
+JSON-lines record), `validate` (the student's fidelity to the teacher on the held-out images), `save_state` (the atomic
 checkpoint a resumed run starts from) and `finish` (the student checkpoint and the run's records).
 """
 
@@ -20,11 +20,24 @@ from torch.nn.parallel import DistributedDataParallel
 from distill.config import DistillConfig
 from distill.data import DistillBatch, DistillDataset, stream_items
 from distill.losses import weighted_total
-from distill.model import DistillError, DistillStep, agreement
+from distill.model import DistillError, DistillStep, fidelity
 from distill.run_folder import JsonLog
 from distill.runtime import Runtime, StepMonitor, all_reduce_sum, barrier, rng_state, set_rng_state, warmup_cosine
 from student_models.checkpoints import atomic_torch_save, save_checkpoint
 from student_models.io import atomic_write_text
+
+# Names of the student-teacher mask IoU in checkpoints written before it was named so (it was "agreement").
+_RENAMED_METRICS = {"val_agreement": "val_mask_iou", "val_agreement_blind": "val_mask_iou_blind"}
+
+
+def saved_metrics(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's metrics under today's names, so a resumed run keeps its untrained student's figures."""
+    metrics = dict(state["metrics"])
+    for old, new in _RENAMED_METRICS.items():
+        for suffix in ("", "_initial"):
+            if old + suffix in metrics:
+                metrics.setdefault(new + suffix, metrics.pop(old + suffix))
+    return metrics
 
 
 class TrainingRun:
@@ -71,7 +84,7 @@ class TrainingRun:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
-        self.step, self.metrics = state["step"], dict(state["metrics"])
+        self.step, self.metrics = state["step"], saved_metrics(state)
 
     def train_step(self, batch: DistillBatch | None, read: bool) -> dict[str, float] | None:
         """One optimiser step on `batch`. With `read`, the host waits for the device and gets the step's loss,
@@ -110,19 +123,19 @@ class TrainingRun:
         self.json_log.write(record)
 
     def validate(self, epoch: int) -> None:
-        """Student-teacher agreement on the held-out images (each rank scores its share), logged and kept in the
-        metrics; the first figures, the untrained student's, are kept as `<name>_initial` through resumes."""
+        """The student's fidelity to the teacher on the held-out images (each rank scores its share), logged and kept
+        in the metrics; the first figures, the untrained student's, are kept as `<name>_initial` through resumes."""
         if not len(self.val_set):
             return
         cfg, rt, model = self.cfg, self.rt, self.model
         model.eval()
         mine = stream_items(self.val_set, rt.rank, rt.world_size)  # one held-out image in memory at a time
-        sums = agreement(model.student, self.teacher_heads, mine, cfg.val_prompts_per_image)
+        sums = fidelity(model.student, self.teacher_heads, mine, cfg.val_prompts_per_image)
         sums = dict(zip(sums, all_reduce_sum(list(sums.values()), rt), strict=True))
         model.train()
         scores = {
-            "val_agreement": sums["iou"] / max(sums["prompts"], 1),
-            "val_agreement_blind": sums["blind_iou"] / max(sums["prompts"], 1),
+            "val_mask_iou": sums["iou"] / max(sums["prompts"], 1),
+            "val_mask_iou_blind": sums["blind_iou"] / max(sums["prompts"], 1),
             "val_logit_l1": sums["logit_l1"] / max(sums["prompts"], 1),
             "val_embedding_l1": sums["embedding_l1"] / max(sums["images"], 1),
         }
@@ -132,7 +145,7 @@ class TrainingRun:
         self.json_log.write({"event": "val", "step": self.step, "epoch": epoch, **scores})
         self.say(
             f"epoch {epoch}: on {len(self.val_set)} held-out images, student-teacher mask IoU "
-            f"{scores['val_agreement']:.3f} (image-blind {scores['val_agreement_blind']:.3f}), "
+            f"{scores['val_mask_iou']:.3f} (image-blind {scores['val_mask_iou_blind']:.3f}), "
             f"logit L1 {scores['val_logit_l1']:.4f}, "
             f"embedding L1 {scores['val_embedding_l1']:.4f}"
         )
@@ -179,10 +192,10 @@ class TrainingRun:
             atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
             summary = ", ".join(
                 f"{name} {metrics[name + '_initial']:.4g} -> {metrics[name]:.4g}"
-                for name in ("val_agreement", "val_logit_l1", "val_embedding_l1")
+                for name in ("val_mask_iou", "val_logit_l1", "val_embedding_l1")
                 if name in metrics
             )
-            summary = f"({summary})" if summary else "(no held-out images: --val-images 0, so no agreement figures)"
+            summary = f"({summary})" if summary else "(no held-out images: --val-images 0, so no fidelity figures)"
             log = self.json_log.path
             self.say(f"student checkpoint: {result_path}\nlog: {log}\nmetrics: {out / 'metrics.json'} {summary}")
         barrier(self.rt)

@@ -157,7 +157,7 @@ def _distill(cfg: DistillConfig, rt: Runtime, phases: PhaseTimer) -> DistillResu
     elif cfg.resume:
         say(f"--resume: no checkpoint at {state_path} yet, starting from step 0")
     if run.step == 0:
-        run.validate(epoch=0)  # the untrained student's agreement, the baseline to beat
+        run.validate(epoch=0)  # the untrained student's fidelity, the baseline to beat
 
     # 5. The loop. Data order and prompts depend only on (seed, epoch, image), so a resumed or
     # multi-process run sees exactly the images and prompts of an uninterrupted single run.

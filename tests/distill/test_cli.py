@@ -106,7 +106,7 @@ def test_training_header_gives_steps_and_an_empty_validation_is_said_plainly(cle
     _, printed = clean_run
     assert "settings: 2 steps, batch size 1 per process, 1 prompts per image" in printed
     assert "schedule: 2 steps (--steps 2; 3 steps per epoch of 3 training images, batch size 1" in printed
-    assert "metrics.json (no held-out images: --val-images 0, so no agreement figures)" in printed
+    assert "metrics.json (no held-out images: --val-images 0, so no fidelity figures)" in printed
     assert "()" not in printed
 
 

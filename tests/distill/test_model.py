@@ -17,9 +17,9 @@ from distill.config import DistillConfig
 from distill.data import Collate, DistillItem, lowres_masks, stream_items
 from distill.model import (
     DistillStep,
-    agreement,
     decode,
     decode_in_chunks,
+    fidelity,
     image_blind_embedding,
     sparse_embeddings,
 )
@@ -189,17 +189,17 @@ def test_a_batch_gives_the_mean_of_its_images_alone(item_and_models, mode, sourc
     assert together["prompt_iters"].item() == pytest.approx(sum(batch.iterations) / len(items))
 
 
-def test_agreement_counts_an_identical_student_as_perfect_and_reports_the_image_blind_floor(item_and_models):
+def test_fidelity_counts_an_identical_student_as_perfect_and_reports_the_image_blind_floor(item_and_models):
     student, _, item = item_and_models  # the item's teacher embedding is this student's own
-    sums = agreement(student, student, [item], max_prompts=4)
+    sums = fidelity(student, student, [item], max_prompts=4)
     assert sums["iou"] == sums["prompts"] > 0 and sums["embedding_l1"] == 0 and sums["images"] == 1
     assert 0 <= sums["blind_iou"] < sums["prompts"]  # the image's average alone does not give its masks
     flat = replace(item, teacher_embedding=image_blind_embedding(item.teacher_embedding[None], item.input_size)[0])
-    assert agreement(student, student, [flat], max_prompts=4)["blind_iou"] == sums["prompts"]
+    assert fidelity(student, student, [flat], max_prompts=4)["blind_iou"] == sums["prompts"]
 
 
 def test_validation_holds_at_most_two_held_out_images_however_many_there_are(item_and_models):
-    """`agreement` over `stream_items`: images are read as they are scored and dropped after, so the number held
+    """`fidelity` over `stream_items`: images are read as they are scored and dropped after, so the number held
     at once is bounded (the one scored and the one being read), not the number of held-out images."""
     student, _, item = item_and_models
 
@@ -225,7 +225,7 @@ def test_validation_holds_at_most_two_held_out_images_however_many_there_are(ite
 
     for size in (3, 12):
         held_out = CountingHeldOut(size)
-        sums = agreement(student, student, stream_items(held_out, rank=1, world_size=2), max_prompts=2)
+        sums = fidelity(student, student, stream_items(held_out, rank=1, world_size=2), max_prompts=2)
         assert held_out.read == list(range(1, size, 2)) and sums["images"] == len(held_out.read)  # rank 1's share
         assert held_out.peak <= 2 and held_out.alive == 0, (size, held_out.peak)  # a list would hold 6 of 12
 
