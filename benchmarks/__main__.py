@@ -57,11 +57,14 @@ def _add_model_args(parser: argparse.ArgumentParser, onnx: bool) -> None:
     add_device_argument(
         parser,
         help="where PyTorch runs: auto (CUDA when PyTorch sees a GPU, else CPU), cpu, cuda or cuda:N; "
-        "ONNX Runtime runs on the CPU",
+        "exported files run on the CPU",
     )
     if onnx:
-        source.add_argument("--onnx-encoder", help="ONNX encoder (with --onnx-decoder): run ONNX Runtime instead")
-        parser.add_argument("--onnx-decoder", help="ONNX decoder exported with the encoder")
+        source.add_argument(
+            "--onnx-encoder",
+            help="exported encoder (with --onnx-decoder) instead: .onnx/.ort runs in ONNX Runtime, .xml in OpenVINO",
+        )
+        parser.add_argument("--onnx-decoder", help="decoder exported with the encoder (the same kind of file)")
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -79,6 +82,10 @@ def get_parser() -> argparse.ArgumentParser:
     latency = sub.add_parser("latency", help="encoder and decoder latency: PyTorch and ONNX Runtime")
     _add_model_args(latency, onnx=False)
     latency.add_argument("--onnx-dir", action="append", default=[], help="folder with encoder.onnx + decoder.onnx")
+    latency.add_argument(
+        "--runtime", nargs="+", choices=("ort", "openvino"), default=["ort"],
+        help="runtimes for each --onnx-dir (openvino: the .xml IR python -m quantize --runtime openvino wrote)",
+    )  # fmt: skip
     latency.add_argument("--threads", type=int, nargs="+", help="thread counts (default: 1 and all cores)")
     latency.add_argument("--warmup", type=int)
     latency.add_argument("--repeats", type=int)
@@ -135,12 +142,16 @@ def get_parser() -> argparse.ArgumentParser:
     matrix.add_argument("--methods", nargs="+", default=["mse", "hessian"])
     matrix.add_argument("--alpha-candidates", type=int, default=20, help="passed to python -m quantize")
     matrix.add_argument("--rounds", type=int, default=1, help="passed to python -m quantize")
+    add_device_argument(matrix, help="passed to python -m quantize: where calibration and the scale search run")
 
     demo = sub.add_parser("demo", help="offline demo: distill -> quantize -> ONNX -> everything -> AP -> latency")
     demo.add_argument("--coco-root", help="evaluate AP on this COCO folder instead of the generated synthetic set")
     demo.add_argument("--out", default="demo_out", help="output folder (default: ./demo_out)")
     add_device_argument(demo)
     return parser
+
+
+RUNTIME_NAMES = {"ort": "onnxruntime", "openvino": "openvino"}  # --runtime choice -> the records' runtime
 
 
 def _only_set(**kwargs):
@@ -183,7 +194,7 @@ def _latency(args: argparse.Namespace) -> None:
         load_torch_model(args.model, args.checkpoint, args.quantized, args.seed),
         out_dir=args.out,
         config=config,
-        onnx_pairs=[onnx_pair_in(d) for d in args.onnx_dir],
+        onnx_pairs=[onnx_pair_in(d, RUNTIME_NAMES[r]) for d in args.onnx_dir for r in args.runtime],
         device=args.device,
     )
     for r in records:
@@ -248,6 +259,7 @@ def _export_matrix(args: argparse.Namespace) -> None:
     from benchmarks.export_matrix import run_matrix
 
     options = ["--alpha-candidates", str(args.alpha_candidates), "--rounds", str(args.rounds)]
+    options += ["--device", str(args.device)]
     matrix, table = run_matrix(args.calib, args.out, args.models, args.num_calib, args.methods, options)
     print(f"{matrix['cpu']}, {matrix['isa']}\n{table}\nrecord: {Path(args.out) / 'matrix.json'}")
 

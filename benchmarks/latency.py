@@ -6,7 +6,8 @@ ones `SamRunner` makes: ``encode`` (image encoder) and ``decode`` (prompt encode
 box prompts as one point list, all four mask tokens). It times a model in PyTorch on one device
 (`TorchSamBackend`: the CPU at every requested thread count; a GPU in fp32 and under bf16
 autocast), eager and, with ``compile``, through `torch.compile` as well, in the same run; and any
-ONNX Runtime encoder/decoder pairs it is given (float32, INT8; on the CPU at every thread count).
+exported encoder/decoder pairs it is given (float32, INT8; ONNX Runtime or OpenVINO, on the CPU at
+every thread count).
 It returns flat records with parameters, MACs (PyTorch's flop counter, MACs = FLOPs / 2) and
 ONNX file sizes next to the timings.
 """
@@ -181,11 +182,14 @@ def onnx_file_bytes(path: str | os.PathLike) -> int:
 
 @dataclass(frozen=True)
 class OnnxPair:
-    """An exported encoder/decoder pair and the precision it runs in ("fp32", "int8")."""
+    """An exported encoder/decoder pair, the precision it runs in ("fp32", "int8") and the runtime that runs
+    it: "onnxruntime" (.onnx/.ort files) or "openvino" (the IR that ``python -m quantize --runtime openvino``
+    converts from them)."""
 
     encoder: Path
     decoder: Path
     precision: str
+    runtime: str = "onnxruntime"
 
 
 @dataclass
@@ -234,11 +238,11 @@ def benchmark_latency(
     checkpoint: str | None = None,
     precision: str = "fp32",
     onnx_pairs: list[OnnxPair] = (),
-    onnx_runner_cls=None,
+    runner_classes: dict[str, Callable[..., SamBackend]] | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Time ``sam`` (PyTorch, on ``device``) and the ``onnx_pairs`` (ONNX Runtime, via ``onnx_runner_cls``,
-    a `SamBackend` class such as `quantize.OnnxSam`).
+    """Time ``sam`` (PyTorch, on ``device``) and the ``onnx_pairs`` (on the CPU, each in its runtime through
+    ``runner_classes[pair.runtime]``, a `SamBackend` class such as `quantize.OnnxSam`).
 
     On the CPU PyTorch runs in ``precision`` at each of ``config.threads``; on a GPU in fp32 and
     under bf16 autocast (``threads`` None); with ``config.compile`` each also through `torch.compile`.
@@ -246,8 +250,9 @@ def benchmark_latency(
     precision x threads.
     """
     config = config or LatencyConfig()
-    if onnx_pairs and onnx_runner_cls is None:
-        raise ValueError("onnx_pairs need an onnx_runner_cls (e.g. quantize.OnnxSam)")
+    unknown = sorted({pair.runtime for pair in onnx_pairs} - set(runner_classes or {}))
+    if unknown:
+        raise ValueError(f"no runner class for the runtime(s) {unknown} of onnx_pairs (give e.g. quantize.OnnxSam)")
     if onnx_pairs and config.image_batch != 1:
         raise ValueError(f"ONNX encoders take one image per call; image_batch {config.image_batch} needs PyTorch alone")
     device = torch.device(device)
@@ -265,9 +270,9 @@ def benchmark_latency(
         if device.type == "cpu":  # a fresh back-end per thread count: compiled CPU kernels keep theirs
             jobs += _torch_jobs(sam, cpu, [(precision, torch.float32)], threads, config.compile)
         for pair in onnx_pairs:
-            make = partial(onnx_runner_cls, pair.encoder, pair.decoder, num_threads=threads)
+            make = partial(runner_classes[pair.runtime], pair.encoder, pair.decoder, num_threads=threads)
             files = {"encoder": Path(pair.encoder), "decoder": Path(pair.decoder)}
-            jobs.append(_Job("onnxruntime", pair.precision, threads, cpu, make, files))
+            jobs.append(_Job(pair.runtime, pair.precision, threads, cpu, make, files))
     records = []
     bar = tqdm(total=len(jobs) * len(config.components), desc="latency", unit="run", disable=not progress)
     for job in jobs:

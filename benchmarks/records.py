@@ -1,8 +1,9 @@
 """Benchmark records: one flat dict per measured figure set, written as JSON.
 
 Every record says what was measured (``kind``: "coco", "latency", "everything" or "distill"), on what
-(``model``, ``checkpoint``, ``precision``, ``runtime``, ``threads``), where (``device``: the CPU
-model name from /proc/cpuinfo, or the CUDA device name) and from which code (``git_commit``),
+(``model``, ``checkpoint``, ``precision``, ``runtime`` and its ``runtime_version``, ``threads``), where
+(``device``: the CPU model name from /proc/cpuinfo with its integer-product ISA, or the CUDA device
+name) and from which code (``git_commit``),
 with the exact ``config`` that produced it, then its figures as top-level keys (``ap``,
 ``median_ms``, ...). The report reads nothing else.
 """
@@ -10,6 +11,7 @@ with the exact ``config`` that produced it, then its figures as top-level keys (
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -64,11 +66,28 @@ def cpu_isa() -> str:
 
 
 def device_name(device: str | torch.device = "cpu") -> str:
-    """A human-readable name of the device a figure was measured on."""
+    """A human-readable name of the device a figure was measured on; a CPU's with its `cpu_isa`."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return cpu_name()
+    return f"{cpu_name()}, {cpu_isa()}"
+
+
+# The package whose version a record of each runtime names.
+RUNTIME_PACKAGES = {
+    "pytorch": "torch",
+    "pytorch-compile": "torch",
+    "onnxruntime": "onnxruntime",
+    "openvino": "openvino",
+}
+
+
+def runtime_version(runtime: str) -> str | None:
+    """The installed version of `runtime`'s package (None for a runtime without one, or not installed)."""
+    try:
+        return importlib.metadata.version(RUNTIME_PACKAGES[runtime])
+    except (KeyError, importlib.metadata.PackageNotFoundError):
+        return None
 
 
 @cache
@@ -107,7 +126,7 @@ def make_record(
     """A flat record: identity fields, ``config``, a UTC ``timestamp`` and the figures."""
     if kind not in RECORD_KINDS:
         raise RecordError(f"unknown record kind {kind!r}; expected one of {', '.join(RECORD_KINDS)}")
-    clash = set(figures) & {*IDENTITY_FIELDS, "config", "timestamp"}
+    clash = set(figures) & {*IDENTITY_FIELDS, "runtime_version", "config", "timestamp"}
     if clash:
         raise RecordError(f"figure names clash with record fields: {sorted(clash)}")
     record = {
@@ -116,8 +135,9 @@ def make_record(
         "checkpoint": None if checkpoint is None else str(checkpoint),
         "precision": precision,
         "runtime": runtime,
+        "runtime_version": runtime_version(runtime),
         "threads": threads,
-        "device": device or cpu_name(),
+        "device": device or device_name("cpu"),
         "git_commit": git_commit(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config": config,

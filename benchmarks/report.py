@@ -22,7 +22,7 @@ from student_models.io import atomic_write, atomic_write_text
 
 PLOT_NAME = "ap_vs_latency.png"
 REPORT_NAME = "report.md"
-_HIDDEN = {*IDENTITY_FIELDS, "config", "timestamp"}
+_HIDDEN = {*IDENTITY_FIELDS, "runtime_version", "config", "timestamp"}
 _EVERYTHING_ORDER = (
     "image",
     "method",
@@ -90,6 +90,7 @@ COCO_COLUMNS = [
     ("images", "num_images"),
     ("prompts", "num_prompts"),
     ("boxes", "boxes"),
+    ("runtime version", "runtime_version"),
     ("device", "device"),
     ("commit", "git_commit"),
 ]
@@ -106,6 +107,7 @@ LATENCY_COLUMNS = [
     ("params M", "mparams"),
     ("GMACs", "gmacs"),
     ("ONNX MB", "onnx_mb"),
+    ("runtime version", "runtime_version"),
     ("device", "device"),
     ("commit", "git_commit"),
 ]
@@ -128,6 +130,7 @@ DISTILL_COLUMNS = [
     ("GPU util %", "gpu_utilization_percent"),
     ("teacher images/s", "teacher_images_per_second"),
     ("steps", "measured_steps"),
+    ("runtime version", "runtime_version"),
     ("device", "device"),
     ("commit", "git_commit"),
 ]
@@ -148,8 +151,8 @@ def _distill_row(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _onnx_folder(rec: dict[str, Any]) -> str | None:
-    """The folder of an ONNX Runtime record's model (coco: its checkpoint; latency: its file), else None."""
-    if rec["runtime"] != "onnxruntime":
+    """The folder of an exported model's record (coco: its checkpoint; latency: its file), else None."""
+    if rec["runtime"] not in ("onnxruntime", "openvino"):
         return None
     if rec["kind"] == "latency":
         return str(Path(rec["onnx_file"]).parent) if rec.get("onnx_file") else None

@@ -3,7 +3,8 @@
 Each ``run_*`` function takes plain arguments (the CLI passes only what the user set), writes
 its records as JSON into ``out_dir`` and returns what it measured with the record file path.
 Models come from the registry (`student_models.build_sam`), from a simulated-quantized file
-(`quantize.load_quantized`) or from an exported ONNX pair (`quantize.OnnxSam`).
+(`quantize.load_quantized`) or from an exported pair: ONNX files run by ONNX Runtime (`quantize.OnnxSam`)
+or their OpenVINO IR run by OpenVINO (`quantize.openvino_runtime.OpenVinoSam`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from student_models.registry import canonical_name
 from student_models.sam_runner import SamBackend, SamRunner, TorchSamBackend
 
 ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder.onnx"
+# The runtime that runs an exported file, by its suffix, and the `SamBackend` class that runs it there.
+RUNTIME_OF_SUFFIX = {".onnx": "onnxruntime", ".ort": "onnxruntime", ".xml": "openvino"}
+RUNNERS = {"onnxruntime": ("quantize", "OnnxSam"), "openvino": ("quantize.openvino_runtime", "OpenVinoSam")}
 _QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger"}
 
 
@@ -78,7 +82,9 @@ def load_torch_model(
 
 
 def onnx_precision(path: str | os.PathLike) -> str:
-    """ "int8" for a graph with quantize/dequantize or integer ops, else "fp32"."""
+    """ "int8" for a graph with quantize/dequantize or integer ops (an IR: FakeQuantize nodes), else "fp32"."""
+    if Path(path).suffix == ".xml":
+        return "int8" if 'type="FakeQuantize"' in Path(path).read_text() else "fp32"
     import onnx
 
     graph = onnx.load(os.fspath(path), load_external_data=False).graph
@@ -86,27 +92,45 @@ def onnx_precision(path: str | os.PathLike) -> str:
 
 
 def onnx_pair(encoder: str | os.PathLike, decoder: str | os.PathLike) -> OnnxPair:
-    """An exported pair, checked to exist; its precision read from the encoder graph."""
+    """An exported pair, checked to exist; its runtime read from the suffix, its precision from the encoder graph."""
     encoder, decoder = Path(encoder), Path(decoder)
     for path in (encoder, decoder):
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such ONNX file (export one with quantize.export_onnx)")
-    return OnnxPair(encoder, decoder, onnx_precision(encoder))
+            raise FileNotFoundError(f"{path}: no such file (export one with python -m quantize)")
+    runtimes = {RUNTIME_OF_SUFFIX.get(path.suffix) for path in (encoder, decoder)}
+    if len(runtimes) != 1 or None in runtimes:
+        raise ValueError(
+            f"{encoder.name} and {decoder.name}: give two .onnx/.ort files (ONNX Runtime) or two .xml files (OpenVINO)"
+        )
+    return OnnxPair(encoder, decoder, onnx_precision(encoder), runtimes.pop())
 
 
-def onnx_pair_in(folder: str | os.PathLike) -> OnnxPair:
-    """The ``encoder.onnx`` + ``decoder.onnx`` pair that `quantize.export_onnx` writes into ``folder``."""
+def onnx_pair_in(folder: str | os.PathLike, runtime: str = "onnxruntime") -> OnnxPair:
+    """The pair that `python -m quantize` writes into ``folder``: ``encoder.onnx`` + ``decoder.onnx`` for ONNX
+    Runtime, ``encoder.xml`` + ``decoder.xml`` (with ``--runtime openvino``) for OpenVINO."""
+    if runtime == "openvino":
+        encoder, decoder = Path(folder) / "encoder.xml", Path(folder) / "decoder.xml"
+        if not encoder.is_file():
+            raise FileNotFoundError(
+                f"{encoder}: no OpenVINO IR here (export with python -m quantize --runtime openvino)"
+            )
+        return onnx_pair(encoder, decoder)
     return onnx_pair(Path(folder) / ENCODER_FILE, Path(folder) / DECODER_FILE)
 
 
+def runner_class(runtime: str):
+    """The `SamBackend` class that runs an exported pair in `runtime` (its stage imported here, on first use)."""
+    return stage_api(*RUNNERS[runtime])
+
+
 def onnx_runner(pair: OnnxPair, num_threads: int | None = None):
-    """`quantize.OnnxSam` over ``pair``."""
-    return stage_api("quantize", "OnnxSam")(pair.encoder, pair.decoder, num_threads=num_threads)
+    """`quantize.OnnxSam` (or OpenVinoSam, for an IR pair) over ``pair``."""
+    return runner_class(pair.runtime)(pair.encoder, pair.decoder, num_threads=num_threads)
 
 
 @dataclass
 class OnnxModel:
-    """An exported pair of a registered model, run by ONNX Runtime."""
+    """An exported pair of a registered model, run by its runtime (``pair.runtime``)."""
 
     model: str
     pair: OnnxPair
@@ -121,14 +145,14 @@ def run_coco(
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> tuple[CocoEvalResult, Path]:
-    """COCO AP of a PyTorch model (run on ``device``) or of an ONNX pair (ONNX Runtime, on the CPU);
+    """COCO AP of a PyTorch model (run on ``device``) or of an exported pair (in its runtime, on the CPU);
     writes one "coco" record."""
     config = config or CocoEvalConfig()
     make_out_dir(out_dir)
     git_commit()  # pinned before measuring
     backend: SamBackend
     if isinstance(target, OnnxModel):
-        backend, runtime = onnx_runner(target.pair), "onnxruntime"
+        backend, runtime = onnx_runner(target.pair), target.pair.runtime
         name, ckpt, precision = canonical_name(target.model), str(target.pair.encoder.parent), target.pair.precision
     else:
         backend, runtime = TorchSamBackend(target.sam, device), "pytorch"
@@ -160,8 +184,8 @@ def run_latency(
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> tuple[list[dict[str, Any]], Path]:
-    """Encoder and decoder latency of a PyTorch model (on ``device``) and of its exported ONNX pairs (CPU)."""
-    runner_cls = stage_api("quantize", "OnnxSam") if onnx_pairs else None
+    """Encoder and decoder latency of a PyTorch model (on ``device``) and of its exported pairs (CPU)."""
+    runners = {pair.runtime: runner_class(pair.runtime) for pair in onnx_pairs}
     make_out_dir(out_dir)
     git_commit()  # pinned before measuring
     records = benchmark_latency(
@@ -172,7 +196,7 @@ def run_latency(
         checkpoint=target.checkpoint,
         precision=target.precision,
         onnx_pairs=list(onnx_pairs),
-        onnx_runner_cls=runner_cls,
+        runner_classes=runners,
         progress=progress,
     )
     return records, write_records(records, out_dir, f"latency-{target.model}-{target.precision}")

@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import benchmarks.latency as latency
 from benchmarks.latency import LatencyConfig, LatencyRunner, benchmark_latency, count_macs, example_inputs
-from benchmarks.records import cpu_name
+from benchmarks.records import cpu_name, device_name
 from student_models.sam_runner import TorchSamBackend
 from tests.helpers import requires_cuda, tiny_model
 from tests.student_models.test_sam_runner import skip_without_inductor
@@ -65,7 +65,7 @@ def test_cpu_records_hold_one_timing_per_thread_count_on_any_machine():
         1,
         1,
     )
-    assert record["device"] == cpu_name()
+    assert record["device"] == device_name("cpu") and record["device"].startswith(cpu_name())
     assert record["repeats"] == 2 and record["median_ms"] > 0
     assert record["params"] == sum(p.numel() for m in (sam.prompt_encoder, sam.mask_decoder) for p in m.parameters())
     assert record["macs"] == count_macs("tinyvit_test")["decoder"]
@@ -115,13 +115,15 @@ def test_cuda_compile_times_cuda_graphs_in_fp32_and_bf16():
             assert got["pytorch", precision, component]["compile_mode"] is None
 
 
-def test_onnx_pairs_need_a_runner_and_one_image_per_call():
-    with pytest.raises(ValueError, match="onnx_pairs need an onnx_runner_cls"):
-        benchmark_latency(tiny_model(), "tinyvit_test", onnx_pairs=[object()])
+def test_onnx_pairs_need_a_runner_for_their_runtime_and_one_image_per_call(tmp_path):
+    pair = latency.OnnxPair(tmp_path / "encoder.xml", tmp_path / "decoder.xml", "int8", "openvino")
+    with pytest.raises(ValueError, match=r"no runner class for the runtime\(s\) \['openvino'\]"):
+        benchmark_latency(tiny_model(), "tinyvit_test", onnx_pairs=[pair], runner_classes={"onnxruntime": object})
     with pytest.raises(ValueError, match="ONNX encoders take one image per call; image_batch 2 needs PyTorch alone"):
         benchmark_latency(
-            tiny_model(), "tinyvit_test", LatencyConfig(image_batch=2), onnx_pairs=[object()], onnx_runner_cls=object
-        )
+            tiny_model(), "tinyvit_test", LatencyConfig(image_batch=2), onnx_pairs=[pair],
+            runner_classes={"openvino": object},
+        )  # fmt: skip
 
 
 def test_config_round_trips_and_validates():
@@ -138,10 +140,13 @@ def test_config_round_trips_and_validates():
         LatencyConfig(components=("neck",))
 
 
-def test_onnx_records_name_the_file_they_timed(tmp_path):
+def test_exported_pairs_records_name_the_runtime_and_the_file_they_timed(tmp_path):
     encoder, decoder = tmp_path / "encoder.onnx", tmp_path / "decoder.onnx"
     encoder.write_bytes(b"e" * 10)
     decoder.write_bytes(b"d" * 20)
+    ir = tmp_path / "encoder.xml", tmp_path / "decoder.xml"
+    for path in ir:
+        path.write_bytes(b"x" * 5)
 
     class FakeRunner:  # stands in for quantize.OnnxSam: only the timing plumbing is under test
         device = torch.device("cpu")
@@ -156,11 +161,14 @@ def test_onnx_records_name_the_file_they_timed(tmp_path):
             return coords, labels
 
     config = LatencyConfig(warmup=0, repeats=1, threads=(1,), components=("encoder", "decoder"))
-    pair = latency.OnnxPair(encoder, decoder, "int8")
+    pairs = [latency.OnnxPair(encoder, decoder, "int8"), latency.OnnxPair(*ir, "int8", "openvino")]
+    runners = {"onnxruntime": FakeRunner, "openvino": FakeRunner}
     records = benchmark_latency(
-        tiny_model(), "tinyvit_test", config, onnx_pairs=[pair], onnx_runner_cls=FakeRunner, progress=False
+        tiny_model(), "tinyvit_test", config, onnx_pairs=pairs, runner_classes=runners, progress=False
     )
     onnx = {r["component"]: r for r in records if r["runtime"] == "onnxruntime"}
     assert (onnx["encoder"]["onnx_file"], onnx["encoder"]["onnx_bytes"]) == (str(encoder), 10)
     assert (onnx["decoder"]["onnx_file"], onnx["decoder"]["onnx_bytes"]) == (str(decoder), 20)
+    openvino = {r["component"]: r for r in records if r["runtime"] == "openvino"}
+    assert openvino["encoder"]["onnx_file"] == str(ir[0]) and openvino["encoder"]["precision"] == "int8"
     assert all(r["onnx_file"] is None for r in records if r["runtime"] == "pytorch")

@@ -33,9 +33,22 @@ def test_onnx_precision_is_read_from_the_graph(tmp_path):
     assert onnx_pair(tmp_path / "decoder.onnx", tmp_path / "decoder.onnx").precision == "fp32"
 
 
-def test_missing_onnx_files_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"encoder.onnx: no such ONNX file \(export one with quantize"):
+def test_an_ir_pair_runs_in_openvino_and_its_precision_is_read_from_its_fake_quantize_nodes(tmp_path):
+    (tmp_path / "encoder.xml").write_text('<net><layers><layer id="3" type="FakeQuantize"/></layers></net>')
+    (tmp_path / "decoder.xml").write_text('<net><layers><layer id="1" type="Relu"/></layers></net>')
+    pair = onnx_pair_in(tmp_path, "openvino")
+    assert (pair.runtime, pair.precision) == ("openvino", "int8")
+    assert onnx_pair(tmp_path / "decoder.xml", tmp_path / "decoder.xml").precision == "fp32"
+    _write_graph(tmp_path / "decoder.onnx", quantized=False)
+    with pytest.raises(ValueError, match="give two .onnx/.ort files \\(ONNX Runtime\\) or two .xml files"):
+        onnx_pair(tmp_path / "encoder.xml", tmp_path / "decoder.onnx")
+
+
+def test_missing_exported_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"encoder.onnx: no such file \(export one with python -m quantize"):
         onnx_pair_in(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"encoder.xml: no OpenVINO IR here \(export with python -m quantize"):
+        onnx_pair_in(tmp_path, "openvino")
 
 
 def test_missing_stage_api_is_a_clear_error():
