@@ -121,7 +121,8 @@ def run_matrix(
     """Run (or read back) every cell; write matrix.json and matrix.md into `out`; return both."""
     out = writable_folder(Path(out))
     records = []
-    for model, n, method, twin in itertools.product(models, num_calib, methods, (True, False)):
+    # Models innermost but for twin, so that a matrix stopped early has covered every model.
+    for n, method, model, twin in itertools.product(num_calib, methods, models, (True, False)):
         records.append(run_cell(Cell(model, n, method, twin), calib, out, options))
         print(f"{records[-1]['command']}: {'exported' if records[-1]['exported'] else records[-1]['error']}")
         matrix = {"cpu": cpu_name(), "isa": cpu_isa(), "date": time.strftime("%Y-%m-%d"), "cells": records}
