@@ -95,7 +95,7 @@ def _run_ours(model: Sam, config: GeneratorConfig, image: np.ndarray) -> tuple[l
 
 
 def matched_mask_iou(reference: list[dict], candidate: list[dict]) -> dict[str, float | None]:
-    """Agreement of `candidate` masks with `reference` masks (both with COCO-RLE segmentations).
+    """How well `candidate` masks match `reference` masks (both with COCO-RLE segmentations).
 
     Each reference mask is matched to the candidate mask of highest IoU (a candidate may serve
     several). Returns the mean of those IoUs (`miou`, None without reference masks; 0 where the
@@ -188,9 +188,9 @@ def compare_generators(
                 record["agrees_with_sam"] = agreement.holds
                 record["agreement_with_sam"] = agreement.to_dict()
             if method in HIERARCHICAL_METHODS and "dense" in outputs:
-                agreement = matched_mask_iou(outputs["dense"], masks)
-                record["miou_vs_dense"] = agreement["miou"]
-                record["recall90_vs_dense"] = agreement["recall90"]
+                match = matched_mask_iou(outputs["dense"], masks)
+                record["miou_vs_dense"] = match["miou"]
+                record["recall90_vs_dense"] = match["recall90"]
             if ground_truth is not None:
                 record["gt_instances"] = len(ground_truth[index])
                 record["miou_vs_gt"] = matched_mask_iou(ground_truth[index], masks)["miou"]
@@ -240,30 +240,30 @@ def summarize_comparison(records: list[dict[str, Any]]) -> dict[str, Any]:
 def comparison_table(summary: dict[str, Any]) -> str:
     """Markdown table of `summarize_comparison`'s per-method means."""
     lines = [
-        "| method | s / image | encoder s | decoder s | post-proc. s | points prompted | masks | agreement "
-        "| mIoU vs GT |",
+        "| method | s / image | encoder s | decoder s | post-proc. s | points prompted | masks "
+        "| agreement with SAM / match with dense | mIoU vs GT |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for method, entry in summary["methods"].items():
         if "agrees_with_sam" in entry:
             counts = entry["agreement_with_sam"]
-            agreement = (
+            versus = (
                 f"SAM's records under the contract on {entry['agrees_with_sam']} images: "
                 f"{counts['records_equal']} equal, {counts['records_borderline']} borderline, "
                 f"{counts['unpaired_borderline']} unpaired at a threshold, {counts['violations']} violations; "
                 f"{counts['pixels_differing']} of {counts['pixels_compared']} pixels differ"
             )
         elif entry.get("miou_vs_dense") is not None:
-            agreement = (
+            versus = (
                 f"vs dense: mIoU {entry['miou_vs_dense']:.3f}, recall@{RECALL_IOU} {entry['recall90_vs_dense']:.3f} "
                 f"({entry['images_with_dense_masks']} images)"
             )
         else:
-            agreement = ""
+            versus = ""
         points = "" if entry["points_prompted"] is None else f"{entry['points_prompted']:.1f}"
         gt = "" if entry.get("miou_vs_gt") is None else f"{entry['miou_vs_gt']:.3f}"
         lines.append(
             f"| {method} | {entry['seconds']:.2f} | {entry['encoder_s']:.2f} | {entry['decoder_s']:.2f} | "
-            f"{entry['postprocess_s']:.2f} | {points} | {entry['masks']:.1f} | {agreement} | {gt} |"
+            f"{entry['postprocess_s']:.2f} | {points} | {entry['masks']:.1f} | {versus} | {gt} |"
         )
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Agreement and summary helpers of the benchmark, on hand-made masks and records."""
+"""Mask matching and summary helpers of the benchmark, on hand-made masks and records."""
 
 import numpy as np
 import pytest
@@ -77,7 +77,8 @@ def test_summary_means_and_speedups():
     assert tinysam["miou_vs_dense"] == pytest.approx(0.8) and tinysam["recall90_vs_dense"] == pytest.approx(0.5)
     assert (lattice["points_prompted"], tinysam["points_prompted"]) == (300, 200)
     table = comparison_table(summary)
-    assert "recall@0.9 0.500 (2 images)" in table
+    assert "| masks | agreement with SAM / match with dense | mIoU vs GT |" in table.splitlines()[0]
+    assert "vs dense: mIoU 0.800, recall@0.9 0.500 (2 images)" in table
     assert "contract on 1/2 images: 2 equal, 2 borderline, 2 unpaired at a threshold, 1 violations; 7 of 2" in table
 
 
