@@ -142,6 +142,9 @@ def get_parser() -> argparse.ArgumentParser:
     matrix.add_argument("--methods", nargs="+", default=["mse", "hessian"])
     matrix.add_argument("--alpha-candidates", type=int, default=20, help="passed to python -m quantize")
     matrix.add_argument("--rounds", type=int, default=1, help="passed to python -m quantize")
+    matrix.add_argument(
+        "--runtime", nargs="+", choices=("ort", "openvino"), default=["ort"], help="passed to python -m quantize"
+    )
     add_device_argument(matrix, help="passed to python -m quantize: where calibration and the scale search run")
 
     demo = sub.add_parser("demo", help="offline demo: distill -> quantize -> ONNX -> everything -> AP -> latency")
@@ -259,7 +262,7 @@ def _export_matrix(args: argparse.Namespace) -> None:
     from benchmarks.export_matrix import run_matrix
 
     options = ["--alpha-candidates", str(args.alpha_candidates), "--rounds", str(args.rounds)]
-    options += ["--device", str(args.device)]
+    options += ["--runtime", *args.runtime, "--device", str(args.device)]
     matrix, table = run_matrix(args.calib, args.out, args.models, args.num_calib, args.methods, options)
     print(f"{matrix['cpu']}, {matrix['isa']}\n{table}\nrecord: {Path(args.out) / 'matrix.json'}")
 

@@ -2,7 +2,7 @@
 
     python -m benchmarks export-matrix --calib ../shared/data/coco_val2017_tiny --out runs/export_matrix \\
         [--models tinyvit_5m repvit_m0_9] [--num-calib 1 8 32] [--methods mse hessian] \\
-        [--alpha-candidates 20] [--rounds 1]
+        [--alpha-candidates 20] [--rounds 1] [--runtime ort openvino]
 
 Every cell is one `python -m quantize` run in its own process, exactly the command a user types
 (with and without ``--no-twin``), writing into ``OUT/<cell>/``. A finished cell is read back from
@@ -46,9 +46,11 @@ def quantize_command(cell: Cell, calib: str, out: Path, options: list[str]) -> l
 
 
 def int8_figures(summary: dict) -> dict:
-    """Per INT8 file: the fraction of quantizer values rounded apart from PyTorch and those no tie explains."""
+    """Per INT8 file (ONNX Runtime's, then OpenVINO's IR where exported): the fraction of quantizer values
+    rounded apart from PyTorch and those no tie explains."""
     figures = {}
-    for check in summary["export"]["int8"]["checks"]:
+    export = summary["export"]["int8"]
+    for check in export["checks"] + export.get("openvino", {}).get("checks", []):
         figures[check["file"]] = {
             "passed": check["passed"],
             "rounding_mismatch": check["info"]["rounding_mismatch"],
