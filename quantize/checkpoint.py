@@ -5,6 +5,12 @@ as a dict, the layout (each quantized layer's name and input kinds) and the stat
 parameters of the BN-folded, adapter-installed model plus every quantizer's scale/split buffers).
 `torch.load(path, weights_only=True)` reads it. `load_quantized` rebuilds the model by name,
 re-applies the same structural rewrites and quantized layers, and loads the state dict strictly.
+
+Why this lives in `quantize` and not in `student_models.checkpoints` (the float format): rebuilding
+a quantized model needs `quantize.ptq` and `quantize.modules`, and `student_models` imports no stage
+(student_models <- distill, quantize, hierarchical <- benchmarks). The file handling is
+`student_models.checkpoints`' (`load_torch_file`, `load_state_dict_strict`, `atomic_torch_save`), so
+a quantized file that is missing, truncated or holds pickled code is refused as a float one is.
 """
 
 from __future__ import annotations

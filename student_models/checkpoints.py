@@ -12,6 +12,14 @@ and fails on any missing, unexpected or mis-shaped key.
 Checkpoints written by this project are dicts with ``format == CHECKPOINT_FORMAT`` that carry
 the registered model name and its encoder config, so they can be rebuilt by name alone
 (`student_models.build.load_sam`). This module builds on the registry, never the reverse.
+
+What lives here: the float model's file format and the file primitives the stages share
+(`load_torch_file`, `load_state_dict_strict`, `atomic_torch_save`), so that float and quantized files
+are written and refused alike. What does not: the quantized format (`quantize.checkpoint`), whose
+loading rebuilds quantize's layers, and distill's resumable training state (``<out>/checkpoints/last.pt``:
+`distill.steps` writes it with `atomic_torch_save`, `distill.run_folder.read_state` reads it). They
+live with their stage because `student_models` imports no stage (student_models <- distill, quantize,
+hierarchical <- benchmarks).
 """
 
 from __future__ import annotations
