@@ -67,10 +67,12 @@ class QuantReport:
             "unused_float": self.unused,
             "num_calib": self.num_calib,
             "median_error_ratio_vs_minmax": float(np.median(gain)) if gain else None,
-            # layers whose twin-uniform candidates were searched: kept twin or not, and twin's error / uniform's
+            # layers whose twin-uniform candidates were searched: kept twin or not, twin's error / uniform's,
+            # and what each search took
             "twin_candidates": {
                 name: {"twin": any(kind != "uniform" for kind in info["inputs"]),
-                       "error_ratio": info["error_twin"] / max(info["error_uniform"], 1e-30)}
+                       "error_ratio": info["error_twin"] / max(info["error_uniform"], 1e-30),
+                       "search_seconds": info["search_seconds"]}
                 for name, info in self.layers.items() if "error_twin" in info
             },
         }  # fmt: skip
@@ -197,7 +199,10 @@ def quantize_(
             "error": result.error,
         }
         if result.error_twin is not None:
-            report.layers[name].update(error_twin=result.error_twin, error_uniform=result.error_uniform)
+            report.layers[name].update(
+                error_twin=result.error_twin, error_uniform=result.error_uniform,
+                search_seconds={"twin": round(result.seconds_twin, 3), "uniform": round(result.seconds_uniform, 3)},
+            )  # fmt: skip
         calibrator.reset()
     calibrate_output_quantizers(sam, report, loop, config)
     for consumer, producer in share_requantized_scales(sam, loop).items():

@@ -12,6 +12,7 @@ over alpha * max / qmax, twin-softmax inputs over splits 2^-k.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +40,8 @@ class LayerSearchResult:
     error: float = 0.0
     error_twin: float | None = None  # for a layer with twin-uniform candidates: the error with them twin
     error_uniform: float | None = None  # ... and with them uniform (the kept kinds are the layer's)
+    seconds_twin: float | None = None  # the time each of the two searches took
+    seconds_uniform: float | None = None
 
 
 class LayerSearch:
@@ -95,28 +98,31 @@ def search_layer(calibrator: LayerCalibrator, config: PTQConfig) -> LayerSearchR
     A layer with twin-uniform inputs is searched twice, with those inputs twin and with them uniform,
     and keeps twin only where that lowers its error (its own metric, as ranked by the search) by more
     than `config.twin_margin`: a twin input costs a second integer product (or a float one) in the
-    exported graph, so it has to pay for it. The result says which was kept and both errors.
+    exported graph, so it has to pay for it. The result says which was kept, and both errors and times.
     """
     layer = calibrator.layer
     twin = [q for q in layer.input_quants if q.kind != "uniform"]
     searched = config.method != "minmax" and calibrator.called
     # One set of samples and float references for both searches: they depend on the inputs, not on the kinds.
     search = LayerSearch(calibrator, use_grads=config.method == "hessian") if searched else None
+    start = time.perf_counter()
     result = _search_and_set(calibrator, config, search)
     if not twin or search is None:
         return result
+    seconds_twin = time.perf_counter() - start
     kinds = [q.kind for q in twin]
     for quantizer in twin:
         quantizer.kind = "uniform"
     uniform = _search_and_set(calibrator, config, search)
-    uniform.error_twin, uniform.error_uniform = result.error, uniform.error
-    if result.error < (1 - config.twin_margin) * uniform.error:  # twin pays for itself: back to its scales
+    seconds_uniform = time.perf_counter() - start - seconds_twin
+    kept = result if result.error < (1 - config.twin_margin) * uniform.error else uniform
+    kept.error_twin, kept.error_uniform = result.error, uniform.error
+    kept.seconds_twin, kept.seconds_uniform = seconds_twin, seconds_uniform
+    if kept is result:  # twin pays for itself: back to its kinds and scales
         for quantizer, kind in zip(twin, kinds, strict=True):
             quantizer.kind = kind
-        result.error_twin, result.error_uniform = result.error, uniform.error
         _set_scales(calibrator, config, result)
-        return result
-    return uniform
+    return kept
 
 
 def _weight_max(layer) -> torch.Tensor | None:

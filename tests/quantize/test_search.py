@@ -53,3 +53,32 @@ def test_attention_adapters_are_exact(name):
     )
     torch.testing.assert_close(after_enc, before_enc, rtol=0, atol=1e-5)
     torch.testing.assert_close(after_dec, before_dec, rtol=0, atol=1e-5)
+
+
+def _post_softmax_linear(gen):
+    """A Linear fed softmax probabilities (twin-softmax candidate input), with collected calibration samples."""
+    layer = quantized_copy(nn.Linear(49, 16), 6, 6, ["twin_softmax"])
+    calibrator = LayerCalibrator(layer)
+    x = torch.softmax(torch.randn(4, 40, 49, generator=gen) * 4, dim=-1)
+    with torch.no_grad():
+        calibrator.collect((x,), layer.float_forward(x), tokens=64, gen=gen)
+    return layer, calibrator
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.99])
+def test_a_twin_candidate_is_kept_only_where_it_lowers_the_error_by_the_margin(margin):
+    layer, calibrator = _post_softmax_linear(torch.Generator().manual_seed(2))
+    result = search_layer(calibrator, PTQConfig(w_bits=6, a_bits=6, method="mse", num_alphas=20, twin_margin=margin))
+
+    keeps_twin = result.error_twin < (1 - margin) * result.error_uniform
+    assert layer.input_quants[0].kind == ("twin_softmax" if keeps_twin else "uniform")
+    assert result.error == (result.error_twin if keeps_twin else result.error_uniform)
+    assert result.seconds_twin > 0 and result.seconds_uniform > 0
+    # Post-softmax inputs are what twin ranges are for (twin's error is 0.39x uniform's here), but not 100x.
+    assert keeps_twin == (margin == 0.0)
+    # The scales in the layer are those of the kept search: its error recomputed from them.
+    search = LayerSearch(calibrator, use_grads=False)
+    quantizer = layer.input_quants[0]
+    weight = layer.weight_quant.quantize(layer.weight.detach(), layer.weight_quant.scale)
+    recomputed = search.error(weight, [search.quantized_inputs(0, quantizer.scale, quantizer.split)])
+    assert recomputed == pytest.approx(result.error, rel=1e-5)
