@@ -133,6 +133,10 @@ def get_parser() -> argparse.ArgumentParser:
     runtimes.add_argument(
         "--profile", action="store_true", help="then time every op type with each runtime's profiler (first --threads)"
     )
+    runtimes.add_argument(
+        "--reference-encoder", metavar="MODEL",
+        help="a registered model (e.g. vit_h, random weights) whose PyTorch float32 encoder is timed in the same run",
+    )  # fmt: skip
 
     matrix = sub.add_parser("export-matrix", help="python -m quantize over models x calib sizes x methods x twin")
     matrix.add_argument("--calib", required=True, help="calibration images (the first --num-eval are held out last)")
@@ -250,8 +254,9 @@ def _runtimes(args: argparse.Namespace) -> None:
     from benchmarks.runtimes import compare_runtimes
 
     record, table = compare_runtimes(
-        args.folder, args.images, args.num_images, tuple(args.threads), args.repeats, args.profile
-    )
+        args.folder, args.images, args.num_images, tuple(args.threads), args.repeats, args.profile,
+        args.reference_encoder,
+    )  # fmt: skip
     path = atomic_write_text(Path(args.folder) / "runtimes.json", json.dumps(record, indent=2))
     print(f"{record['cpu']}, {record['isa']}; onnxruntime {record['onnxruntime']}, openvino {record['openvino']}")
     print(table)

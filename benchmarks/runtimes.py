@@ -1,6 +1,7 @@
 """The exported encoders in each runtime, side by side: embedding SQNR against float32 and latency.
 
     python -m benchmarks runtimes DIR --images IMAGES [--num-images 2] [--threads 1 2] [--repeats 5] [--profile]
+        [--reference-encoder vit_h]
 
 DIR is a folder `python -m quantize --runtime ort openvino` wrote (``float32/`` and ``int8/`` with
 ONNX files and OpenVINO IR). Every encoder runs on the same preprocessed images: SQNR (dB) of its
@@ -24,12 +25,15 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import torch
 
 from benchmarks.op_profile import openvino_op_times, ort_op_times, profile_table, summarize
 from benchmarks.records import cpu_isa, cpu_name
 from quantize.fidelity import sqnr_db
 from quantize.onnx_runtime import open_session
 from quantize.openvino_runtime import compile_model, require_openvino, run_model
+from student_models import build_sam
+from student_models.device import torch_threads
 from student_models.preprocessing import list_image_files, load_image, prepare_image
 
 
@@ -65,8 +69,14 @@ def compare_runtimes(
     threads: tuple[int, ...] = (1, 2),
     repeats: int = 5,
     profile: bool = False,
+    reference_encoder: str | None = None,
 ) -> tuple[dict, str]:
-    """(record, Markdown table) for the encoders under `folder` on the first `num_images` of `images_dir`."""
+    """(record, Markdown table) for the encoders under `folder` on the first `num_images` of `images_dir`.
+
+    `reference_encoder`: a registered model (e.g. "vit_h", random weights) whose PyTorch float32 image
+    encoder is timed on the first image once per thread count, halfway through the interleaved rounds,
+    so that each encoder's speed-up over it is measured in the same run.
+    """
     folder = Path(folder)
     missing = [
         str(folder / p / "encoder.onnx") for p in ("float32", "int8") if not (folder / p / "encoder.onnx").is_file()
@@ -84,6 +94,9 @@ def compare_runtimes(
         "folder": str(folder), "images": [p.name for p in files], "cpu": cpu_name(), "isa": cpu_isa(),
         "onnxruntime": ort.__version__, "openvino": require_openvino(), "sqnr_db": {}, "median_ms": {},
     }  # fmt: skip
+    pytorch_encoder = _reference_encoder(reference_encoder) if reference_encoder else None
+    if pytorch_encoder is not None:
+        record["reference"] = {"model": reference_encoder, "runtime": "pytorch float32", "ms": {}}
     for count in threads:
         runners = _runners(folder, count)
         outputs = {name: [run(x) for x in images] for name, run in runners.items()}  # also the warm-up
@@ -95,7 +108,9 @@ def compare_runtimes(
                 if name != "ort float32"
             }
         times: dict[str, list[float]] = {name: [] for name in runners}
-        for _ in range(repeats):
+        for round_ in range(repeats):
+            if pytorch_encoder is not None and round_ == repeats // 2:
+                record["reference"]["ms"][str(count)] = round(_time_torch(pytorch_encoder, images[0], count), 1)
             for x in images:
                 for name, run in runners.items():
                     start = time.perf_counter()
@@ -109,13 +124,33 @@ def compare_runtimes(
     return record, f"{_table(record)}\n\nProfile at {threads[0]} thread(s):\n\n{profile_table(record['profile'])}"
 
 
+def _reference_encoder(model: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_sam(model).image_encoder.eval()
+
+
+@torch.no_grad()
+def _time_torch(encoder: torch.nn.Module, image: np.ndarray, threads: int) -> float:
+    """ms of one call of a PyTorch encoder at `threads` threads (one call: a vit_h encoder takes a minute)."""
+    with torch_threads(threads):
+        start = time.perf_counter()
+        encoder(torch.from_numpy(image))
+        return (time.perf_counter() - start) * 1e3
+
+
 def _table(record: dict) -> str:
     timed = record["median_ms"]
-    lines = [
-        "| encoder | SQNR vs ORT float32 (dB) | " + " | ".join(f"{t} thr: ms (ORT fp32 / it)" for t in timed) + " |",
-        "|" + "---|" * (2 + len(timed)),
-    ]
+    reference = record.get("reference")
+    header = "| encoder | SQNR vs ORT float32 (dB) | " + " | ".join(f"{t} thr: ms (ORT fp32 / it)" for t in timed)
+    if reference:
+        header += " | " + " | ".join(f"{t} thr: {reference['model']} / it" for t in timed)
+    lines = [header + " |", "|" + "---|" * (2 + len(timed) * (2 if reference else 1))]
     for name in next(iter(timed.values())):
         cells = [f"{timed[t][name]} ({timed[t]['ort float32'] / timed[t][name]:.2f}x)" for t in timed]
+        if reference:
+            cells += [f"{reference['ms'][t] / timed[t][name]:.0f}x" for t in timed]
         lines.append(f"| {name} | {record['sqnr_db'].get(name, '-')} | " + " | ".join(cells) + " |")
+    if reference:
+        ms = ", ".join(f"{reference['ms'][t]:.0f} ms at {t} thread(s)" for t in timed)
+        lines.append(f"\n{reference['model']} (PyTorch float32, random weights, one call per thread count): {ms}.")
     return "\n".join(lines)
