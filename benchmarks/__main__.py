@@ -229,9 +229,9 @@ def _everything(args: argparse.Namespace) -> None:
         device=args.device,
     )
     for r in records:
-        agreement = {k: r[k] for k in ("agrees_with_sam", "miou_vs_dense", "recall90_vs_dense", "miou_vs_gt") if k in r}
+        versus = {k: r[k] for k in ("agrees_with_sam", "miou_vs_dense", "recall90_vs_dense", "miou_vs_gt") if k in r}
         counts = f"{r['points_prompted']} points, {r['masks']} masks"
-        print(f"{r['image']} {r['method']:20s}: {r['seconds']:.2f} s, {counts} {agreement}")
+        print(f"{r['image']} {r['method']:20s}: {r['seconds']:.2f} s, {counts} {versus}")
     summarize, table = stage_api("hierarchical.compare", "summarize_comparison", "comparison_table")
     print(table(summarize(records)))
     print(f"records: {path}")

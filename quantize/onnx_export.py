@@ -50,7 +50,7 @@ from quantize.qdq_graph import (
 from student_models.sam_runner import PointPromptDecoder
 
 OPSET = 20
-# Agreement required between ORT and PyTorch, relative to the reference output's scale:
+# Closeness required between ORT and PyTorch, relative to the reference output's scale:
 # rms = RMS(ort - torch) / RMS(torch) and max = max|ort - torch| / max|torch|. float32 differs by
 # summation order only. An int8 graph is checked against the simulated-quantized PyTorch model with
 # the rounding decisions shared (see quantize.export_check for why and how): then, too, only float

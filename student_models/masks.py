@@ -1,6 +1,6 @@
 """The mask helpers every stage shares: COCO RLE, mask IoU, and SAM's upscaling of low-res logits.
 
-One of each, so that an AP, a fidelity figure and an everything-mode agreement are computed the
+One of each, so that an AP, a fidelity figure and an everything-mode match are computed the
 same way: RLE is pycocotools' own encoder and decoder, `upscale_logits` is the arithmetic of
 `Sam.postprocess_masks` for callers without a `Sam` (an ONNX Runtime back-end).
 """
