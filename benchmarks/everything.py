@@ -5,9 +5,10 @@ on the same images in one run and kept as records.
 Each (image, method) becomes one "everything" record: seconds per image and their split
 (encoder, decoder, post-processing), points prompted, masks kept, the agreement with SAM (dense
 identical to SAM, the exactness contract) and, per rule, the match with dense mode (the mean
-best-match IoU of dense mode's masks and their recall at IoU >= 0.9). On a COCO folder (`coco_everything_images`: the first N images by lowest image id,
-the paper's protocol) every record also gets `miou_vs_gt`, the mean best IoU of the image's
-non-crowd annotated instances with any returned mask (docs/BENCHMARKS.md says why).
+best-match IoU of dense mode's masks and their recall at IoU >= 0.9). On a COCO folder
+(`coco_everything_images`: the first N images by lowest image id, the paper's protocol) every record
+also gets `miou_vs_gt`, the mean best IoU of the image's non-crowd annotated instances with any
+returned mask (docs/BENCHMARKS.md says why).
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-# Which draws a seed gives: 1, numpy's PCG per image (before commit 120df21); 2, the counter-based hash above.
+# Which draws a seed gives: 1, numpy's PCG per image (the first sampler); 2, the counter-based hash above.
 # Part of a run's identity, so a checkpoint of version 1 is not resumed with other prompts.
 SAMPLER_VERSION = 2
 LOWRES_STRIDE = 4  # 1024 input pixels / 256 low-res pixels

@@ -192,7 +192,7 @@ def run(args: argparse.Namespace) -> dict:
     )
 
     # (label, method, PTQConfig changes): each method with the default config; with --twin-convs-too the
-    # first method with twin-uniform convolution inputs as well (the default before issue 14); with
+    # first method with twin-uniform convolution inputs as well (`PTQConfig.twin_convs`); with
     # --uniform-too minmax with no twin ranges (the fast graph).
     variants = [(method, method, {}) for method in args.methods]
     if args.twin_convs_too:

@@ -30,7 +30,7 @@ class PTQConfig:
             a twin input of a convolution costs a transpose per range (1x1) or a float convolution
             (depthwise, transposed), at the largest activations of a CNN stage, while the products of
             the transformer blocks (Linear after GELU, attention after softmax) take their two ranges
-            as two integer products (docs/BENCHMARKS.md, issue 14).
+            as two integer products (docs/BENCHMARKS.md, "Twin-uniform or uniform ranges").
         twin_margin: a twin-uniform candidate is kept only where it lowers its layer's search error (MSE
             or Hessian-weighted) by more than this fraction against the same search with uniform
             ranges; elsewhere the input is uniform (one integer product instead of two). 0 keeps twin

@@ -89,8 +89,8 @@ def compile_mode(device: torch.device) -> str:
     """The `torch.compile` mode `TorchSamBackend(compile=True)` uses on ``device``.
 
     On CUDA "reduce-overhead": Inductor's kernels replayed as CUDA graphs, which removes the per-kernel
-    launch cost that bounds a small encoder at batch 1 (issue 14 measured tinyvit_5m launch-bound on an
-    H200). "max-autotune" adds kernel autotuning to the same CUDA graphs at a much longer compile.
+    launch cost that bounds a small encoder at batch 1 (tinyvit_5m measured launch-bound on an H200).
+    "max-autotune" adds kernel autotuning to the same CUDA graphs at a much longer compile.
     Elsewhere "default": CUDA graphs do not apply.
     """
     return "reduce-overhead" if device.type == "cuda" else "default"

@@ -102,7 +102,7 @@ def test_every_relative_link_and_anchor_resolves():
     assert not broken, "\n".join(broken)
 
 
-@pytest.mark.parametrize("doc", [d for d in USER_DOCS if d.name != "BENCHMARKS.md"], ids=lambda d: d.name)
+@pytest.mark.parametrize("doc", USER_DOCS, ids=lambda d: d.name)
 def test_user_docs_speak_of_the_software_not_its_history(doc):
     found = [
         f"{doc.name}:{n}: {line}" for n, line in enumerate(doc.read_text().splitlines(), 1) if HISTORY.search(line)
