@@ -1,7 +1,7 @@
 """The exported encoders in each runtime, side by side: embedding SQNR against float32 and latency.
 
     python -m benchmarks runtimes DIR --images IMAGES [--num-images 2] [--threads 1 2] [--repeats 5] [--profile]
-        [--reference-encoder vit_h]
+        [--reference-encoder vit_h] [--also OTHER_DIR ...]
 
 DIR is a folder `python -m quantize --runtime ort openvino` wrote (``float32/`` and ``int8/`` with
 ONNX files and OpenVINO IR). Every encoder runs on the same preprocessed images: SQNR (dB) of its
@@ -11,10 +11,11 @@ machine slows all of them alike. OpenVINO runs with float32 inference precision,
 `quantize.openvino_runtime` ships it, and once more with OpenVINO's CPU default ("default"), which on
 CPUs with bfloat16 runs the float parts in bfloat16. Returns the record (CPU model and ISA, runtime
 versions, images, SQNR per encoder, median ms per encoder and thread count) and its Markdown table;
-the command writes ``runtimes.json`` into DIR and prints the table. With ``--profile``, each runtime's
-profiler then times every op of each encoder (ONNX Runtime and OpenVINO as shipped) at the first
-thread count, after the timing, so that profiling costs the timed runs nothing
-(`benchmarks.op_profile`).
+the command writes ``runtimes.json`` into DIR and prints the table. ``--also`` adds the INT8 encoders
+of other exports of the same model (``--no-twin``, another calibration) to the same rounds. With
+``--profile``, each runtime's profiler then times every op of each encoder (ONNX Runtime and OpenVINO
+as shipped) at the first thread count, after the timing, so that profiling costs the timed runs
+nothing (`benchmarks.op_profile`).
 """
 
 from __future__ import annotations
@@ -37,29 +38,40 @@ from student_models.device import torch_threads
 from student_models.preprocessing import list_image_files, load_image, prepare_image
 
 
-def _runners(folder: Path, threads: int) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
-    """name -> run(image) -> embedding, for every encoder file in `folder` and each way of running it."""
+def _encoders(folder: Path, others: list[Path]) -> list[tuple[str, str, Path]]:
+    """(name, runtime, file) of every encoder to run: `folder`'s float32 and INT8 ones, and the INT8 ones of
+    `others` (the same model exported otherwise), named "<runtime> int8 (<folder name>)"."""
+    encoders = []
+    for source, precisions in ((folder, ("float32", "int8")), *((other, ("int8",)) for other in others)):
+        label = f" ({source.name})" if source != folder else ""
+        for precision in precisions:
+            encoders.append((f"ort {precision}{label}", "ort", source / precision / "encoder.onnx"))
+            if (source / precision / "encoder.xml").is_file():
+                encoders.append((f"openvino {precision}{label}", "openvino", source / precision / "encoder.xml"))
+    return encoders
+
+
+def _runners(
+    encoders: list[tuple[str, str, Path]], threads: int, folder: Path
+) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """name -> run(image) -> embedding for each encoder; `folder`'s OpenVINO IR also at OpenVINO's default
+    inference precision ("<name> (default)")."""
     runners = {}
-    for precision in ("float32", "int8"):
-        session = open_session(folder / precision / "encoder.onnx", threads)
-        runners[f"ort {precision}"] = lambda x, s=session: s.run(["image_embeddings"], {"image": x})[0]
-        xml = folder / precision / "encoder.xml"
-        if xml.is_file():
-            for name, config in ((f"openvino {precision}", None), (f"openvino {precision} (default)", {})):
-                model = compile_model(xml, threads, config)
-                runners[name] = lambda x, m=model: run_model(m, {"image": x})["image_embeddings"]
+    for name, runtime, path in encoders:
+        if runtime == "ort":
+            session = open_session(path, threads)
+            runners[name] = lambda x, s=session: s.run(["image_embeddings"], {"image": x})[0]
+            continue
+        for suffix, config in (("", None), (" (default)", {})) if path.parents[1] == folder else (("", None),):
+            model = compile_model(path, threads, config)
+            runners[name + suffix] = lambda x, m=model: run_model(m, {"image": x})["image_embeddings"]
     return runners
 
 
-def _profiles(folder: Path, images: list[np.ndarray], threads: int) -> dict[str, dict]:
-    """`benchmarks.op_profile`'s summary for each encoder file as shipped, by the runner names of `_runners`."""
-    profiles = {}
-    for precision in ("float32", "int8"):
-        profiles[f"ort {precision}"] = summarize(ort_op_times(folder / precision / "encoder.onnx", images, threads))
-        xml = folder / precision / "encoder.xml"
-        if xml.is_file():
-            profiles[f"openvino {precision}"] = summarize(openvino_op_times(xml, images, threads))
-    return profiles
+def _profiles(encoders: list[tuple[str, str, Path]], images: list[np.ndarray], threads: int) -> dict[str, dict]:
+    """`benchmarks.op_profile`'s summary for each encoder file as shipped."""
+    op_times = {"ort": ort_op_times, "openvino": openvino_op_times}
+    return {name: summarize(op_times[runtime](path, images, threads)) for name, runtime, path in encoders}
 
 
 def compare_runtimes(
@@ -70,17 +82,20 @@ def compare_runtimes(
     repeats: int = 5,
     profile: bool = False,
     reference_encoder: str | None = None,
+    others: tuple[str | Path, ...] = (),
 ) -> tuple[dict, str]:
     """(record, Markdown table) for the encoders under `folder` on the first `num_images` of `images_dir`.
+
+    `others`: folders of the same model exported otherwise (e.g. with ``--no-twin``), whose INT8 encoders
+    join the same interleaved rounds.
 
     `reference_encoder`: a registered model (e.g. "vit_h", random weights) whose PyTorch float32 image
     encoder is timed on the first image once per thread count, halfway through the interleaved rounds,
     so that each encoder's speed-up over it is measured in the same run.
     """
-    folder = Path(folder)
-    missing = [
-        str(folder / p / "encoder.onnx") for p in ("float32", "int8") if not (folder / p / "encoder.onnx").is_file()
-    ]
+    folder, others = Path(folder), [Path(other) for other in others]
+    encoders = _encoders(folder, others)
+    missing = [str(path) for _, _, path in encoders if not path.is_file()]
     if missing:
         raise ValueError(
             f"{', '.join(missing)} not found: give the output folder of python -m quantize (with its ONNX export, "
@@ -91,14 +106,15 @@ def compare_runtimes(
         raise ValueError(f"no images in {images_dir}: give a folder of held-out images with --images")
     images = [prepare_image(load_image(path)).tensor.numpy() for path in files]
     record = {
-        "folder": str(folder), "images": [p.name for p in files], "cpu": cpu_name(), "isa": cpu_isa(),
+        "folder": str(folder), "others": [str(o) for o in others], "images": [p.name for p in files],
+        "cpu": cpu_name(), "isa": cpu_isa(),
         "onnxruntime": ort.__version__, "openvino": require_openvino(), "sqnr_db": {}, "median_ms": {},
     }  # fmt: skip
     pytorch_encoder = _reference_encoder(reference_encoder) if reference_encoder else None
     if pytorch_encoder is not None:
         record["reference"] = {"model": reference_encoder, "runtime": "pytorch float32", "ms": {}}
     for count in threads:
-        runners = _runners(folder, count)
+        runners = _runners(encoders, count, folder)
         outputs = {name: [run(x) for x in images] for name, run in runners.items()}  # also the warm-up
         if not record["sqnr_db"]:
             reference = outputs["ort float32"]
@@ -120,7 +136,7 @@ def compare_runtimes(
     if not profile:
         return record, _table(record)
     record["profile_threads"] = threads[0]
-    record["profile"] = _profiles(folder, images, threads[0])
+    record["profile"] = _profiles(encoders, images, threads[0])
     return record, f"{_table(record)}\n\nProfile at {threads[0]} thread(s):\n\n{profile_table(record['profile'])}"
 
 

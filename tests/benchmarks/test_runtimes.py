@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks.runtimes import _table
+from benchmarks.runtimes import _encoders, _table
 
 
 def test_the_table_gives_each_encoders_speed_up_over_ort_float32_and_the_reference_encoder():
@@ -23,3 +23,14 @@ def test_the_table_gives_each_encoders_speed_up_over_ort_float32_and_the_referen
     )
     del record["reference"]
     assert _table(record).splitlines()[3] == "| ort int8 | 25.0 | 150.0 (2.00x) | 125.0 (1.60x) |"
+
+
+def test_other_exports_add_their_int8_encoders_by_folder_name(tmp_path):
+    main, other = tmp_path / "q", tmp_path / "q_no_twin"
+    files = [(main, "float32", "onnx"), (main, "int8", "onnx"), (main, "int8", "xml")]
+    files += [(other, "int8", "onnx"), (other, "int8", "xml"), (other, "float32", "onnx")]
+    for folder, precision, suffix in files:
+        (folder / precision).mkdir(parents=True, exist_ok=True)
+        (folder / precision / f"encoder.{suffix}").touch()
+    names = [name for name, _, _ in _encoders(main, [other])]
+    assert names == ["ort float32", "ort int8", "openvino int8", "ort int8 (q_no_twin)", "openvino int8 (q_no_twin)"]
