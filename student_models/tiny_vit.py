@@ -11,6 +11,9 @@ SAM-specific change to TinyViT: the patch merging into the last stage keeps stri
 to the Bx256x64x64 SAM embedding. MobileSAM decides the stride by the output width (320, 448
 or 576, the last widths of TinyViT-5M/11M/21M); we decide it by position, which is the same for
 those models and also holds for the small test variants.
+
+`TinyViTTrunk` is the same network for SAM 2: TinyViT's own stride-2 mergings and its four stage
+outputs (1/4 to 1/32), which SAM 2's FPN neck takes instead of SAM's single 1/16 map.
 """
 
 from __future__ import annotations
@@ -302,3 +305,54 @@ class TinyViT(nn.Module):
         batch, _, channels = x.shape
         x = x.view(batch, self.out_side, self.out_side, channels).permute(0, 3, 1, 2)
         return self.neck(x)
+
+
+class TinyViTTrunk(nn.Module):
+    """TinyViT's stages as a SAM 2 trunk: each stage's output at 1/4, 1/8, 1/16 and 1/32 of the input.
+
+    Bx3xSxS -> [BxC0x(S/4)x(S/4), BxC1x(S/8)x(S/8), BxC2x(S/16)x(S/16), BxC3x(S/32)x(S/32)] with
+    (C0..C3) = ``embed_dims``, highest resolution first; ``channel_list`` is ``embed_dims`` reversed, as
+    SAM 2's ``FpnNeck.backbone_channel_list``. Unlike `TinyViT` for SAM, every patch merging has stride 2
+    (TinyViT's own layout), because SAM 2's neck fuses the 1/32 level into the 1/16 one. Each stage's
+    output is taken before the patch merging that leads to the next stage. The modules are named as in
+    `TinyViT` (``patch_embed``, ``layers.N``) and have the same shapes (a stride is not a weight), so the
+    trunk of a MobileSAM or TinySAM checkpoint fits this one; there is no SAM neck and no ``head``.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 1024,
+        in_chans: int = 3,
+        embed_dims: Sequence[int] = (64, 128, 160, 320),
+        depths: Sequence[int] = (2, 2, 6, 2),
+        num_heads: Sequence[int] = (2, 4, 5, 10),
+        window_sizes: Sequence[int] = (7, 7, 14, 7),
+        mlp_ratio: float = 4.0,
+    ) -> None:
+        super().__init__()
+        if len(embed_dims) != 4:
+            raise ValueError(f"TinyViT has 4 stages, got embed_dims={tuple(embed_dims)}")
+        self.patch_embed = PatchEmbed(in_chans, embed_dims[0])
+        self.sides = [img_size // 4 // 2**i for i in range(4)]
+        self.layers = nn.ModuleList()
+        for i, dim in enumerate(embed_dims):
+            out_dim = embed_dims[i + 1] if i < 3 else None
+            resolution = (self.sides[i], self.sides[i])
+            if i == 0:
+                stage: nn.Module = ConvStage(dim, out_dim, 2, depths[i], resolution, mlp_ratio)
+            else:
+                stage = AttentionStage(dim, out_dim, 2, depths[i], resolution, num_heads[i], window_sizes[i], mlp_ratio)
+            self.layers.append(stage)
+        self.channel_list = list(embed_dims)[::-1]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.patch_embed(x)
+        outputs = []
+        for stage, side in zip(self.layers, self.sides, strict=True):
+            for block in stage.blocks:
+                x = block(x)
+            # Stage 0 works on BxCxHxW maps, the attention stages on BxLxC tokens.
+            outputs.append(x if x.ndim == 4 else x.transpose(1, 2).reshape(x.shape[0], -1, side, side))
+            if stage.downsample is not None:
+                x = stage.downsample(x)
+        return outputs
