@@ -7,6 +7,7 @@ The top of the package's one-way chain: `registry` (names and architectures) <- 
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from segment_anything.modeling import Sam
 
@@ -17,11 +18,17 @@ from student_models.checkpoints import (
     load_state_dict_strict,
     read_checkpoint,
 )
-from student_models.registry import assemble_sam, get_spec, list_models
+from student_models.registry import build_architecture, get_spec, list_models
+
+if TYPE_CHECKING:
+    from sam2.modeling.sam2_base import SAM2Base
 
 
-def build_sam(name: str, checkpoint: str | os.PathLike | None = None) -> Sam:
+def build_sam(name: str, checkpoint: str | os.PathLike | None = None) -> Sam | SAM2Base:
     """Build a registered model in eval mode, with random weights or from a checkpoint.
+
+    A SAM model is a `segment_anything.modeling.Sam`; a SAM 2 model (``list_models(family="sam2")``, the
+    ``sam2`` extra) is a ``sam2.modeling.sam2_base.SAM2Base``.
 
     Args:
         name: a name from `list_models()` (or an alias such as ``vit_t``).
@@ -31,13 +38,13 @@ def build_sam(name: str, checkpoint: str | os.PathLike | None = None) -> Sam:
             every key and shape must match.
     """
     spec = get_spec(name)
-    sam = assemble_sam(spec.build_encoder(**spec.encoder_kwargs))
+    sam = build_architecture(spec.name)
     if checkpoint is not None:
         load_model_weights(sam, spec.name, checkpoint)
     return sam.eval()
 
 
-def load_sam(checkpoint: str | os.PathLike) -> Sam:
+def load_sam(checkpoint: str | os.PathLike) -> Sam | SAM2Base:
     """Build and load a model from a checkpoint alone: by the name it carries, else by its keys."""
     state_dict, header = read_checkpoint(checkpoint)
     name = header.get("model_name") or guess_model(state_dict)

@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from student_models.hashing import sha256_file
-from student_models.registry import assemble_sam, canonical_name, get_spec, list_models
+from student_models.registry import build_architecture, canonical_name, get_spec, list_models
+from student_models.sam2_models import MissingExtraError
 
 CHECKPOINT_FORMAT = "sam-compress/checkpoint-v1"
 
@@ -107,6 +108,17 @@ KNOWN_CHECKPOINTS: dict[str, KnownCheckpoint] = {
         ),
     ),
 }
+
+# SAM 2.1: the file names and URLs of Meta's checkpoints/download_ckpts.sh (facebookresearch/sam2 at 2b90b9f,
+# the code of sam2 1.1.0). Meta publishes no SHA-256 and no size for them (the script has none, the repository
+# no list), and the hub's LFS digests could not be read from Meta's own hub pages: these files are loaded
+# unverified, like TinySAM's (keys still strict, weights_only still on).
+_SAM2_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824"
+for _size in ("tiny", "small", "base_plus", "large"):
+    KNOWN_CHECKPOINTS[f"sam2.1_hiera_{_size}"] = KnownCheckpoint(
+        f"sam2.1_hiera_{_size}", f"sam2.1_hiera_{_size}.pt", f"{_SAM2_URL}/sam2.1_hiera_{_size}.pt", None
+    )
+del _size
 
 
 def cache_dir() -> Path:
@@ -263,16 +275,20 @@ def read_checkpoint(checkpoint: str | os.PathLike) -> tuple[dict[str, torch.Tens
 
 
 def _reference_shapes(name: str) -> dict[str, torch.Size]:
-    spec = get_spec(name)
     with torch.device("meta"):
-        model = assemble_sam(spec.build_encoder(**spec.encoder_kwargs))
+        model = build_architecture(name)
     return {k: v.shape for k, v in model.state_dict().items()}
 
 
 def guess_model(state_dict: Mapping[str, torch.Tensor]) -> str | None:
-    """The registered model whose keys and shapes match `state_dict` exactly, if any."""
+    """The registered model whose keys and shapes match `state_dict` exactly, if any.
+
+    Only models of the state dict's family are tried (SAM 2's ``SAM2Base`` holds ``no_mem_embed``, SAM's
+    ``Sam`` does not); a SAM 2 state dict without the ``sam2`` extra raises MissingExtraError.
+    """
     shapes = {k: v.shape for k, v in state_dict.items()}
-    for name in list_models():
+    family = "sam2" if "no_mem_embed" in shapes else "sam"
+    for name in list_models(family=family):
         if _reference_shapes(name) == shapes:
             return name
     return None
@@ -320,7 +336,10 @@ def load_model_weights(sam: nn.Module, name: str, checkpoint: str | os.PathLike)
     try:
         load_state_dict_strict(sam, state_dict, str(checkpoint))
     except CheckpointError as exc:
-        guess = guess_model(state_dict)
+        try:
+            guess = guess_model(state_dict)
+        except MissingExtraError:  # a SAM 2 file, and no sam2 to build the candidates with
+            guess = None
         hint = f"\nIt matches the registered model {guess!r}: build that one instead." if guess else ""
         raise CheckpointError(f"{exc}{hint}") from None
     return header

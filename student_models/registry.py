@@ -1,9 +1,15 @@
 """Registry of SAM models by name: teachers, students and tiny test variants.
 
-Every entry is a thin builder over `assemble_sam`, which takes an image encoder and adds SAM's
-prompt encoder and mask decoder (the same shapes for every model), so students can reuse a
-teacher's decoder as is. Models are `segment_anything.modeling.Sam` instances and work with
-`SamPredictor` and `SamAutomaticMaskGenerator` unchanged.
+Every entry is a thin builder of an image encoder over one assembler per family, which adds the prompt
+encoder and mask decoder (the same shapes for every model of the family), so students can reuse a
+teacher's decoder as is:
+
+- ``"sam"`` (SAM v1): `assemble_sam`; models are `segment_anything.modeling.Sam` instances (Bx3x1024x1024
+  image -> Bx256x64x64 embedding) and work with `SamPredictor` and `SamAutomaticMaskGenerator` unchanged.
+- ``"sam2"`` (SAM 2.1, the optional ``sam2`` extra): `student_models.sam2_models.assemble_sam2`; models are
+  ``sam2``'s ``SAM2Base`` and work with ``SAM2ImagePredictor`` and ``SAM2AutomaticMaskGenerator`` unchanged.
+  They are registered whether or not ``sam2`` is installed; building one without it raises
+  `student_models.sam2_models.MissingExtraError` naming the extra.
 
 This module knows names and architectures only; `student_models.checkpoints` (files) builds on
 it, and `student_models.build.build_sam` (a model by name, optionally with weights) on both.
@@ -20,12 +26,15 @@ import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from torch import nn
 
+from student_models import sam2_models
 from student_models.cnn_student import TimmBackboneEncoder
 from student_models.tiny_vit import TinyViT
 
 IMAGE_SIZE = 1024
 EMBED_DIM = 256
 EMBED_SIDE = 64  # IMAGE_SIZE / 16: every encoder yields Bx256x64x64
+FAMILIES = ("sam", "sam2")
+ROLES = ("teacher", "student", "test")
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,13 @@ class ModelSpec:
     encoder_kwargs: dict[str, Any] = field(default_factory=dict)
     role: str = "student"  # "teacher", "student" or "test"
     description: str = ""
+    family: str = "sam"  # "sam" (segment_anything's Sam) or "sam2" (sam2's SAM2Base)
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"model {self.name!r}: role {self.role!r} is not one of {', '.join(ROLES)}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"model {self.name!r}: family {self.family!r} is not one of {', '.join(FAMILIES)}")
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -53,9 +69,13 @@ def register_model(spec: ModelSpec, aliases: tuple[str, ...] = ()) -> ModelSpec:
     return spec
 
 
-def list_models(role: str | None = None) -> list[str]:
-    """Registered model names (aliases excluded), optionally only one role."""
-    return [name for name, spec in _REGISTRY.items() if role is None or spec.role == role]
+def list_models(role: str | None = None, family: str | None = None) -> list[str]:
+    """Registered model names (aliases excluded), optionally only one role and/or one family ("sam", "sam2")."""
+    return [
+        name
+        for name, spec in _REGISTRY.items()
+        if (role is None or spec.role == role) and (family is None or spec.family == family)
+    ]
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -69,6 +89,18 @@ def get_spec(name: str) -> ModelSpec:
 
 def canonical_name(name: str) -> str:
     return get_spec(name).name
+
+
+def build_architecture(name: str) -> nn.Module:
+    """The registered model `name` with random weights, on the current default device (meta works).
+
+    A ``"sam"`` model is a `Sam`, a ``"sam2"`` model a ``SAM2Base`` (MissingExtraError without ``sam2``).
+    """
+    spec = get_spec(name)
+    if spec.family == "sam2":
+        sam2_models.require_sam2(f"SAM 2 models such as {spec.name!r}")
+        return sam2_models.assemble_sam2(spec.build_encoder(**spec.encoder_kwargs))
+    return assemble_sam(spec.build_encoder(**spec.encoder_kwargs))
 
 
 def assemble_sam(image_encoder: nn.Module) -> Sam:
@@ -178,3 +210,67 @@ register_model(
         description="tiny TinyViT student for CPU tests and the offline demo",
     )
 )
+
+# SAM 2.1 (the sam2 extra). Teachers: sam2's own configs (parameters: image encoder / whole model).
+for _size, _config, _parameters in [
+    ("tiny", "sam2.1_hiera_t", "27.2M / 39.0M"),
+    ("small", "sam2.1_hiera_s", "34.3M / 46.1M"),
+    ("base_plus", "sam2.1_hiera_b+", "69.1M / 80.9M"),
+    ("large", "sam2.1_hiera_l", "212.7M / 224.4M"),
+]:
+    register_model(
+        ModelSpec(
+            f"sam2.1_hiera_{_size}",
+            sam2_models.official_image_encoder,
+            dict(config=_config),
+            role="teacher",
+            family="sam2",
+            description=f"SAM 2.1 Hiera-{_size} ({_parameters} parameters, encoder / model)",
+        )
+    )
+register_model(
+    ModelSpec(
+        "repvit_m1_sam2",
+        sam2_models.timm_image_encoder,
+        dict(backbone="repvit_m1"),
+        family="sam2",
+        description="timm RepViT-M1 at strides 4-32 in SAM 2.1's FPN neck (EdgeTAM's image encoder layout)",
+    )
+)
+register_model(
+    ModelSpec(
+        "tinyvit_5m_sam2",
+        sam2_models.tinyvit_image_encoder,
+        dict(embed_dims=(64, 128, 160, 320), depths=(2, 2, 6, 2), num_heads=(2, 4, 5, 10), window_sizes=(7, 7, 14, 7)),
+        family="sam2",
+        description="TinyViT-5M's four stage outputs in SAM 2.1's FPN neck",
+    )
+)
+register_model(
+    ModelSpec(
+        "sam2_test",
+        sam2_models.hiera_image_encoder,
+        # Global attention in stage 3, as in the real Hiera configs (a block that pools cannot be global).
+        dict(
+            embed_dim=8,
+            num_heads=1,
+            stages=(1, 1, 2, 1),
+            global_att_blocks=(3,),
+            window_pos_embed_bkg_spatial_size=(7, 7),
+        ),
+        role="test",
+        family="sam2",
+        description="tiny SAM 2.1 Hiera teacher for CPU tests and the offline demo",
+    )
+)
+register_model(
+    ModelSpec(
+        "sam2_test_student",
+        sam2_models.tinyvit_image_encoder,
+        dict(embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 4), window_sizes=(7, 7, 14, 7)),
+        role="test",
+        family="sam2",
+        description="tiny TinyViT student in SAM 2.1's FPN neck for CPU tests and the offline demo",
+    )
+)
+del _size, _config, _parameters
