@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,6 +60,27 @@ def test_trunks_give_four_levels_at_strides_4_to_32_without_sam2():
     assert shapes(repvit(image)) == [(48, 256, 256), (96, 128, 128), (192, 64, 64), (384, 32, 32)]
     assert tinyvit.channel_list == [320, 160, 128, 64]
     assert shapes(tinyvit(image)) == [(64, 256, 256), (128, 128, 128), (160, 64, 64), (320, 32, 32)]
+
+
+def test_a_timm_backbone_without_the_four_strides_is_refused_naming_them():
+    with torch.device("meta"), pytest.raises(ValueError, match=r"'vit_tiny_patch16_224' has no feature map at stride"):
+        TimmTrunk("vit_tiny_patch16_224")  # a plain ViT: every feature map at stride 16
+
+
+def test_sam2_is_imported_only_inside_the_functions_that_use_it():
+    import student_models.sam2_models as sam2_models
+
+    tree = ast.parse(Path(sam2_models.__file__).read_text())
+    top_level = set()
+    for node in tree.body:  # module-level statements only; `if TYPE_CHECKING:` blocks are for annotations
+        if isinstance(node, ast.Import):
+            top_level |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            top_level.add(node.module.split(".")[0])
+    assert top_level.isdisjoint({"sam2", "hydra", "omegaconf"}), top_level
+    assert "student_models" in top_level  # the check reads imports at all
+    source = Path(sam2_models.__file__).read_text()
+    assert not any(f"student_models.{module}" in source for module in ("registry", "checkpoints", "build"))
 
 
 def test_tinyvit_trunk_has_the_state_dict_layout_of_mobile_sams_trunk():
