@@ -110,9 +110,10 @@ KNOWN_CHECKPOINTS: dict[str, KnownCheckpoint] = {
 }
 
 # SAM 2.1: the file names and URLs of Meta's checkpoints/download_ckpts.sh (facebookresearch/sam2 at 2b90b9f,
-# the code of sam2 1.1.0). Meta publishes no SHA-256 and no size for them (the script has none, the repository
-# no list), and the hub's LFS digests could not be read from Meta's own hub pages: these files are loaded
-# unverified, like TinySAM's (keys still strict, weights_only still on).
+# the code of sam2 1.1.0). Neither the script nor the repository gives a SHA-256 or a size. The Git LFS pages
+# of Meta's hub repositories facebook/sam2.1-hiera-{tiny,small,base-plus,large} should give both per file, but
+# they have not been read yet (values from re-uploads or other sites are not used), so these files load
+# unverified, like TinySAM's (keys still strict, weights_only still on). Fill in sha256 and size from there.
 _SAM2_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824"
 for _size in ("tiny", "small", "base_plus", "large"):
     KNOWN_CHECKPOINTS[f"sam2.1_hiera_{_size}"] = KnownCheckpoint(
