@@ -77,6 +77,7 @@ def official_config(config: str) -> DictConfig:
 def _hiera(trunk_config: Any) -> nn.Module:
     """Hiera from its config. Hiera calls ``.item()`` on a tensor while it is built, which the meta device
     cannot do, so under ``torch.device("meta")`` it is built on the CPU and moved."""
+    require_sam2()
     from hydra.utils import instantiate
 
     if torch.get_default_device().type != "meta":
@@ -87,6 +88,7 @@ def _hiera(trunk_config: Any) -> nn.Module:
 
 def official_image_encoder(config: str) -> nn.Module:
     """The image encoder of an official SAM 2.1 model (Hiera + FpnNeck) as its config builds it."""
+    require_sam2()
     from hydra.utils import instantiate
     from sam2.modeling.backbones.image_encoder import ImageEncoder
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import student_models.checkpoints as checkpoints
-from student_models import CheckpointError, build_sam, list_models, load_sam
+from student_models import CheckpointError, build_sam, list_models, load_sam, sam2_models
 from student_models.checkpoints import KNOWN_CHECKPOINTS, save_checkpoint
 from student_models.cnn_student import TimmTrunk
 from student_models.registry import build_architecture, get_spec
@@ -50,6 +50,12 @@ def test_a_sam2_model_without_the_extra_names_the_extra(monkeypatch):
     with pytest.raises(MissingExtraError, match=r"'sam2_test' need the sam2 extra: SAM2_BUILD_CUDA=0 pip install"):
         build_sam("sam2_test")
     assert "sam2_test" in list_models()  # still listed: only building needs sam2
+    for builder, kwargs in [
+        (sam2_models.official_image_encoder, {"config": "sam2.1_hiera_t"}),
+        (sam2_models.assemble_sam2, {"image_encoder": None}),
+    ]:
+        with pytest.raises(MissingExtraError, match=r"^SAM 2 models need the sam2 extra: SAM2_BUILD_CUDA=0 pip"):
+            builder(**kwargs)
 
 
 def test_trunks_give_four_levels_at_strides_4_to_32_without_sam2():
