@@ -153,9 +153,14 @@ def test_teachers_have_sam2s_sizes_and_levels(name, encoder_millions, model_mill
 def test_our_teacher_is_the_model_sam2s_build_sam2_builds():
     from sam2.build_sam import build_sam2
 
+    # Same seed, same modules built in the same order: the same random weights, bit for bit.
+    torch.manual_seed(0)
     ours = build_sam("sam2.1_hiera_tiny")
+    torch.manual_seed(0)
     theirs = build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", device="cpu")
-    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert all(torch.equal(v, theirs.state_dict()[k]) for k, v in ours.state_dict().items())
+    assert not ours.training and not theirs.training
     for attribute in ("dynamic_multimask_via_stability", "dynamic_multimask_stability_delta", "pred_obj_scores"):
         assert getattr(ours.sam_mask_decoder, attribute) == getattr(theirs.sam_mask_decoder, attribute), attribute
     assert ours.sam_mask_decoder.dynamic_multimask_via_stability  # build_sam2's default post-processing
