@@ -17,10 +17,10 @@ from benchmarks.latency import LatencyConfig
 from benchmarks.records import RecordError
 from benchmarks.runs import StageMissingError
 from distill import CacheError, DistillError
-from quantize.config import MissingExtraError
 from student_models import CheckpointError
 from student_models.data import DatasetError
 from student_models.device import add_device_argument
+from student_models.extras import MissingExtraError
 from student_models.io import atomic_write_text
 from student_models.preprocessing import ImageError
 

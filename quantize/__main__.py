@@ -20,7 +20,7 @@ import torch
 
 from quantize.calibration import box_prompt_loop, prepare_calibration
 from quantize.checkpoint import save_quantized
-from quantize.config import SEARCH_METHODS, MissingExtraError, PTQConfig
+from quantize.config import SEARCH_METHODS, PTQConfig
 from quantize.fidelity import fidelity, run_model
 from quantize.onnx_export import ExportCheckError, export_onnx
 from quantize.openvino_runtime import export_openvino, require_openvino
@@ -28,6 +28,7 @@ from quantize.ptq import quantize_
 from student_models import CheckpointError, build_sam
 from student_models.data import DatasetError, open_dataset
 from student_models.device import add_device_argument
+from student_models.extras import MissingExtraError
 from student_models.io import atomic_write_text, writable_folder
 from student_models.preprocessing import ImageError
 from student_models.registry import canonical_name

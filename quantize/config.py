@@ -9,10 +9,6 @@ SEARCH_METHODS = ("hessian", "mse", "minmax")
 PARTS = ("encoder", "decoder")
 
 
-class MissingExtraError(ImportError):
-    """An optional dependency that the requested runtime needs is not installed (the message names the extra)."""
-
-
 @dataclass
 class PTQConfig:
     """Post-training quantization settings (SPEC section 3; defaults are the paper's where it gives them).

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from segment_anything.modeling import Sam
 
-from quantize.config import MissingExtraError
+from student_models.extras import MissingExtraError
 from quantize.export_check import instrument
 from quantize.onnx_export import (
     TOLERANCE,

@@ -35,9 +35,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from student_models.extras import MissingExtraError
 from student_models.hashing import sha256_file
 from student_models.registry import build_architecture, canonical_name, get_spec, list_models
-from student_models.sam2_models import MissingExtraError
 
 CHECKPOINT_FORMAT = "sam-compress/checkpoint-v1"
 

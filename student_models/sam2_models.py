@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from student_models.cnn_student import TimmTrunk
+from student_models.extras import MissingExtraError
 from student_models.tiny_vit import TinyViTTrunk
 
 if TYPE_CHECKING:
@@ -46,10 +47,6 @@ POSTPROCESSING = {
 # All four SAM 2.1 configs agree outside image_encoder (tests/student_models/test_sam2_models.py checks it);
 # the students' neck and every model's heads are read from this one.
 REFERENCE_CONFIG = "sam2.1_hiera_l"
-
-
-class MissingExtraError(ImportError):
-    """An optional dependency that the requested model needs is not installed (the message names the extra)."""
 
 
 def require_sam2(what: str = "SAM 2 models") -> None:

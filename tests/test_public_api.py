@@ -9,8 +9,8 @@ import pytest
 
 PUBLIC_API = {
     "student_models": [
-        "CheckpointError", "ModelSpec", "SamRunner", "TorchSamBackend", "build_sam", "get_spec", "list_models",
-        "load_sam", "register_model",
+        "CheckpointError", "MissingExtraError", "ModelSpec", "SamRunner", "TorchSamBackend", "build_sam", "get_spec",
+        "list_models", "load_sam", "register_model",
     ],
     "distill": [
         "CacheError", "DistillConfig", "DistillError", "DistillResult", "EmbeddingCache", "distill", "fill_cache",

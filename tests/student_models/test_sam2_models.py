@@ -15,8 +15,8 @@ import student_models.checkpoints as checkpoints
 from student_models import CheckpointError, build_sam, list_models, load_sam, sam2_models
 from student_models.checkpoints import KNOWN_CHECKPOINTS, save_checkpoint
 from student_models.cnn_student import TimmTrunk
+from student_models.extras import MissingExtraError
 from student_models.registry import build_architecture, get_spec
-from student_models.sam2_models import MissingExtraError
 from student_models.tiny_vit import TinyViT, TinyViTTrunk
 from tests.helpers import synthetic_image, tiny_model
 
