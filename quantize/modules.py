@@ -318,6 +318,10 @@ class QuantConv2d(QuantLayer, nn.Conv2d):
     as ONNX Runtime's QLinearConv adds it, so the simulated layer is the integer one.
     """
 
+    # In int8 export mode a pointwise layer is written as NHWC rows -> Gemm (what ONNX Runtime runs fastest);
+    # False writes it as the 1x1 Conv it is, for runtimes with native int8 convolutions (OpenVINO).
+    pointwise_as_gemm = True
+
     def init_quantizers(self, w_bits: int, a_bits: int, input_kinds: list[str]) -> None:
         super().init_quantizers(w_bits, a_bits, input_kinds)
         self.output_quant: ActQuantizer | None = None
@@ -349,7 +353,7 @@ class QuantConv2d(QuantLayer, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.output_quant is not None:
             return self.output_quant(super().forward(x))
-        if not (self.weight_quant.export_int8 and self.is_pointwise):
+        if not (self.weight_quant.export_int8 and self.is_pointwise and self.pointwise_as_gemm):
             return super().forward(x)
         # Exported as NHWC rows -> Gemm (or MatMul) with a 2-D per-channel weight, so ORT runs it on its
         # integer kernels, the bias inside where `integer_bias` (ORT's ConvInteger kernel is slower than

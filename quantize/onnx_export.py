@@ -119,7 +119,10 @@ def export_mode(model: torch.nn.Module, precision: str) -> Iterator[None]:
             q.enabled, q.export_int8 = enabled, export_int8
 
 
-def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], dynamic) -> None:
+def write_onnx(
+    module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], dynamic
+) -> None:
+    """Export `module` on `args` to `path` (under `export_mode` for an INT8 graph) with its weights folded to int8."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -402,7 +405,7 @@ def _write_and_check(sam: Sam, out_dir: Path, precision: str, ort_format: bool, 
     with export_mode(sam, precision):
         for part, path in (("encoder", enc_path), ("decoder", dec_path)):
             module, args, inputs, expected, _ = parts[part]
-            _export(module, args, path, inputs, list(expected), DYNAMIC_AXES[part])
+            write_onnx(module, args, path, inputs, list(expected), DYNAMIC_AXES[part])
     paths = {"encoder": enc_path, "decoder": dec_path}
     if ort_format:
         paths.update({"encoder_ort": write_ort_format(enc_path), "decoder_ort": write_ort_format(dec_path)})

@@ -1,9 +1,13 @@
 """OpenVINO on CPU: the exported graphs as OpenVINO IR, checked in OpenVINO, and `OpenVinoSam` to run them.
 
-The IR (``encoder.xml`` / ``.bin``, ``decoder.xml`` / ``.bin``) is converted from the ONNX files
-`quantize.export_onnx` wrote and checked, so it carries the searched scales unchanged: OpenVINO turns
-each QuantizeLinear/DequantizeLinear pair into a FakeQuantize and runs the products on its integer
-kernels. The IR keeps float32 weights where the ONNX file had them (no fp16 compression).
+The IR (``encoder.xml`` / ``.bin``, ``decoder.xml`` / ``.bin``) is converted from the same calibrated
+model as the ONNX files `quantize.export_onnx` wrote, so it carries the searched scales unchanged:
+OpenVINO turns each QuantizeLinear/DequantizeLinear pair into a FakeQuantize and runs the products on
+its integer kernels. The float32 IR is converted from the float32 ONNX file itself; the INT8 one from
+a graph of the same model with its 1x1 convolutions written as convolutions (`pointwise_convolutions`):
+ONNX Runtime's graph writes them as NHWC Gemms, whose transposes ONNX Runtime cancels and OpenVINO runs
+(64% of repvit_m0_9's INT8 encoder time, docs/BENCHMARKS.md). The IR keeps float32 weights where the
+ONNX file had them (no fp16 compression).
 
 Inference precision is float32 (``INFERENCE_PRECISION_HINT``): on CPUs with bfloat16 (AVX512_BF16,
 AMX) OpenVINO's CPU plugin otherwise runs the float parts in bfloat16, which the INT8 model's
@@ -20,28 +24,34 @@ saturate; the check then fails there, as it should (quantize such models with ``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from segment_anything.modeling import Sam
 
-from student_models.extras import MissingExtraError
 from quantize.export_check import instrument
+from quantize.modules import QuantConv2d
 from quantize.onnx_export import (
+    DYNAMIC_AXES,
     TOLERANCE,
     ExportCheck,
     ExportCheckError,
     compare_forced,
     cpu_copy,
     describe_failure,
+    export_mode,
     output_diffs,
     probe_parts,
     relative_rms,
+    write_onnx,
 )
 from quantize.onnx_runtime import CpuSamRunner, open_session
+from student_models.extras import MissingExtraError
 
 # OpenVINO's MVN normalises with up to 1.6e-4 relative error of a value (measured on tinyvit_5m: 0.013
 # steps at most, 0.3% of a LayerNorm output's values rounded apart); 2^-12 of the value or its range.
@@ -78,12 +88,32 @@ def require_openvino() -> str:
     return _openvino().__version__
 
 
-def write_openvino(onnx_path: str | os.PathLike) -> Path:
-    """Convert the ONNX file at `onnx_path` into OpenVINO IR beside it (same name, .xml and .bin); returns the .xml."""
+def write_openvino(onnx_path: str | os.PathLike, target: str | os.PathLike | None = None) -> Path:
+    """Convert the ONNX file at `onnx_path` into OpenVINO IR at `target` (default: beside it, same name, .xml
+    and .bin); returns the .xml."""
     ov = _openvino()
-    target = Path(onnx_path).with_suffix(".xml")
+    target = Path(onnx_path).with_suffix(".xml") if target is None else Path(target)
     ov.save_model(ov.convert_model(os.fspath(onnx_path)), os.fspath(target), compress_to_fp16=False)
     return target
+
+
+@contextlib.contextmanager
+def pointwise_convolutions(model: torch.nn.Module) -> Iterator[None]:
+    """Within: `model`'s 1x1 convolutions with uniform inputs export as Conv, not as NHWC Gemms (restored after).
+
+    A twin-uniform input (``PTQConfig.twin_convs``) keeps the Gemm form, which sums its two ranges' products.
+    """
+    layers = [
+        m for m in model.modules()
+        if isinstance(m, QuantConv2d) and m.is_pointwise and all(q.kind == "uniform" for q in m.input_quants)
+    ]  # fmt: skip
+    for layer in layers:
+        layer.pointwise_as_gemm = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.pointwise_as_gemm  # back to the class default
 
 
 def compile_model(path: str | os.PathLike, num_threads: int | None = None, config: dict | None = None):
@@ -131,8 +161,9 @@ class OpenVinoSam(CpuSamRunner):
 
 @torch.no_grad()
 def export_openvino(sam: Sam, onnx_dir: str | os.PathLike, precision: str, prefix: str = "") -> list[ExportCheck]:
-    """Convert ``{prefix}encoder.onnx`` and ``{prefix}decoder.onnx`` in `onnx_dir` (what `export_onnx` wrote for
-    `sam` in `precision`) into OpenVINO IR beside them, and check the IR in OpenVINO.
+    """Write ``{prefix}encoder.xml`` and ``{prefix}decoder.xml`` (+ .bin) beside the ONNX files `export_onnx` wrote
+    for `sam` in `precision` into `onnx_dir`, and check the IR in OpenVINO. float32: converted from those files;
+    int8: from the same model exported with `pointwise_convolutions` (the ONNX file for it is not kept).
 
     float32: the IR's outputs against PyTorch's (`TOLERANCE`); int8: the layer-by-layer check with
     OpenVINO's rounding decisions on an instrumented copy (`compare_forced`, `OPENVINO_TIE_RELATIVE`), and
@@ -140,35 +171,14 @@ def export_openvino(sam: Sam, onnx_dir: str | os.PathLike, precision: str, prefi
     files are removed and `ExportCheckError` names what failed.
     """
     onnx_dir = Path(onnx_dir)
-    parts = probe_parts(cpu_copy(sam).eval(), precision)
+    model = cpu_copy(sam).eval()
+    parts = probe_parts(model, precision)
     checks, written = [], []
-    for part in ("encoder", "decoder"):
-        module, args, names, expected, float_outputs = parts[part]
-        onnx_path = onnx_dir / f"{prefix}{part}.onnx"
-        xml = write_openvino(onnx_path)
-        written += [xml, xml.with_suffix(".bin")]
-        feeds = {name: arg.numpy() for name, arg in zip(names, args, strict=True)}
-        shipped = run_model(compile_model(xml), feeds)
-        if precision == "float32":
-            diffs, bounds = output_diffs(shipped, expected, TOLERANCE["float32"])
-            info = {}
-        else:
-            outputs, tensors = run_instrumented_openvino(onnx_path, feeds)
-            diffs, bounds, info = compare_forced(
-                module, args, tensors, outputs, shipped, expected, float_outputs, OPENVINO_TIE_RELATIVE,
-                probe_relative=OPENVINO_TIE_RELATIVE,
-            )  # fmt: skip
-            ort_outputs = dict(zip(list(expected), open_session(onnx_path).run(list(expected), feeds), strict=True))
-            for key, ref in expected.items():  # the shipped IR is fused otherwise than the instrumented copy
-                del diffs[f"{key}.shipped_vs_instrumented.max"], bounds[f"{key}.shipped_vs_instrumented.max"]
-                info[f"{key}.ort_free_running_rms"] = relative_rms(ort_outputs[key], ref.numpy())
-                flips = max(info[f"{key}.sensitivity_rms"], info[f"{key}.ort_free_running_rms"])
-                diffs[f"{key}.shipped_free_running.rms"] = info[f"{key}.free_running_rms"]
-                bounds[f"{key}.shipped_free_running.rms"] = max(
-                    FREE_RUNNING_FACTOR * flips, QUANT_ERROR_FRACTION * info[f"{key}.quant_error_rms"]
-                )
-        passed = all(diffs[key] <= bounds[key] for key in diffs)
-        checks.append(ExportCheck(xml.name, precision, diffs, bounds, passed, info))
+    with tempfile.TemporaryDirectory() as tmp, pointwise_convolutions(model):
+        for part in ("encoder", "decoder"):
+            onnx_path = onnx_dir / f"{prefix}{part}.onnx"
+            checks.append(_write_and_check(part, parts[part], onnx_path, precision, Path(tmp)))
+            written += [onnx_dir / checks[-1].file, (onnx_dir / checks[-1].file).with_suffix(".bin")]
     failed = [check for check in checks if not check.passed]
     if failed:
         for path in written:
@@ -178,3 +188,37 @@ def export_openvino(sam: Sam, onnx_dir: str | os.PathLike, precision: str, prefi
             + f". No OpenVINO file was kept in {onnx_dir}."
         )  # fmt: skip
     return checks
+
+
+def _write_and_check(part: str, probe: tuple, onnx_path: Path, precision: str, tmp: Path) -> ExportCheck:
+    """`export_openvino` for one graph ("encoder" or "decoder"): `probe` as `probe_parts` gives it, `onnx_path`
+    ONNX Runtime's checked file, `tmp` a folder for the INT8 graph OpenVINO reads."""
+    module, args, names, expected, float_outputs = probe
+    source = onnx_path
+    if precision == "int8":  # the graph OpenVINO reads: this model's 1x1 convolutions as Conv
+        source = tmp / onnx_path.name
+        with export_mode(module, "int8"):
+            write_onnx(module, args, source, names, list(expected), DYNAMIC_AXES[part])
+    xml = write_openvino(source, onnx_path.with_suffix(".xml"))
+    feeds = {name: arg.numpy() for name, arg in zip(names, args, strict=True)}
+    shipped = run_model(compile_model(xml), feeds)
+    if precision == "float32":
+        diffs, bounds = output_diffs(shipped, expected, TOLERANCE["float32"])
+        info = {}
+    else:
+        outputs, tensors = run_instrumented_openvino(source, feeds)
+        diffs, bounds, info = compare_forced(
+            module, args, tensors, outputs, shipped, expected, float_outputs, OPENVINO_TIE_RELATIVE,
+            probe_relative=OPENVINO_TIE_RELATIVE,
+        )  # fmt: skip
+        ort_outputs = dict(zip(list(expected), open_session(onnx_path).run(list(expected), feeds), strict=True))
+        for key, ref in expected.items():  # the shipped IR is fused otherwise than the instrumented copy
+            del diffs[f"{key}.shipped_vs_instrumented.max"], bounds[f"{key}.shipped_vs_instrumented.max"]
+            info[f"{key}.ort_free_running_rms"] = relative_rms(ort_outputs[key], ref.numpy())
+            flips = max(info[f"{key}.sensitivity_rms"], info[f"{key}.ort_free_running_rms"])
+            diffs[f"{key}.shipped_free_running.rms"] = info[f"{key}.free_running_rms"]
+            bounds[f"{key}.shipped_free_running.rms"] = max(
+                FREE_RUNNING_FACTOR * flips, QUANT_ERROR_FRACTION * info[f"{key}.quant_error_rms"]
+            )
+    passed = all(diffs[key] <= bounds[key] for key in diffs)
+    return ExportCheck(xml.name, precision, diffs, bounds, passed, info)

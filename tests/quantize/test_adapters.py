@@ -9,7 +9,7 @@ from timm.models.repvit import RepVggDw
 from torch import nn
 
 from quantize.adapters import SqueezeExciteAdapter, fuse_reparameterizable, install_adapters
-from quantize.onnx_export import _export
+from quantize.onnx_export import write_onnx
 
 
 def test_repvit_token_mixer_fuses_into_one_depthwise_conv():
@@ -37,6 +37,6 @@ def test_squeeze_excite_pools_with_a_layout_fixed_op_and_computes_the_same(tmp_p
         assert install_adapters(model) == ["0"]
         assert isinstance(model[0], SqueezeExciteAdapter)
         torch.testing.assert_close(model(x), expected, rtol=1e-6, atol=1e-6)
-    _export(model, (x,), tmp_path / "se.onnx", ["x"], ["y"], None)
+    write_onnx(model, (x,), tmp_path / "se.onnx", ["x"], ["y"], None)
     ops = {node.op_type for node in onnx.load(str(tmp_path / "se.onnx")).graph.node}
     assert "GlobalAveragePool" in ops and "ReduceMean" not in ops, ops

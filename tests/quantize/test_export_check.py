@@ -12,7 +12,7 @@ from torch import nn
 import quantize.onnx_runtime
 from quantize.export_check import TIE_RELATIVE, tie_range, twin_steps, unexplained_roundings
 from quantize.modules import ActQuantizer, QuantLayer, WeightQuantizer, quantized_copy
-from quantize.onnx_export import _export, check_int8, describe_failure, export_mode
+from quantize.onnx_export import check_int8, describe_failure, export_mode, write_onnx
 from quantize.onnx_runtime import count_kernels
 from quantize.ptq import share_requantized_scales
 from student_models.tiny_vit import MatMul
@@ -77,7 +77,7 @@ def export_block(block: nn.Module, x: torch.Tensor, path):
             float_out = block(x)
         with export_mode(block, "int8"):
             out = block(x)
-            _export(block, (x,), path, ["x"], ["y"], None)
+            write_onnx(block, (x,), path, ["x"], ["y"], None)
     return block, path, x, {"y": out}, {"y": float_out}
 
 

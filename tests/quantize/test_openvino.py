@@ -11,7 +11,7 @@ import torch
 import quantize.openvino_runtime as openvino_runtime
 from quantize import ExportCheckError
 from quantize.onnx_export import TOLERANCE, export_mode, probe_parts, relative_rms
-from quantize.openvino_runtime import OpenVinoSam, export_openvino
+from quantize.openvino_runtime import OpenVinoSam, export_openvino, pointwise_convolutions
 from student_models.prompts import box_prompts
 from student_models.sam_runner import TorchSamBackend
 
@@ -47,9 +47,16 @@ def test_float32_ir_matches_pytorch_and_runs_as_a_backend(onnx_dir):
         runner.encode(torch.zeros(3, 1024, 1024))
 
 
-def test_int8_ir_passes_the_layer_by_layer_check(onnx_dir):
+@pytest.fixture(scope="module")
+def int8_checks(onnx_dir):
+    """The checks of the INT8 IR, written once into `onnx_dir`'s folder."""
     sam, folder = onnx_dir
-    checks = export_openvino(sam, folder, "int8")
+    return export_openvino(sam, folder, "int8")
+
+
+def test_int8_ir_passes_the_layer_by_layer_check(onnx_dir, int8_checks):
+    sam, folder = onnx_dir
+    checks = int8_checks
     assert all(c.passed for c in checks), checks
     assert all(c.rel_diff["rounding_unexplained"] == 0 and c.info["forced_quantizers"] > 10 for c in checks)
     assert (folder / "encoder.xml").is_file() and (folder / "decoder.bin").is_file()
@@ -57,7 +64,7 @@ def test_int8_ir_passes_the_layer_by_layer_check(onnx_dir):
     parts = probe_parts(sam, "int8")
     for check, part in zip(checks, ("encoder", "decoder"), strict=True):
         module, args, _, expected, _ = parts[part]
-        with torch.no_grad(), export_mode(sam, "int8"):
+        with torch.no_grad(), export_mode(sam, "int8"), pointwise_convolutions(sam):  # the graph OpenVINO reads
             moved = module(args[0] * (1 + openvino_runtime.OPENVINO_TIE_RELATIVE), *args[1:])
         moved = moved if isinstance(moved, tuple) else (moved,)
         for (key, ref), out in zip(expected.items(), moved, strict=True):
@@ -66,6 +73,18 @@ def test_int8_ir_passes_the_layer_by_layer_check(onnx_dir):
             )
             bound = check.tolerance[f"{key}.shipped_free_running.rms"]
             assert bound >= openvino_runtime.FREE_RUNNING_FACTOR * check.info[f"{key}.sensitivity_rms"]
+
+
+def test_the_int8_ir_has_its_1x1_convolutions_as_convolutions(onnx_dir, int8_checks, tmp_path):
+    """ONNX Runtime's graph writes them as NHWC Gemms between transposes; OpenVINO would run those transposes."""
+    sam, folder = onnx_dir
+    from_ort_graph = openvino_runtime.write_openvino(folder / "encoder.onnx", tmp_path / "encoder.xml")
+    count = lambda path, op: path.read_text().count(f'type="{op}"')  # noqa: E731
+    shipped = folder / "encoder.xml"
+    assert count(shipped, "Transpose") < count(from_ort_graph, "Transpose")
+    assert count(shipped, "Convolution") > count(from_ort_graph, "Convolution")
+    layers = [m for m in sam.modules() if getattr(m, "is_pointwise", False)]
+    assert layers and all(layer.pointwise_as_gemm for layer in layers)  # the context put the default back
 
 
 def test_bfloat16_inference_is_refused_where_the_cpu_would_use_it(onnx_dir, monkeypatch):
