@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from benchmarks.runtimes import _encoders, _table
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+from benchmarks.runtimes import _encoders, _table, compare_runtimes
 
 
 def test_the_table_gives_each_encoders_speed_up_over_ort_float32_and_the_reference_encoder():
@@ -34,3 +40,63 @@ def test_other_exports_add_their_int8_encoders_by_folder_name(tmp_path):
         (folder / precision / f"encoder.{suffix}").touch()
     names = [name for name, _, _ in _encoders(main, [other])]
     assert names == ["ort float32", "ort int8", "openvino int8", "ort int8 (q_no_twin)", "openvino int8 (q_no_twin)"]
+
+
+def _patch_encoder(path, int8: bool) -> None:
+    """A stand-in encoder with the exported interface: image 1x3x1024x1024 -> 16x16-patch Conv -> 1x256x64x64."""
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((256, 3, 16, 16)).astype(np.float32) * 0.05
+    nodes, inits, conv_input, conv_weight = [], [], "image", "w"
+    if int8:
+        w_scale = np.abs(weight).reshape(256, -1).max(axis=1) / 127
+        inits += [
+            numpy_helper.from_array(np.round(weight / w_scale[:, None, None, None]).astype(np.int8), "w_q"),
+            numpy_helper.from_array(w_scale.astype(np.float32), "w_scale"),
+            numpy_helper.from_array(np.zeros(256, np.int8), "w_zero"),
+            numpy_helper.from_array(np.float32(2.5 / 127), "x_scale"),
+            numpy_helper.from_array(np.uint8(128), "x_zero"),
+        ]
+        nodes += [
+            helper.make_node("QuantizeLinear", ["image", "x_scale", "x_zero"], ["x_q"]),
+            helper.make_node("DequantizeLinear", ["x_q", "x_scale", "x_zero"], ["x_dq"]),
+            helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zero"], ["w_dq"], axis=0),
+        ]
+        conv_input, conv_weight = "x_dq", "w_dq"
+    else:
+        inits.append(numpy_helper.from_array(weight, "w"))
+    conv_output = "y" if int8 else "image_embeddings"
+    nodes.append(helper.make_node("Conv", [conv_input, conv_weight], [conv_output], strides=[16, 16]))
+    if int8:  # a quantized output too: ONNX Runtime then fuses the Conv into QLinearConv
+        inits.append(numpy_helper.from_array(np.float32(0.05), "y_scale"))
+        nodes += [
+            helper.make_node("QuantizeLinear", ["y", "y_scale", "x_zero"], ["y_q"]),
+            helper.make_node("DequantizeLinear", ["y_q", "y_scale", "x_zero"], ["image_embeddings"]),
+        ]
+    graph = helper.make_graph(
+        nodes, "patch_encoder", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 1024, 1024])],
+        [helper.make_tensor_value_info("image_embeddings", TensorProto.FLOAT, [1, 256, 64, 64])], inits,
+    )  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), path)
+
+
+def test_every_encoder_is_scored_timed_and_profiled_in_one_run(tmp_path):
+    openvino_runtime = pytest.importorskip("quantize.openvino_runtime")
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    folder, images = tmp_path / "q", tmp_path / "images"
+    for precision in ("float32", "int8"):
+        _patch_encoder(folder / precision / "encoder.onnx", int8=precision == "int8")
+        openvino_runtime.write_openvino(folder / precision / "encoder.onnx")
+    images.mkdir()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(images / "a.jpg")
+
+    record, table = compare_runtimes(
+        folder, images, num_images=1, threads=(1,), repeats=1, profile=True, reference_encoder="tinyvit_test"
+    )
+    names = ["ort float32", "ort int8", "openvino float32", "openvino float32 (default)", "openvino int8",
+             "openvino int8 (default)"]  # fmt: skip
+    assert sorted(record["median_ms"]["1"]) == sorted(names)
+    assert record["sqnr_db"]["openvino float32"] > 60 and 10 < record["sqnr_db"]["ort int8"] < 60
+    assert record["reference"]["ms"]["1"] > 0 and "tinyvit_test / it" in table
+    assert record["profile"]["ort int8"]["integer_products_ms"] > 0  # the Q/DQ Conv ran as an integer kernel
+    assert set(record["profile"]) == {"ort float32", "ort int8", "openvino float32", "openvino int8"}
