@@ -198,16 +198,13 @@ def compare_forced(
     expected: dict[str, torch.Tensor],
     float_outputs: dict[str, torch.Tensor],
     tie_relative: float = TIE_RELATIVE,
-    probe_relative: float = ULP_PROBE,
 ) -> tuple[dict[str, float], dict[str, float], dict[str, float | str]]:
     """(checked differences, their bounds, unchecked figures) of a runtime's INT8 graph against `model`.
 
     `outputs` are the runtime's outputs of the instrumented graph (every quantizer's values, `tensors` by
     quantizer), `shipped` those of the file as shipped, both on `args`; `model` runs on the same values with
     the runtime's rounding decisions (quantize.export_check), with `tie_relative` as the runtime's float
-    allowance. Any runtime that can expose the quantizers' outputs is checked this way. The info's
-    ``<output>.sensitivity_rms`` is how far a relative input change of `probe_relative` (the size of the
-    runtime's float differences) moves the model's output: what rounding flips alone cost it.
+    allowance. Any runtime that can expose the quantizers' outputs is checked this way.
     """
     with export_mode(model, "int8"):
         reference_inputs = float64_inputs(model, args, tensors, outputs)
@@ -217,7 +214,7 @@ def compare_forced(
     ):
         forced = model(*args)
     with export_mode(model, "int8"):
-        perturbed = model(args[0] * (1 + probe_relative), *args[1:])
+        perturbed = model(args[0] * (1 + ULP_PROBE), *args[1:])
     as_dict = lambda out: dict(zip(expected, out if isinstance(out, tuple) else (out,), strict=True))  # noqa: E731
     forced, perturbed = as_dict(forced), as_dict(perturbed)
     diffs, bounds = output_diffs(outputs, forced, TOLERANCE["int8"])
@@ -228,7 +225,7 @@ def compare_forced(
         diffs[f"{key}.shipped_vs_instrumented.max"] = float(np.abs(shipped[key] - outputs[key]).max() / scale)
         bounds[f"{key}.shipped_vs_instrumented.max"] = TOLERANCE["float32"]["max"]
         info[f"{key}.free_running_rms"] = relative_rms(shipped[key], ref)
-        info[f"{key}.sensitivity_rms"] = relative_rms(perturbed[key].numpy(), ref)
+        info[f"{key}.ulp_sensitivity_rms"] = relative_rms(perturbed[key].numpy(), ref)
         info[f"{key}.quant_error_rms"] = relative_rms(float_outputs[key].numpy(), ref)
     worst = max(rounding, key=lambda name: (rounding[name]["unexplained"], rounding[name]["mismatch"]))
     diffs["rounding_unexplained"] = rounding[worst]["unexplained"]

@@ -10,8 +10,8 @@ import torch
 
 import quantize.openvino_runtime as openvino_runtime
 from quantize import ExportCheckError
-from quantize.onnx_export import TOLERANCE, export_mode, probe_parts, relative_rms
-from quantize.openvino_runtime import OpenVinoSam, export_openvino, pointwise_convolutions
+from quantize.onnx_export import TOLERANCE, export_mode
+from quantize.openvino_runtime import OpenVinoSam, export_openvino
 from student_models.prompts import box_prompts
 from student_models.sam_runner import TorchSamBackend
 
@@ -60,19 +60,6 @@ def test_int8_ir_passes_the_layer_by_layer_check(onnx_dir, int8_checks):
     assert all(c.passed for c in checks), checks
     assert all(c.rel_diff["rounding_unexplained"] == 0 and c.info["forced_quantizers"] > 10 for c in checks)
     assert (folder / "encoder.xml").is_file() and (folder / "decoder.bin").is_file()
-    # The shipped IR's free-running bound: flips measured at OpenVINO's float allowance, not at 1e-7.
-    parts = probe_parts(sam, "int8")
-    for check, part in zip(checks, ("encoder", "decoder"), strict=True):
-        module, args, _, expected, _ = parts[part]
-        with torch.no_grad(), export_mode(sam, "int8"), pointwise_convolutions(sam):  # the graph OpenVINO reads
-            moved = module(args[0] * (1 + openvino_runtime.OPENVINO_TIE_RELATIVE), *args[1:])
-        moved = moved if isinstance(moved, tuple) else (moved,)
-        for (key, ref), out in zip(expected.items(), moved, strict=True):
-            assert check.info[f"{key}.sensitivity_rms"] == pytest.approx(
-                relative_rms(out.numpy(), ref.detach().numpy())
-            )
-            bound = check.tolerance[f"{key}.shipped_free_running.rms"]
-            assert bound >= openvino_runtime.FREE_RUNNING_FACTOR * check.info[f"{key}.sensitivity_rms"]
 
 
 def test_the_int8_ir_has_its_1x1_convolutions_as_convolutions(onnx_dir, int8_checks, tmp_path):
