@@ -19,14 +19,20 @@ requires_coco = pytest.mark.skipif(
     not (COCO_ROOT / "annotations" / "instances_val2017.json").is_file(),
     reason=f"needs the 80-image COCO subset at {COCO_ROOT} (only beside the project checkout)",
 )
-_skip_without_cuda = pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU (PyTorch sees none here)"
+# A CUDA path's test: skipped with a reason without a GPU, selected by ``-m cuda`` on a GPU machine.
+CUDA_MARKS = (
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (PyTorch sees none here)"),
 )
+# Parameters of a test that runs on every device this machine has.
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA_MARKS)]
 
 
 def requires_cuda(test):
-    """Mark a test of a CUDA path: skipped with a reason without a GPU, selected by ``-m cuda`` on a GPU machine."""
-    return pytest.mark.cuda(_skip_without_cuda(test))
+    """Mark a test of a CUDA path (`CUDA_MARKS`)."""
+    for mark in CUDA_MARKS:
+        test = mark(test)
+    return test
 
 
 def tiny_model(name: str = "tinyvit_test", seed: int = 0):

@@ -8,7 +8,6 @@ still decides the order).
 """
 
 import pytest
-import torch
 from segment_anything import SamAutomaticMaskGenerator
 
 from hierarchical import GeneratorConfig, HierarchicalMaskGenerator
@@ -100,13 +99,6 @@ def test_dense_mode_equals_sams_generator_across_micro_batches(tiny_sam):
     ours = HierarchicalMaskGenerator(tiny_sam, hierarchical=False, decoder_micro_batch=4, **settings).generate(image)
     assert len(reference) == 75
     assert_same(tiny_sam, image, reference, ours, dict(settings, decoder_micro_batch=4))
-
-
-@pytest.fixture
-def float32_cuda(monkeypatch):
-    """TF32 rounds products to 10 mantissa bits (1e-3), outside the contract: hold the GPU to float32."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
 
 
 @requires_cuda
