@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from segment_anything.modeling import Sam
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
@@ -33,7 +33,8 @@ from benchmarks.records import device_name, make_record
 from student_models import build_sam
 from student_models.device import torch_threads
 from student_models.prompts import box_prompts
-from student_models.registry import EMBED_DIM, EMBED_SIDE, IMAGE_SIZE
+from student_models.registry import EMBED_DIM, EMBED_SIDE, IMAGE_SIZE, get_spec
+from student_models.sam2_pipeline import Sam2Features, TorchSam2Backend
 from student_models.sam_runner import SamBackend, TorchSamBackend, compile_mode
 
 COMPONENTS = ("encoder", "decoder")
@@ -134,25 +135,37 @@ class LatencyRunner:
         return Timing(statistics.median(times), float(quartiles[0]), float(quartiles[1]), min(times), len(times))
 
 
-def example_inputs(decoder_boxes: int = 1, seed: int = 0, image_batch: int = 1) -> dict[str, torch.Tensor]:
-    """Fixed random inputs: images Nx3x1024x1024, embedding 1x256x64x64, and ``decoder_boxes`` box
-    prompts in the 1024 frame as the decoder's point list (coords Bx2x2, labels Bx2)."""
+def example_inputs(decoder_boxes: int = 1, seed: int = 0, image_batch: int = 1, family: str = "sam") -> dict:
+    """Fixed random inputs: images Nx3x1024x1024, one image's embedding (SAM: 1x256x64x64; SAM 2: its
+    `Sam2Features`), and ``decoder_boxes`` box prompts in the 1024 frame as the decoder's point list
+    (coords Bx2x2, labels Bx2)."""
     gen = torch.Generator().manual_seed(seed)
     corners = torch.rand(decoder_boxes, 2, 2, generator=gen) * IMAGE_SIZE
     boxes = torch.cat([corners.min(dim=1).values, corners.max(dim=1).values], dim=1)
     coords, labels = box_prompts(boxes.numpy())
-    return {
-        "image": torch.randn(image_batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen),
-        "embedding": torch.randn(1, EMBED_DIM, EMBED_SIDE, EMBED_SIDE, generator=gen),
-        "coords": torch.from_numpy(coords),
-        "labels": torch.from_numpy(labels),
-    }
+    images = torch.randn(image_batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen)
+    if family == "sam2":
+        embedding = Sam2Features.random(1, gen)
+    else:
+        embedding = torch.randn(1, EMBED_DIM, EMBED_SIDE, EMBED_SIDE, generator=gen)
+    coords, labels = torch.from_numpy(coords), torch.from_numpy(labels)
+    return {"image": images, "embedding": embedding, "coords": coords, "labels": labels}
 
 
-def component_params(sam: Sam) -> dict[str, int]:
-    """Parameter counts: encoder, and decoder = prompt encoder + mask decoder."""
+def backend_class(model_name: str) -> type[TorchSamBackend]:
+    """The PyTorch back-end of a registered model's family: `TorchSamBackend` (SAM) or `TorchSam2Backend`."""
+    return TorchSam2Backend if get_spec(model_name).family == "sam2" else TorchSamBackend
+
+
+def component_params(sam: nn.Module) -> dict[str, int]:
+    """Parameter counts: encoder, and decoder = prompt encoder + mask decoder (SAM 2's includes the two
+    1x1 convolutions that ``forward_image`` applies to the high-resolution levels, 25k parameters)."""
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
-    return {"encoder": count(sam.image_encoder), "decoder": count(sam.prompt_encoder) + count(sam.mask_decoder)}
+    if hasattr(sam, "sam_mask_decoder"):
+        heads = (sam.sam_prompt_encoder, sam.sam_mask_decoder)
+    else:
+        heads = (sam.prompt_encoder, sam.mask_decoder)
+    return {"encoder": count(sam.image_encoder), "decoder": sum(count(head) for head in heads)}
 
 
 @torch.no_grad()
@@ -161,10 +174,11 @@ def count_macs(model_name: str, decoder_boxes: int = 1, image_batch: int = 1) ->
 
     Counted on the meta device (no weights allocated, nothing computed), so even ViT-H is instant.
     """
-    inputs = {k: v.to("meta") for k, v in example_inputs(decoder_boxes, image_batch=image_batch).items()}
+    family = get_spec(model_name).family
+    inputs = {k: v.to("meta") for k, v in example_inputs(decoder_boxes, image_batch=image_batch, family=family).items()}
     with torch.device("meta"):
         # No parameter needs grad: FlopCounterMode's module hooks reject no-grad views of grad leaves.
-        backend = TorchSamBackend(build_sam(model_name).requires_grad_(False), "meta")
+        backend = backend_class(model_name)(build_sam(model_name).requires_grad_(False), "meta")
     macs = {}
     for component, call in _backend_targets(backend, inputs).items():
         with FlopCounterMode(display=False) as counter:
@@ -215,13 +229,18 @@ def _backend_targets(backend: SamBackend, inputs: dict[str, torch.Tensor]) -> di
 
 
 def _torch_jobs(
-    sam: Sam, device: torch.device, precisions: list[tuple[str, torch.dtype]], threads: int | None, compile: bool
+    sam: nn.Module,
+    backend: type[TorchSamBackend],
+    device: torch.device,
+    precisions: list[tuple[str, torch.dtype]],
+    threads: int | None,
+    compile: bool,
 ) -> list[_Job]:
     """Eager, and compiled where asked, PyTorch jobs on ``device`` for each (precision label, dtype)."""
     jobs = []
     for name, dtype in precisions:
         for compiled in (False, True) if compile else (False,):
-            make = partial(TorchSamBackend, sam, device, dtype, compiled)
+            make = partial(backend, sam, device, dtype, compiled)
             mode = compile_mode(device) if compiled else None
             runtime = "pytorch-compile" if compiled else "pytorch"
             jobs.append(_Job(runtime, name, threads, device, make, compile_mode=mode))
@@ -230,7 +249,7 @@ def _torch_jobs(
 
 @torch.no_grad()
 def benchmark_latency(
-    sam: Sam,
+    sam: nn.Module,
     model_name: str,
     config: LatencyConfig | None = None,
     *,
@@ -256,7 +275,8 @@ def benchmark_latency(
     if onnx_pairs and config.image_batch != 1:
         raise ValueError(f"ONNX encoders take one image per call; image_batch {config.image_batch} needs PyTorch alone")
     device = torch.device(device)
-    inputs = example_inputs(config.decoder_boxes, image_batch=config.image_batch)
+    inputs = example_inputs(config.decoder_boxes, image_batch=config.image_batch, family=get_spec(model_name).family)
+    torch_backend = backend_class(model_name)
     params = component_params(sam)
     macs = count_macs(model_name, config.decoder_boxes, config.image_batch)
     batch = {"encoder": config.image_batch, "decoder": config.decoder_boxes}
@@ -265,10 +285,11 @@ def benchmark_latency(
     jobs = []
     cpu = torch.device("cpu")
     if device.type == "cuda":
-        jobs += _torch_jobs(sam, device, [("fp32", torch.float32), ("bf16", torch.bfloat16)], None, config.compile)
+        precisions = [("fp32", torch.float32), ("bf16", torch.bfloat16)]
+        jobs += _torch_jobs(sam, torch_backend, device, precisions, None, config.compile)
     for threads in config.threads:
         if device.type == "cpu":  # a fresh back-end per thread count: compiled CPU kernels keep theirs
-            jobs += _torch_jobs(sam, cpu, [(precision, torch.float32)], threads, config.compile)
+            jobs += _torch_jobs(sam, torch_backend, cpu, [(precision, torch.float32)], threads, config.compile)
         for pair in onnx_pairs:
             make = partial(runner_classes[pair.runtime], pair.encoder, pair.decoder, num_threads=threads)
             files = {"encoder": Path(pair.encoder), "decoder": Path(pair.decoder)}

@@ -12,7 +12,9 @@ predictor's, on the same ``sam2`` modules:
 - `decode`: the prompt encoder on a labelled point list (boxes as corner points labelled 2 and 3, as the
   predictor passes them) and ``MaskDecoder.predict_masks`` with one image's features per prompt;
 - `choose_masks`: ``MaskDecoder.forward``'s choice (tokens 1-3 for multimask output, else token 0 or, when
-  it is unstable, the best of 1-3).
+  it is unstable, the best of 1-3);
+- `TorchSam2Backend`: `encode` and `decode` as a `student_models.sam_runner.SamBackend` (device, dtype,
+  ``torch.compile``), whose embedding is a `Sam2Features`: what `benchmarks latency` times.
 
 tests/student_models/test_sam2_pipeline.py checks the result against ``SAM2ImagePredictor`` for box, point
 and segment-everything prompts. ``sam2`` is the optional extra ``sam2`` (see `student_models.sam2_models`).
@@ -26,8 +28,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch import nn
 
 from student_models.sam2_models import require_sam2
+from student_models.sam_runner import TorchSamBackend
 
 if TYPE_CHECKING:
     from sam2.modeling.sam2_base import SAM2Base
@@ -62,6 +66,15 @@ class Sam2Features:
     def rows(self, index: torch.Tensor | slice) -> Sam2Features:
         """The features of the images `index` selects (a slice, or indices that may repeat)."""
         return Sam2Features.from_levels([level[index] for level in self.levels])
+
+    def to(self, device: torch.device | str) -> Sam2Features:
+        return Sam2Features.from_levels([level.to(device) for level in self.levels])
+
+    @classmethod
+    def random(cls, images: int = 1, generator: torch.Generator | None = None) -> Sam2Features:
+        """Features of the shapes a 1024x1024 input gives, drawn from N(0, 1): a decoder's timing input."""
+        shapes = [(32, 256, 256), (64, 128, 128), (256, 64, 64)]
+        return cls.from_levels([torch.randn(images, *shape, generator=generator) for shape in shapes])
 
 
 class Sam2Transforms:
@@ -149,3 +162,56 @@ def choose_masks(model: SAM2Base, output: Sam2DecoderOutput, multimask: bool) ->
     if decoder.dynamic_multimask_via_stability and not decoder.training:
         return decoder._dynamic_multimask_via_stability(output.masks, output.iou)
     return output.masks[:, :1], output.iou[:, :1]
+
+
+class _Encoder(nn.Module):
+    """Bx3xSxS images -> the three levels of their `Sam2Features` (a module, so that it can be compiled)."""
+
+    def __init__(self, model: SAM2Base) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return encode(self.model, images).levels
+
+
+class _PointDecoder(nn.Module):
+    """One image's three levels + R labelled point lists -> (Rx4x256x256 logits, Rx4 IoU), all four tokens."""
+
+    def __init__(self, model: SAM2Base) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, s0, s1, embed, coords, labels) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = len(coords)  # every prompt on the one image: a view, as SAM2ImagePredictor repeats it
+        features = Sam2Features.from_levels([level.expand(rows, *level.shape[1:]) for level in (s0, s1, embed)])
+        output = decode(self.model, features, coords, labels)
+        return output.masks, output.iou
+
+
+class TorchSam2Backend(TorchSamBackend):
+    """A PyTorch SAM 2 model as a `SamBackend` (`TorchSamBackend`'s device, dtype and compile rules).
+
+    ``encode(Bx3xSxS preprocessed images) -> Sam2Features``; ``decode(features of 1 image, coords RxNx2,
+    labels RxN) -> (Rx4x256x256 logits, Rx4 IoU)``, prompts as `decode` takes them.
+    """
+
+    def networks(self) -> tuple[nn.Module, nn.Module]:
+        return _Encoder(self.sam), _PointDecoder(self.sam)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> Sam2Features:
+        with self._autocast():
+            levels = self.encoder(images.to(self.device))
+        return Sam2Features.from_levels([self._own(level) for level in levels])
+
+    @torch.no_grad()
+    def decode(
+        self, embedding: Sam2Features, coords: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(embedding) != 1:
+            raise ValueError(f"decode takes one image's features, got {len(embedding)}")
+        with self._autocast():
+            levels = [level.to(self.device) for level in embedding.levels]
+            logits, iou = self.decoder(*levels, coords.to(self.device), labels.to(self.device))
+        return self._own(logits), self._own(iou)

@@ -116,11 +116,14 @@ class TorchSamBackend:
         self.dtype = dtype
         self.sam = sam.eval().to(self.device)
         self.compile_mode = compile_mode(self.device) if compile else None
-        self.encoder: nn.Module = self.sam.image_encoder
-        self.decoder: nn.Module = PointPromptDecoder(self.sam)
+        self.encoder, self.decoder = self.networks()
         if compile:
             self.encoder = torch.compile(self.encoder, mode=self.compile_mode)
             self.decoder = torch.compile(self.decoder, mode=self.compile_mode)
+
+    def networks(self) -> tuple[nn.Module, nn.Module]:
+        """(the module `encode` runs, the module `decode` runs) of ``self.sam``: what ``compile`` compiles."""
+        return self.sam.image_encoder, PointPromptDecoder(self.sam)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         """Autocast to ``dtype``; float32 runs without one (on any device, the meta device included)."""

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import benchmarks.latency as latency
 from benchmarks.latency import LatencyConfig, LatencyRunner, benchmark_latency, count_macs, example_inputs
 from benchmarks.records import cpu_name, device_name
+from student_models.sam2_pipeline import TorchSam2Backend
 from student_models.sam_runner import TorchSamBackend
 from tests.helpers import requires_cuda, tiny_model
+from tests.student_models.test_sam2_models import requires_sam2
 from tests.student_models.test_sam_runner import skip_without_inductor
 
 
@@ -49,6 +52,33 @@ def test_meta_device_macs_match_a_real_forward():
     one_box = count_macs("tinyvit_test", decoder_boxes=1)["decoder"]
     assert one_box < macs["decoder"] <= 2 * one_box
     assert count_macs("tinyvit_test", image_batch=3)["encoder"] == 3 * macs["encoder"]
+
+
+@requires_sam2
+@torch.no_grad()
+def test_a_sam2_model_is_timed_through_its_own_backend_with_its_macs_and_parameters():
+    """SAM 2: the encoder gives the decoder-ready levels, the decoder takes them; MACs counted on the meta
+    device equal a real forward's, parameters are the image encoder's and the two heads'."""
+    sam = tiny_model("sam2_test").requires_grad_(False)  # FlopCounterMode's hooks reject grad leaves' views
+    inputs = example_inputs(decoder_boxes=2, family="sam2")
+    backend = TorchSam2Backend(sam)
+    # sam2 attends through scaled_dot_product_attention, whose CPU kernel the flop counter does not count;
+    # its math form (two batched products) is what the meta device counts.
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        features = backend.encode(inputs["image"])
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as decoder_counter:
+        logits, iou = backend.decode(inputs["embedding"], inputs["coords"], inputs["labels"])
+    assert [level.shape for level in features.levels] == [level.shape for level in inputs["embedding"].levels]
+    assert logits.shape == (2, 4, 256, 256) and iou.shape == (2, 4)
+    macs = count_macs("sam2_test", decoder_boxes=2)
+    assert macs == {"encoder": counter.get_total_flops() // 2, "decoder": decoder_counter.get_total_flops() // 2}
+    config = LatencyConfig(warmup=0, repeats=1, threads=(1,))
+    records = benchmark_latency(sam, "sam2_test", config, device="cpu", progress=False)
+    assert [r["component"] for r in records] == ["encoder", "decoder"]
+    count = lambda *modules: sum(p.numel() for m in modules for p in m.parameters())  # noqa: E731
+    heads = count(sam.sam_prompt_encoder, sam.sam_mask_decoder)
+    assert [r["params"] for r in records] == [count(sam.image_encoder), heads]
+    assert [r["macs"] for r in records] == [count_macs("sam2_test")["encoder"], count_macs("sam2_test")["decoder"]]
 
 
 def test_cpu_records_hold_one_timing_per_thread_count_on_any_machine():

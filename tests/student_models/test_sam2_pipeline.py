@@ -15,6 +15,7 @@ import torch
 from student_models.sam2_pipeline import (
     MASK_LOGIT_LIMIT,
     Sam2Transforms,
+    TorchSam2Backend,
     box_points,
     choose_masks,
     decode,
@@ -137,3 +138,23 @@ def test_decode_refuses_prompts_without_their_features(model):
     features = encode(model, Sam2Transforms(model).images(IMAGES[:1]))
     with pytest.raises(ValueError, match="one image's features per prompt: 1 for 3 prompts"):
         decode(model, features, torch.zeros(3, 1, 2), torch.ones(3, 1, dtype=torch.int))
+
+
+@torch.no_grad()
+def test_the_backend_encodes_and_decodes_as_the_pipeline(model):
+    """`TorchSam2Backend` (what benchmarks time) returns the pipeline's features and all four tokens."""
+    transforms = Sam2Transforms(model)
+    images = transforms.images(IMAGES)
+    expected = encode(model, images)
+    coords, labels = box_points(torch.tensor([[20.0, 30, 500, 600], [100, 100, 900, 800]]))
+    backend = TorchSam2Backend(model)
+    features = backend.encode(images)
+    for ours, theirs in zip(features.levels, expected.levels, strict=True):
+        torch.testing.assert_close(ours, theirs, **CLOSE)
+    logits, iou = backend.decode(features.rows(slice(1, 2)), coords, labels)
+    output = decode(model, expected.rows(torch.tensor([1, 1])), coords, labels)
+    assert logits.shape == (2, 4, 256, 256) and iou.shape == (2, 4)
+    torch.testing.assert_close(logits, output.masks, **CLOSE)
+    torch.testing.assert_close(iou, output.iou, **CLOSE)
+    with pytest.raises(ValueError, match="one image's features, got 2"):
+        backend.decode(features, coords, labels)
