@@ -57,9 +57,10 @@ from student_models.extras import MissingExtraError
 # steps at most, 0.3% of a LayerNorm output's values rounded apart); 2^-12 of the value or its range.
 OPENVINO_TIE_RELATIVE = 2.0**-12
 PRECISION = {"INFERENCE_PRECISION_HINT": "f32"}
-# Exposing the quantizers' outputs changes which ops OpenVINO fuses, so the shipped IR does not give the
-# instrumented copy's outputs bit for bit (ONNX Runtime does). The shipped IR is checked free-running, a
-# weaker check (the layer-by-layer one above is the strict one): its outputs may differ from the
+# Exposing the quantizers' outputs changes which ops OpenVINO fuses and which products it runs in int8
+# (docs/quantize.md), so the shipped IR does not give the instrumented copy's outputs bit for bit (ONNX
+# Runtime does). The shipped IR is checked free-running, a weaker check (the layer-by-layer one above is
+# the strict one, of the copy's kernels): its outputs may differ from the
 # simulation's by at most FREE_RUNNING_FACTOR times what rounding ties flipped elsewhere cost this model
 # (the larger of ONNX Runtime's free-running distance, its graph being checked exactly, and the model's
 # sensitivity to a 1e-7 change of its input), or QUANT_ERROR_FRACTION of the quantization error itself:
