@@ -19,11 +19,12 @@ import torch
 from segment_anything.modeling import Sam
 
 from benchmarks.coco_eval import CocoEvalConfig, CocoEvalResult, evaluate_coco
-from benchmarks.latency import LatencyConfig, OnnxPair, benchmark_latency
+from benchmarks.latency import LatencyConfig, OnnxPair, backend_class, benchmark_latency
 from benchmarks.records import device_name, git_commit, make_out_dir, make_record, write_records
 from student_models import build_sam
 from student_models.registry import canonical_name
-from student_models.sam_runner import SamBackend, SamRunner, TorchSamBackend
+from student_models.sam2_pipeline import Sam2Runner, TorchSam2Backend
+from student_models.sam_runner import SamBackend, SamRunner
 
 ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder.onnx"
 # The runtime that runs an exported file, by its suffix, and the `SamBackend` class that runs it there.
@@ -151,13 +152,15 @@ def run_coco(
     make_out_dir(out_dir)
     git_commit()  # pinned before measuring
     backend: SamBackend
+    runner = SamRunner
     if isinstance(target, OnnxModel):
         backend, runtime = onnx_runner(target.pair), target.pair.runtime
         name, ckpt, precision = canonical_name(target.model), str(target.pair.encoder.parent), target.pair.precision
     else:
-        backend, runtime = TorchSamBackend(target.sam, device), "pytorch"
+        backend, runtime = backend_class(target.model)(target.sam, device), "pytorch"
+        runner = Sam2Runner if isinstance(backend, TorchSam2Backend) else SamRunner
         name, ckpt, precision = target.model, target.checkpoint, target.precision
-    result = evaluate_coco(SamRunner(backend, config.chunk_size), coco_root, config, progress)
+    result = evaluate_coco(runner(backend, config.chunk_size), coco_root, config, progress)
     record = make_record(
         "coco",
         model=name,

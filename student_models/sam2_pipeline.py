@@ -14,7 +14,8 @@ predictor's, on the same ``sam2`` modules:
 - `choose_masks`: ``MaskDecoder.forward``'s choice (tokens 1-3 for multimask output, else token 0 or, when
   it is unstable, the best of 1-3);
 - `TorchSam2Backend`: `encode` and `decode` as a `student_models.sam_runner.SamBackend` (device, dtype,
-  ``torch.compile``), whose embedding is a `Sam2Features`: what `benchmarks latency` times.
+  ``torch.compile``), whose embedding is a `Sam2Features`: what `benchmarks latency` times;
+- `Sam2Runner`: `SamRunner` with SAM 2's geometry (what `benchmarks coco` runs).
 
 tests/student_models/test_sam2_pipeline.py checks the result against ``SAM2ImagePredictor`` for box, point
 and segment-everything prompts. ``sam2`` is the optional extra ``sam2`` (see `student_models.sam2_models`).
@@ -30,8 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from student_models.preprocessing import to_rgb
 from student_models.sam2_models import require_sam2
-from student_models.sam_runner import TorchSamBackend
+from student_models.sam_runner import SamRunner, TorchSamBackend
 
 if TYPE_CHECKING:
     from sam2.modeling.sam2_base import SAM2Base
@@ -89,8 +91,9 @@ class Sam2Transforms:
         self.transforms = Transforms(resolution=model.image_size, mask_threshold=mask_threshold)
 
     def images(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """RGB uint8 HxWx3 images (any sizes) -> Bx3xSxS float32, each resized to SxS and normalised."""
-        return self.transforms.forward_batch(list(images))
+        """uint8 images (any sizes; grey or RGBA as `to_rgb` takes them) -> Bx3xSxS float32, each resized to
+        SxS and normalised."""
+        return self.transforms.forward_batch([to_rgb(image) for image in images])
 
     def points(self, coords: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
         """...x2 pixel (x, y) coordinates of an image of `image_hw` -> the model's SxS frame."""
@@ -215,3 +218,27 @@ class TorchSam2Backend(TorchSamBackend):
             levels = [level.to(self.device) for level in embedding.levels]
             logits, iou = self.decoder(*levels, coords.to(self.device), labels.to(self.device))
         return self._own(logits), self._own(iou)
+
+
+class Sam2Runner(SamRunner):
+    """`SamRunner` for a SAM 2 back-end (`TorchSam2Backend`): SAM 2's preprocessing, prompt frame and
+    upscaling (`Sam2Transforms`); prompts, chunking and the choice of mask as `SamRunner`'s. Its point-only
+    prompts get no padding point of their own: SAM 2's prompt encoder appends one to every prompt."""
+
+    def __init__(self, backend: TorchSam2Backend, chunk_size: int = 64) -> None:
+        super().__init__(backend, chunk_size)
+        self.sam2_transforms = Sam2Transforms(backend.sam)
+
+    def set_image(self, image: np.ndarray) -> None:
+        self.embedding = self.backend.encode(self.sam2_transforms.images([image]).to(self.device))
+        self.original_size = tuple(image.shape[:2])
+        self.input_size = (self.sam2_transforms.image_size,) * 2
+
+    def to_frame(self, coords: np.ndarray) -> np.ndarray:
+        return self.sam2_transforms.points(torch.from_numpy(coords), self.original_size).numpy()
+
+    def pad_points(self, coords: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return coords, labels
+
+    def upscale(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.sam2_transforms.masks(logits, self.original_size)

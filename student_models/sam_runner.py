@@ -191,6 +191,20 @@ class SamRunner:
         self.embedding = self.backend.encode(prepared.tensor.to(self.device))
         self.input_size, self.original_size = prepared.input_size, prepared.original_size
 
+    # The model family's geometry: SAM resizes the longest side to 1024 and pads; a subclass may differ.
+
+    def to_frame(self, coords: np.ndarray) -> np.ndarray:
+        """...x2 pixel (x, y) coordinates of the set image -> the model's 1024 frame."""
+        return self.transform.apply_coords(coords, self.original_size)
+
+    def pad_points(self, coords: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A point-only prompt list as the decoder takes it (SAM: one padding point appended)."""
+        return point_prompts(coords, labels)
+
+    def upscale(self, logits: torch.Tensor) -> torch.Tensor:
+        """...x256x256 low-resolution logits -> logits at the set image's size."""
+        return upscale_logits(logits, self.input_size, self.original_size)
+
     def predict(
         self,
         point_coords: np.ndarray | None = None,
@@ -210,7 +224,7 @@ class SamRunner:
             logits.append(chunk_logits[:, tokens])
             iou.append(chunk_iou[:, tokens])
         low_res = torch.cat(logits)
-        masks = upscale_logits(low_res, self.input_size, self.original_size) > MASK_THRESHOLD
+        masks = self.upscale(low_res) > MASK_THRESHOLD
         return Prediction(masks, torch.cat(iou), low_res)
 
     def predict_boxes(self, boxes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,7 +236,7 @@ class SamRunner:
         for logits, iou in self._decoded_chunks(None, None, boxes):
             best_iou, best = iou[:, 1:].max(dim=1)
             chosen = logits[:, 1:][torch.arange(len(best), device=best.device), best][:, None]
-            masks.append(upscale_logits(chosen, self.input_size, self.original_size)[:, 0] > MASK_THRESHOLD)
+            masks.append(self.upscale(chosen)[:, 0] > MASK_THRESHOLD)
             scores.append(best_iou)
         if not masks:
             empty = torch.zeros((0, *self.original_size), dtype=torch.bool, device=self.device)
@@ -252,15 +266,15 @@ class SamRunner:
                 raise ValueError("point_coords needs point_labels (1 foreground, 0 background)")
             points = np.asarray(point_coords, dtype=np.float32)
             points = points.reshape(-1, 1, 2) if points.ndim == 2 else points
-            parts_coords.append(self.transform.apply_coords(points, self.original_size))
+            parts_coords.append(self.to_frame(points))
             parts_labels.append(np.asarray(point_labels, dtype=np.float32).reshape(points.shape[:2]))
         if boxes is not None:
             boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-            box_coords, box_labels = box_prompts(self.transform.apply_boxes(boxes, self.original_size))
+            box_coords, box_labels = box_prompts(self.to_frame(boxes.reshape(-1, 2, 2)).reshape(-1, 4))
             parts_coords.append(box_coords)
             parts_labels.append(box_labels)
         elif parts_coords:
-            parts_coords[0], parts_labels[0] = point_prompts(parts_coords[0], parts_labels[0])
+            parts_coords[0], parts_labels[0] = self.pad_points(parts_coords[0], parts_labels[0])
         if len({part.shape[0] for part in parts_coords}) > 1:
             raise ValueError(
                 f"points give {parts_coords[0].shape[0]} prompts and boxes {parts_coords[1].shape[0]}: "

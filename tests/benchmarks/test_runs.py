@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
 import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper
 
-from benchmarks.runs import StageMissingError, load_torch_model, onnx_pair, onnx_pair_in, stage_api
+import benchmarks.runs as runs
+from benchmarks.coco_eval import CocoEvalConfig, evaluate_coco
+from benchmarks.runs import StageMissingError, load_torch_model, onnx_pair, onnx_pair_in, run_coco, stage_api
+from student_models.sam2_pipeline import Sam2Runner
+from tests.student_models.test_sam2_models import requires_sam2
 
 
 def _write_graph(path, quantized: bool) -> None:
@@ -67,3 +73,17 @@ def test_random_weights_are_drawn_from_the_seed():
     first, again, other = (load_torch_model("tinyvit_test", seed=seed).sam.state_dict() for seed in (0, 0, 1))
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not torch.equal(first["image_encoder.neck.0.weight"], other["image_encoder.neck.0.weight"])
+
+
+@requires_sam2
+def test_coco_runs_a_sam2_model_through_its_own_runner(synthetic_coco, tmp_path, monkeypatch):
+    """A SAM 2 model is evaluated with SAM 2's geometry (`Sam2Runner`), and its record says so."""
+    runners = []
+    monkeypatch.setattr(runs, "evaluate_coco", lambda runner, *args: runners.append(runner) or real(runner, *args))
+    real = evaluate_coco
+    config = CocoEvalConfig(max_images=1)
+    result, path = run_coco(load_torch_model("sam2_test"), coco_root=synthetic_coco, out_dir=tmp_path, config=config)
+    assert [type(runner) for runner in runners] == [Sam2Runner]
+    assert result.num_images == 1 and result.num_prompts > 0
+    (record,) = json.loads(path.read_text())
+    assert (record["model"], record["runtime"]) == ("sam2_test", "pytorch")

@@ -14,6 +14,7 @@ import torch
 
 from student_models.sam2_pipeline import (
     MASK_LOGIT_LIMIT,
+    Sam2Runner,
     Sam2Transforms,
     TorchSam2Backend,
     box_points,
@@ -158,3 +159,28 @@ def test_the_backend_encodes_and_decodes_as_the_pipeline(model):
     torch.testing.assert_close(iou, output.iou, **CLOSE)
     with pytest.raises(ValueError, match="one image's features, got 2"):
         backend.decode(features, coords, labels)
+
+
+@torch.no_grad()
+def test_the_runner_predicts_points_and_boxes_as_the_predictor(model):
+    """`Sam2Runner` (what benchmarks coco runs): SAM 2's geometry, SamRunner's prompts and mask choice."""
+    image = IMAGES[1]
+    runner = Sam2Runner(TorchSam2Backend(model))
+    runner.set_image(image)
+    predictor = predictor_for(model, image)
+    points, labels = np.array([[[60.0, 80.0], [120.0, 40.0]]]), np.array([[1, 0]])
+    ours = runner.predict(points, labels, multimask_output=True)
+    masks, scores, low_res = predictor.predict(points[0], labels[0], multimask_output=True, return_logits=True)
+    clamped = ours.low_res_logits[0].clamp(-MASK_LOGIT_LIMIT, MASK_LOGIT_LIMIT)
+    torch.testing.assert_close(clamped, torch.from_numpy(low_res), **CLOSE)
+    torch.testing.assert_close(ours.iou[0], torch.from_numpy(scores), **CLOSE)
+    assert torch.equal(ours.masks[0], torch.from_numpy(masks > 0))
+    boxes = np.array([[20.0, 30.0, 180.0, 150.0], [0.0, 0.0, 199.0, 299.0]])
+    box_masks, box_scores = runner.predict_boxes(boxes)
+    for box, mask, score in zip(boxes, box_masks, box_scores, strict=True):
+        masks, scores, _ = predictor.predict(box=box, multimask_output=True, return_logits=True)
+        best = int(np.argmax(scores))
+        assert score.item() == pytest.approx(scores[best], rel=1e-5, abs=1e-5)
+        assert torch.equal(mask, torch.from_numpy(masks[best] > 0))
+    runner.set_image(image[..., 0])  # a grey image, as COCO has some
+    assert runner.predict_boxes(boxes[:1])[0].shape == (1, *image.shape[:2])
