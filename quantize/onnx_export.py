@@ -70,7 +70,12 @@ ULP_PROBE = 1e-7  # relative input change used to measure the model's own roundi
 
 
 class ExportCheckError(RuntimeError):
-    """An exported graph whose ONNX Runtime outputs disagree with PyTorch beyond the tolerance."""
+    """An exported graph whose runtime's outputs disagree with PyTorch beyond the tolerance; ``checks`` holds
+    every check of the export (the failed ones with ``passed`` False)."""
+
+    def __init__(self, message: str, checks: list[ExportCheck] | None = None) -> None:
+        super().__init__(message)
+        self.checks = checks or []
 
 
 @dataclass

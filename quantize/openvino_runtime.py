@@ -183,7 +183,8 @@ def export_openvino(sam: Sam, onnx_dir: str | os.PathLike, precision: str, prefi
             path.unlink(missing_ok=True)
         raise ExportCheckError(
             "OpenVINO disagrees with PyTorch: " + "; ".join(describe_failure(check) for check in failed)
-            + f". No OpenVINO file was kept in {onnx_dir}."
+            + f". No OpenVINO file was kept in {onnx_dir}.",
+            checks,
         )  # fmt: skip
     return checks
 

@@ -90,3 +90,27 @@ def test_openvino_needs_the_export_and_its_extra(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ['error: the OpenVINO runtime needs the openvino extra: pip install -e ".[openvino]"']
     assert not (tmp_path / "q").exists()  # refused before anything was written
+
+
+def test_an_openvino_refusal_keeps_the_checked_onnx_files_and_the_summary(tmp_path, monkeypatch, capsys):
+    import quantize.__main__ as cli
+    from quantize.onnx_export import ExportCheck, ExportCheckError
+
+    check = ExportCheck("encoder.xml", "float32", {"embedding.max": 1.0}, {"embedding.max": 1e-3}, False, {})
+
+    def refused(sam, onnx_dir, precision):
+        raise ExportCheckError("OpenVINO disagrees with PyTorch: encoder.xml: embedding.max 1 > 0.001.", [check])
+
+    monkeypatch.setattr(cli, "require_openvino", lambda: "2026.4.1")
+    monkeypatch.setattr(cli, "export_openvino", refused)
+    argv = ["--model", "tinyvit_test", "--method", "minmax", "--num-calib", "1", "--max-prompts", "1",
+            "--num-eval", "0", "--runtime", "ort", "openvino", "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars: one line
+    assert err.startswith("error: OpenVINO disagrees with PyTorch: encoder.xml: embedding.max 1 > 0.001.")
+    assert f"The ONNX Runtime files in {tmp_path / 'float32'} passed their checks and are kept" in err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    openvino = summary["export"]["float32"]["openvino"]
+    assert openvino["files"] == [] and [c["passed"] for c in openvino["checks"]] == [False]
+    assert all(c["passed"] for c in summary["export"]["float32"]["checks"])
+    assert (tmp_path / "float32" / "encoder.onnx").is_file()
