@@ -107,7 +107,8 @@ def markdown_table(records: list[dict]) -> str:
             twin = f"{len(r['twin_layers'])} of {r['twin_candidates']}"
             result = f"yes | {apart} | {unexplained:g} | {twin} | {r['sqnr_embedding_db']:.2f}"
         else:
-            result = f"**no**: {r['error']} | | | |"
+            reason = r["error"].split(". ")[0]  # what failed; the rest says what was kept (in matrix.json)
+            result = f"**no**: {reason} | | | |"
         lines.append(f"| {r['model']} | {r['num_calib']} | {r['method']} | {r['twin']} | {result} | {r['seconds']} |")
     return "\n".join(lines)
 
