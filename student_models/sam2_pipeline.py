@@ -145,7 +145,9 @@ def decode(model: SAM2Base, features: Sam2Features, coords: torch.Tensor, labels
     return Sam2DecoderOutput(masks, iou, mask_tokens, object_score)
 
 
-def box_points(boxes: torch.Tensor, coords: torch.Tensor | None = None, labels: torch.Tensor | None = None):
+def box_points(
+    boxes: torch.Tensor, coords: torch.Tensor | None = None, labels: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(coords Rx(2+N)x2, labels Rx(2+N)) of R boxes (Rx4 x0 y0 x1 y1, the model's frame) followed by each row's
     N points, as ``SAM2ImagePredictor._predict`` concatenates them."""
     box_coords = boxes.reshape(-1, 2, 2)
@@ -163,7 +165,7 @@ def choose_masks(model: SAM2Base, output: Sam2DecoderOutput, multimask: bool) ->
     if multimask:
         return output.masks[:, 1:], output.iou[:, 1:]
     if decoder.dynamic_multimask_via_stability and not decoder.training:
-        return decoder._dynamic_multimask_via_stability(output.masks, output.iou)
+        return decoder._dynamic_multimask_via_stability(output.masks, output.iou)  # sam2's rule, not a copy
     return output.masks[:, :1], output.iou[:, :1]
 
 
