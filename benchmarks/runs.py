@@ -23,8 +23,7 @@ from benchmarks.latency import LatencyConfig, OnnxPair, backend_class, benchmark
 from benchmarks.records import device_name, git_commit, make_out_dir, make_record, write_records
 from student_models import build_sam
 from student_models.registry import canonical_name
-from student_models.sam2_pipeline import Sam2Runner, TorchSam2Backend
-from student_models.sam_runner import SamBackend, SamRunner
+from student_models.sam_runner import SamRunner
 
 ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder.onnx"
 # The runtime that runs an exported file, by its suffix, and the `SamBackend` class that runs it there.
@@ -151,16 +150,14 @@ def run_coco(
     config = config or CocoEvalConfig()
     make_out_dir(out_dir)
     git_commit()  # pinned before measuring
-    backend: SamBackend
-    runner = SamRunner
+    runner: SamRunner
     if isinstance(target, OnnxModel):
-        backend, runtime = onnx_runner(target.pair), target.pair.runtime
+        runner, runtime = SamRunner(onnx_runner(target.pair), config.chunk_size), target.pair.runtime
         name, ckpt, precision = canonical_name(target.model), str(target.pair.encoder.parent), target.pair.precision
     else:
-        backend, runtime = backend_class(target.model)(target.sam, device), "pytorch"
-        runner = Sam2Runner if isinstance(backend, TorchSam2Backend) else SamRunner
+        runner, runtime = backend_class(target.model)(target.sam, device).runner(config.chunk_size), "pytorch"
         name, ckpt, precision = target.model, target.checkpoint, target.precision
-    result = evaluate_coco(runner(backend, config.chunk_size), coco_root, config, progress)
+    result = evaluate_coco(runner, coco_root, config, progress)
     record = make_record(
         "coco",
         model=name,
@@ -168,7 +165,7 @@ def run_coco(
         precision=precision,
         runtime=runtime,
         threads=None,
-        device=device_name(backend.device),
+        device=device_name(runner.device),
         config={**config.to_dict(), "coco_root": str(coco_root)},
         num_images=result.num_images,
         num_prompts=result.num_prompts,

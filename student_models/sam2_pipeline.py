@@ -204,6 +204,9 @@ class TorchSam2Backend(TorchSamBackend):
     def networks(self) -> tuple[nn.Module, nn.Module]:
         return _Encoder(self.sam), _PointDecoder(self.sam)
 
+    def runner(self, chunk_size: int = 64) -> Sam2Runner:
+        return Sam2Runner(self, chunk_size)
+
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> Sam2Features:
         with self._autocast():

@@ -125,6 +125,10 @@ class TorchSamBackend:
         """(the module `encode` runs, the module `decode` runs) of ``self.sam``: what ``compile`` compiles."""
         return self.sam.image_encoder, PointPromptDecoder(self.sam)
 
+    def runner(self, chunk_size: int = 64) -> SamRunner:
+        """A `SamRunner` on this back-end, with the geometry of its model's family."""
+        return SamRunner(self, chunk_size)
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         """Autocast to ``dtype``; float32 runs without one (on any device, the meta device included)."""
         if self.dtype == torch.float32:

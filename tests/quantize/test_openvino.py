@@ -55,7 +55,7 @@ def int8_checks(onnx_dir):
 
 
 def test_int8_ir_passes_the_layer_by_layer_check(onnx_dir, int8_checks):
-    sam, folder = onnx_dir
+    _, folder = onnx_dir
     checks = int8_checks
     assert all(c.passed for c in checks), checks
     assert all(c.rel_diff["rounding_unexplained"] == 0 and c.info["forced_quantizers"] > 10 for c in checks)
