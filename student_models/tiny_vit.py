@@ -215,9 +215,12 @@ class ConvStage(nn.Module):
         self.blocks = nn.ModuleList(MBConv(dim, expand_ratio) for _ in range(depth))
         self.downsample = PatchMerging(resolution, dim, out_dim, stride)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, features: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The stage's blocks then its patch merging; the blocks' output is also appended to `features` if given."""
         for block in self.blocks:
             x = block(x)
+        if features is not None:
+            features.append(x)
         return self.downsample(x)
 
 
@@ -241,9 +244,12 @@ class AttentionStage(nn.Module):
         )
         self.downsample = PatchMerging(resolution, dim, out_dim, stride) if out_dim is not None else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, features: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The stage's blocks then its patch merging, if any; the blocks' output is also appended to `features`."""
         for block in self.blocks:
             x = block(x)
+        if features is not None:
+            features.append(x)
         return self.downsample(x) if self.downsample is not None else x
 
 
@@ -347,12 +353,11 @@ class TinyViTTrunk(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.patch_embed(x)
-        outputs = []
-        for stage, side in zip(self.layers, self.sides, strict=True):
-            for block in stage.blocks:
-                x = block(x)
-            # Stage 0 works on BxCxHxW maps, the attention stages on BxLxC tokens.
-            outputs.append(x if x.ndim == 4 else x.transpose(1, 2).reshape(x.shape[0], -1, side, side))
-            if stage.downsample is not None:
-                x = stage.downsample(x)
-        return outputs
+        features: list[torch.Tensor] = []
+        for stage in self.layers:  # called as modules, so that an exported graph's names are the modules'
+            x = stage(x, features)
+        # Stage 0 works on BxCxHxW maps, the attention stages on BxLxC tokens.
+        return [
+            f if f.ndim == 4 else f.transpose(1, 2).reshape(f.shape[0], -1, side, side)
+            for f, side in zip(features, self.sides, strict=True)
+        ]
