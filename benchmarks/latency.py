@@ -32,9 +32,10 @@ from tqdm import tqdm
 from benchmarks.records import device_name, make_record
 from student_models import build_sam
 from student_models.device import torch_threads
+from student_models.families import family_named
 from student_models.prompts import box_prompts
 from student_models.registry import EMBED_DIM, EMBED_SIDE, IMAGE_SIZE, get_spec
-from student_models.sam2_pipeline import Sam2Features, TorchSam2Backend
+from student_models.sam2_pipeline import Sam2Features
 from student_models.sam_runner import SamBackend, TorchSamBackend, compile_mode
 
 COMPONENTS = ("encoder", "decoder")
@@ -152,11 +153,6 @@ def example_inputs(decoder_boxes: int = 1, seed: int = 0, image_batch: int = 1, 
     return {"image": images, "embedding": embedding, "coords": coords, "labels": labels}
 
 
-def backend_class(model_name: str) -> type[TorchSamBackend]:
-    """The PyTorch back-end of a registered model's family: `TorchSamBackend` (SAM) or `TorchSam2Backend`."""
-    return TorchSam2Backend if get_spec(model_name).family == "sam2" else TorchSamBackend
-
-
 def component_params(sam: nn.Module) -> dict[str, int]:
     """Parameter counts: encoder, and decoder = prompt encoder + mask decoder (SAM 2's includes the two
     1x1 convolutions that ``forward_image`` applies to the high-resolution levels, 25k parameters)."""
@@ -178,7 +174,7 @@ def count_macs(model_name: str, decoder_boxes: int = 1, image_batch: int = 1) ->
     inputs = {k: v.to("meta") for k, v in example_inputs(decoder_boxes, image_batch=image_batch, family=family).items()}
     with torch.device("meta"):
         # No parameter needs grad: FlopCounterMode's module hooks reject no-grad views of grad leaves.
-        backend = backend_class(model_name)(build_sam(model_name).requires_grad_(False), "meta")
+        backend = family_named(model_name).backend(build_sam(model_name).requires_grad_(False), "meta")
     macs = {}
     for component, call in _backend_targets(backend, inputs).items():
         with FlopCounterMode(display=False) as counter:
@@ -276,7 +272,7 @@ def benchmark_latency(
         raise ValueError(f"ONNX encoders take one image per call; image_batch {config.image_batch} needs PyTorch alone")
     device = torch.device(device)
     inputs = example_inputs(config.decoder_boxes, image_batch=config.image_batch, family=get_spec(model_name).family)
-    torch_backend = backend_class(model_name)
+    torch_backend = family_named(model_name).backend
     params = component_params(sam)
     macs = count_macs(model_name, config.decoder_boxes, config.image_batch)
     batch = {"encoder": config.image_batch, "decoder": config.decoder_boxes}

@@ -19,9 +19,10 @@ import torch
 from segment_anything.modeling import Sam
 
 from benchmarks.coco_eval import CocoEvalConfig, CocoEvalResult, evaluate_coco
-from benchmarks.latency import LatencyConfig, OnnxPair, backend_class, benchmark_latency
+from benchmarks.latency import LatencyConfig, OnnxPair, benchmark_latency
 from benchmarks.records import device_name, git_commit, make_out_dir, make_record, write_records
 from student_models import build_sam
+from student_models.families import family_named
 from student_models.registry import canonical_name
 from student_models.sam_runner import SamRunner
 
@@ -152,10 +153,10 @@ def run_coco(
     git_commit()  # pinned before measuring
     runner: SamRunner
     if isinstance(target, OnnxModel):
-        runner, runtime = SamRunner(onnx_runner(target.pair), config.chunk_size), target.pair.runtime
+        runner, runtime = onnx_runner(target.pair).runner(config.chunk_size), target.pair.runtime
         name, ckpt, precision = canonical_name(target.model), str(target.pair.encoder.parent), target.pair.precision
     else:
-        runner, runtime = backend_class(target.model)(target.sam, device).runner(config.chunk_size), "pytorch"
+        runner, runtime = family_named(target.model).backend(target.sam, device).runner(config.chunk_size), "pytorch"
         name, ckpt, precision = target.model, target.checkpoint, target.precision
     result = evaluate_coco(runner, coco_root, config, progress)
     record = make_record(

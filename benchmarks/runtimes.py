@@ -4,8 +4,9 @@
         [--reference-encoder vit_h] [--also OTHER_DIR ...]
 
 DIR is a folder `python -m quantize --runtime ort openvino` wrote (``float32/`` and ``int8/`` with
-ONNX files and OpenVINO IR). Every encoder runs on the same preprocessed images: SQNR (dB) of its
-embeddings against ONNX Runtime's float32 ones, and the median time per image at each thread count,
+ONNX files and OpenVINO IR), of a SAM or a SAM 2 model (whose encoder gives three levels: their SQNR is
+taken together). Every encoder runs on the same images, preprocessed for the model's family: SQNR (dB) of
+its embeddings against ONNX Runtime's float32 ones, and the median time per image at each thread count,
 the files timed interleaved (one image through each in turn, `--repeats` rounds) so that a busy
 machine slows all of them alike. OpenVINO runs with float32 inference precision, as
 `quantize.openvino_runtime` ships it, and once more with OpenVINO's CPU default ("default"), which on
@@ -35,7 +36,8 @@ from quantize.onnx_runtime import open_session
 from quantize.openvino_runtime import compile_model, require_openvino, run_model
 from student_models import build_sam
 from student_models.device import torch_threads
-from student_models.preprocessing import list_image_files, load_image, prepare_image
+from student_models.families import family_named, family_of_graph
+from student_models.preprocessing import list_image_files, load_image
 
 
 def _encoders(folder: Path, others: list[Path]) -> list[tuple[str, str, Path]]:
@@ -51,20 +53,25 @@ def _encoders(folder: Path, others: list[Path]) -> list[tuple[str, str, Path]]:
     return encoders
 
 
+def _flat(levels: list[np.ndarray]) -> np.ndarray:
+    """An encoder's outputs as one vector (SAM 2's three levels one after the other)."""
+    return np.concatenate([level.ravel() for level in levels])
+
+
 def _runners(
-    encoders: list[tuple[str, str, Path]], threads: int, folder: Path
+    encoders: list[tuple[str, str, Path]], threads: int, folder: Path, names: tuple[str, ...]
 ) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
-    """name -> run(image) -> embedding for each encoder; `folder`'s OpenVINO IR also at OpenVINO's default
-    inference precision ("<name> (default)")."""
+    """name -> run(image) -> the encoder's outputs `names` as one vector, for each encoder; `folder`'s OpenVINO
+    IR also at OpenVINO's default inference precision ("<name> (default)")."""
     runners = {}
     for name, runtime, path in encoders:
         if runtime == "ort":
             session = open_session(path, threads)
-            runners[name] = lambda x, s=session: s.run(["image_embeddings"], {"image": x})[0]
+            runners[name] = lambda x, s=session: _flat(s.run(list(names), {"image": x}))
             continue
         for suffix, config in (("", None), (" (default)", {})) if path.parents[1] == folder else (("", None),):
             model = compile_model(path, threads, config)
-            runners[name + suffix] = lambda x, m=model: run_model(m, {"image": x})["image_embeddings"]
+            runners[name + suffix] = lambda x, m=model: _flat([run_model(m, {"image": x})[n] for n in names])
     return runners
 
 
@@ -89,8 +96,9 @@ def compare_runtimes(
     `others`: folders of the same model exported otherwise (e.g. with ``--no-twin``), whose INT8 encoders
     join the same interleaved rounds.
 
-    `reference_encoder`: a registered model (e.g. "vit_h", random weights) whose PyTorch float32 image
-    encoder is timed on the first image once per thread count, halfway through the interleaved rounds,
+    `reference_encoder`: a registered model (e.g. "vit_h" or "sam2.1_hiera_large", random weights) whose PyTorch
+    float32 image encoder (SAM 2: ``forward_image`` and the two 1x1 convolutions, as `TorchSam2Backend.encode`) is
+    timed on the first image once per thread count, halfway through the interleaved rounds,
     so that each encoder's speed-up over it is measured in the same run.
     """
     folder, others = Path(folder), [Path(other) for other in others]
@@ -104,7 +112,10 @@ def compare_runtimes(
     files = list_image_files(images_dir)[:num_images]
     if not files:
         raise ValueError(f"no images in {images_dir}: give a folder of held-out images with --images")
-    images = [prepare_image(load_image(path)).tensor.numpy() for path in files]
+    family = family_of_graph(
+        [output.name for output in open_session(folder / "float32" / "encoder.onnx").get_outputs()]
+    )
+    images = [family.prepare(load_image(path))[0].numpy() for path in files]
     record = {
         "folder": str(folder), "others": [str(o) for o in others], "images": [p.name for p in files],
         "cpu": cpu_name(), "isa": cpu_isa(),
@@ -114,7 +125,7 @@ def compare_runtimes(
     if pytorch_encoder is not None:
         record["reference"] = {"model": reference_encoder, "runtime": "pytorch float32", "ms": {}}
     for count in threads:
-        runners = _runners(encoders, count, folder)
+        runners = _runners(encoders, count, folder, family.embedding_names)
         outputs = {name: [run(x) for x in images] for name, run in runners.items()}  # also the warm-up
         if not record["sqnr_db"]:
             reference = outputs["ort float32"]
@@ -142,7 +153,8 @@ def compare_runtimes(
 
 def _reference_encoder(model: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_sam(model).image_encoder.eval()
+    encoder, _ = family_named(model).networks(build_sam(model).eval())
+    return encoder
 
 
 @torch.no_grad()

@@ -29,10 +29,10 @@ from student_models import CheckpointError, build_sam
 from student_models.data import DatasetError, open_dataset
 from student_models.device import add_device_argument
 from student_models.extras import MissingExtraError
+from student_models.families import family_of
 from student_models.io import atomic_write_text, writable_folder
 from student_models.preprocessing import ImageError
 from student_models.registry import canonical_name
-from student_models.sam_runner import TorchSamBackend
 
 # What a user can get wrong: shown as one "error:" line, exit 1.
 USER_ERRORS = (
@@ -120,14 +120,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"WARNING: no --checkpoint: quantizing {args.model} with RANDOM weights (a pipeline demo only)")
     torch.manual_seed(0)
     sam = build_sam(args.model, args.checkpoint).to(args.device)
+    family = family_of(sam)
     # A copy, not a second build: without a checkpoint a second build would draw other random weights.
-    float_model = TorchSamBackend(copy.deepcopy(sam), args.device) if args.num_eval else None
+    float_model = family.backend(copy.deepcopy(sam), args.device) if args.num_eval else None
     dataset = open_dataset(args.calib)
     samples = [s for s in (dataset[i] for i in range(min(len(dataset), config.num_calib + args.num_eval))) if s]
     if not samples:
         raise DatasetError(f"no readable calibration image in {args.calib or 'the synthetic set'}")
     start = time.time()
-    calibration = prepare_calibration(samples[: config.num_calib], config.num_calib, config.max_prompts, config.seed)
+    calibration = prepare_calibration(
+        samples[: config.num_calib], config.num_calib, config.max_prompts, config.seed, family.name
+    )
     report = quantize_(sam, config, box_prompt_loop(calibration), model_name=args.model)
     summary = {
         "model": canonical_name(args.model),
@@ -142,10 +145,10 @@ def run(args: argparse.Namespace) -> int:
     summary["quantized_checkpoint"] = {"path": str(checkpoint), "mb": round(checkpoint.stat().st_size / 2**20, 2)}
     held_out = samples[config.num_calib :]
     if float_model is not None and held_out:
-        items = prepare_calibration(held_out, len(held_out), config.max_prompts, seed=1)
+        items = prepare_calibration(held_out, len(held_out), config.max_prompts, seed=1, family=family.name)
         summary["fidelity_vs_float"] = {
             "images": len(items),
-            **fidelity(run_model(float_model, items), run_model(TorchSamBackend(sam, args.device), items)),
+            **fidelity(run_model(float_model, items), run_model(family.backend(sam, args.device), items)),
         }
     if not args.no_export:
         summary["export"] = {}

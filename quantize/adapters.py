@@ -8,7 +8,8 @@
   ``ConvNorm``) become one Conv2d with a bias and an Identity: the deployed graph has no BN, so the
   quantized weight must be the folded one.
 - Attention adapters: segment_anything's ViT ``Attention`` and the mask decoder's
-  ``transformer.Attention`` compute their matrix products inline; the adapters re-express the
+  ``transformer.Attention`` (and SAM 2's, the same layer through ``scaled_dot_product_attention``)
+  compute their matrix products inline; the adapters re-express the
   same forward with named ``qk_matmul`` / ``av_matmul`` modules and an ``nn.Softmax`` module, as
   TinyViT's attention already has, so the products can be quantized and the softmax found.
   Parameter names are unchanged, so state dicts still match.
@@ -106,11 +107,23 @@ ADAPTERS: dict[type, type] = {
 }
 
 
+def sam2_adapters(model: nn.Module) -> dict[type, type]:
+    """SAM 2's mask-decoder attention -> `DecoderAttentionAdapter` where `model` holds sam2 modules (the extra
+    is then installed); its parameters and product are SAM's, without dropout at inference."""
+    if not any(type(m).__module__.startswith("sam2.") for m in model.modules()):
+        return {}
+    from sam2.modeling.sam.transformer import Attention
+
+    return {Attention: DecoderAttentionAdapter}
+
+
 def install_adapters(model: nn.Module) -> list[str]:
-    """Replace every module of a type in `ADAPTERS` by its adapter; returns the names replaced."""
+    """Replace every module of a type in `ADAPTERS` (and `sam2_adapters`) by its adapter; returns the names
+    replaced."""
+    adapters = {**ADAPTERS, **sam2_adapters(model)}
     replaced = []
     for name, module in list(model.named_modules()):
-        adapter = ADAPTERS.get(type(module))
+        adapter = adapters.get(type(module))
         if adapter is not None:
             set_submodule(model, name, adapter(module))
             replaced.append(name)

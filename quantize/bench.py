@@ -36,8 +36,9 @@ from quantize.ptq import quantize_, quantized_layers
 from student_models import build_sam
 from student_models.data import open_dataset
 from student_models.device import add_device_argument, torch_threads
+from student_models.families import FAMILIES
 from student_models.prompts import box_prompts
-from student_models.sam_runner import TorchSamBackend
+from student_models.registry import get_spec
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -161,15 +162,16 @@ def run(args: argparse.Namespace) -> dict:
     if len(samples) < args.num_calib + args.num_eval:
         raise ValueError(f"need {args.num_calib + args.num_eval} images, the dataset has {len(samples)}")
     calib, evaluation = samples[: args.num_calib], samples[args.num_calib : args.num_calib + args.num_eval]
-    eval_items = prepare_calibration(evaluation, args.num_eval, args.max_prompts, seed=1)
-    calib_items = prepare_calibration(calib, args.num_calib, args.max_prompts, seed=0)
+    family = FAMILIES[get_spec(args.model).family]
+    eval_items = prepare_calibration(evaluation, args.num_eval, args.max_prompts, seed=1, family=family.name)
+    calib_items = prepare_calibration(calib, args.num_calib, args.max_prompts, seed=0, family=family.name)
 
     def fresh():
         torch.manual_seed(0)
         return build_sam(args.model, args.checkpoint).to(args.device)
 
     float_sam = fresh()
-    float_model = TorchSamBackend(float_sam, args.device)
+    float_model = family.backend(float_sam, args.device)
     reference = run_model(float_model, eval_items)
     records: dict = {
         "model": args.model,
@@ -211,12 +213,12 @@ def run(args: argparse.Namespace) -> dict:
             seconds = time.time() - start
             row = {"name": f"ours W{bits}A{bits} {label} (PyTorch, simulated)", "quantize_s": round(seconds, 1)}
             records["fidelity"].append(
-                {**row, **fidelity(reference, run_model(TorchSamBackend(sam, args.device), eval_items))}
+                {**row, **fidelity(reference, run_model(family.backend(sam, args.device), eval_items))}
             )
             if bits == 8 and label == args.methods[0]:  # which layer types cost the most fidelity
                 for group, patterns in args.float_groups:
                     with layers_in_float(sam, patterns):
-                        quantized = run_model(TorchSamBackend(sam, args.device), eval_items)
+                        quantized = run_model(family.backend(sam, args.device), eval_items)
                     name = f"ours W8A8 {label}, {group} in float (PyTorch, simulated)"
                     records["fidelity"].append({"name": name, **fidelity(reference, quantized)})
             # Exported: the first method, the minmax baseline and the added variants.

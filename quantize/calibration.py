@@ -6,8 +6,8 @@ device and yields, per batch, the task outputs (Bx4x256x256 mask logits, Bx4 IoU
 It is called once per pass (a probe of one batch, the float statistics pass, the output-quantizer
 pass), so each call must run the same data; it must not switch gradients off, and each batch needs
 its own forward pass (the Hessian metric backpropagates each batch's task loss). `box_prompt_loop`
-is the loop over prepared images with box prompts (`prepare_calibration`) that `quantize_` builds
-when given images.
+is the loop over prepared images with box prompts (`prepare_calibration`, in the family's input frame)
+that `quantize_` builds when given images.
 
 `collect` runs the float model through the loop once with hooks on every quantizable layer and
 fills each layer's `LayerCalibrator`: the running max of every input (`MaxCalibrator`), and a
@@ -24,20 +24,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 from tqdm import tqdm
 
 from quantize.modules import ActQuantizer, QuantConv2d, QuantConvTranspose2d, QuantLayer, QuantLinear
 from student_models.data import Sample
-from student_models.preprocessing import prepare_image
+from student_models.families import FAMILIES, family_of
 from student_models.prompts import box_prompts
-from student_models.sam_runner import PointPromptDecoder
 
 
 @dataclass
 class CalibItem:
-    """One calibration image: 1x3x1024x1024 preprocessed tensor, Bx2x2 box-corner coords, Bx2 labels."""
+    """One calibration image: 1x3x1024x1024 preprocessed tensor, Bx2x2 box-corner coords, Bx2 labels (in the
+    input frame of the model family it was prepared for)."""
 
     image: torch.Tensor
     coords: torch.Tensor
@@ -54,14 +53,16 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def box_prompt_loop(items: list[CalibItem]) -> ForwardLoop:
-    """The forward loop over prepared `items`: each moved to the model's device, encoded and decoded."""
+    """The forward loop over prepared `items`: each moved to the model's device, encoded and decoded by the
+    two graphs of the model's family."""
 
     def loop(sam: nn.Module) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         device = model_device(sam)
-        decoder = PointPromptDecoder(sam)
+        encoder, decoder = family_of(sam).networks(sam)
         for item in items:
-            embedding = sam.image_encoder(item.image.to(device))
-            yield decoder(embedding, item.coords.to(device), item.labels.to(device))
+            levels = encoder(item.image.to(device))
+            levels = levels if isinstance(levels, tuple) else (levels,)
+            yield decoder(*levels, item.coords.to(device), item.labels.to(device))
 
     return loop
 
@@ -74,11 +75,11 @@ def random_boxes(height: int, width: int, count: int, rng: np.random.Generator) 
 
 
 def prepare_calibration(
-    images: Iterable[np.ndarray | Sample], num_calib: int, max_prompts: int, seed: int
+    images: Iterable[np.ndarray | Sample], num_calib: int, max_prompts: int, seed: int, family: str = "sam"
 ) -> list[CalibItem]:
-    """Up to `num_calib` images -> CalibItems; prompts are the sample's boxes, else random boxes."""
+    """Up to `num_calib` images -> CalibItems for a model of `family` ("sam", "sam2"); prompts are the
+    sample's boxes, else random boxes."""
     rng = np.random.default_rng(seed)
-    transform = ResizeLongestSide(1024)
     items = []
     for entry in images:
         if entry is None:  # a dataset's corrupt image
@@ -86,14 +87,14 @@ def prepare_calibration(
         if len(items) == num_calib:
             break
         image, boxes = (entry.image, entry.boxes) if isinstance(entry, Sample) else (entry, None)
-        prepared = prepare_image(image)
-        height, width = prepared.original_size
+        tensor, to_frame = FAMILIES[family].prepare(image)
         if boxes is None or len(boxes) == 0:
-            boxes = random_boxes(height, width, max_prompts, rng)
+            boxes = random_boxes(*image.shape[:2], max_prompts, rng)
         elif len(boxes) > max_prompts:
             boxes = boxes[np.sort(rng.choice(len(boxes), max_prompts, replace=False))]
-        coords, labels = box_prompts(transform.apply_boxes(np.asarray(boxes, dtype=np.float32), (height, width)))
-        items.append(CalibItem(prepared.tensor, torch.from_numpy(coords), torch.from_numpy(labels)))
+        corners = to_frame(np.asarray(boxes, dtype=np.float32).reshape(-1, 2, 2))
+        coords, labels = box_prompts(corners.reshape(-1, 4))
+        items.append(CalibItem(tensor, torch.from_numpy(coords), torch.from_numpy(labels)))
     if not items:
         raise ValueError("quantization needs at least one calibration image; none were given")
     return items

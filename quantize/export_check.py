@@ -37,7 +37,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
 from torch import nn
 
 from quantize.modules import ActQuantizer, WeightQuantizer
@@ -255,7 +254,7 @@ def float64_inputs(
     for part in copy64.modules():
         if isinstance(part, WeightQuantizer):
             part.scale.data = part.scale.float()  # what per-channel fake quantization takes; its output is replaced
-        elif isinstance(part, PositionEmbeddingRandom):
+        elif type(part).__name__ == "PositionEmbeddingRandom":  # segment_anything's, or sam2's copy of it
             part.float()  # casts its coordinates to float32 itself; its float32 encoding is the float32 pass's
     originals = dict(module.named_modules())
     for name, quantizer in copy64.named_modules():

@@ -3,7 +3,7 @@
 Every model runs through a `student_models.sam_runner.SamBackend` (``encode``, ``decode``), so
 PyTorch models (`TorchSamBackend`, on their device) and ONNX files (`quantize.OnnxSam`) compare
 the same way. Figures per image, then averaged:
-- SQNR (dB) of the 1x256x64x64 image embedding and of the Bx4x256x256 mask logits
+- SQNR (dB) of the 1x256x64x64 image embedding (SAM 2: its three levels together) and of the Bx4x256x256 mask logits
   (10 log10(sum ref^2 / sum (ref - test)^2), each model with its own embedding);
 - mean IoU of the binarised (logit > 0) 256x256 low-res masks, all four mask tokens per prompt.
 """
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from quantize.calibration import CalibItem
+from student_models.families import embedding_levels
 from student_models.masks import mask_iou
 from student_models.sam_runner import SamBackend
 
@@ -31,7 +32,8 @@ def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
 
 @dataclass
 class Outputs:
-    """Per image: embedding (1x256x64x64), mask logits (Bx4x256x256)."""
+    """Per image: embedding (1x256x64x64; SAM 2: its three levels, flattened and concatenated), mask logits
+    (Bx4x256x256)."""
 
     embeddings: list[np.ndarray]
     masks: list[np.ndarray]
@@ -43,7 +45,7 @@ def run_model(backend: SamBackend, items: list[CalibItem]) -> Outputs:
     for item in items:
         embedding = backend.encode(item.image)
         logits, _ = backend.decode(embedding, item.coords, item.labels)
-        embeddings.append(embedding.cpu().numpy())
+        embeddings.append(np.concatenate([level.cpu().numpy().ravel() for level in embedding_levels(embedding)]))
         masks.append(logits.cpu().numpy())
     return Outputs(embeddings, masks)
 

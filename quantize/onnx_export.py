@@ -1,4 +1,9 @@
-"""ONNX export of a (quantized) SAM: encoder.onnx + decoder.onnx, checked in ONNX Runtime, plus .ort files.
+"""ONNX export of a (quantized) SAM or SAM 2 model: encoder.onnx + decoder.onnx, checked in ONNX Runtime, plus
+.ort files.
+
+The two graphs are the family's (`student_models.families`): SAM's encoder gives ``image_embeddings``,
+SAM 2's the three levels its decoder takes (``high_res_feats_0``, ``high_res_feats_1``, ``image_embed``); the
+decoder graph takes them, then ``point_coords`` and ``point_labels``, and returns all four mask tokens.
 
 - "float32": the float model (a quantized model is exported with its quantizers off).
 - "int8": a QDQ model. Uniform quantizers become QuantizeLinear/DequantizeLinear pairs (uint8
@@ -34,11 +39,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from segment_anything.modeling import Sam
 
 from quantize.export_check import TIE_RELATIVE, float64_inputs, forced_quantizers, run_instrumented
 from quantize.modules import ActQuantizer, QuantConv2d, QuantConvTranspose2d, QuantLayer, WeightQuantizer
-from quantize.onnx_modules import EncoderForExport
 from quantize.onnx_runtime import count_kernels, open_session, write_ort_format
 from quantize.qdq_graph import (
     fold_weight_quantization,
@@ -47,7 +50,7 @@ from quantize.qdq_graph import (
     quantize_bias,
     unshare_weight_dequantize,
 )
-from student_models.sam_runner import PointPromptDecoder
+from student_models.families import DECODER_OUTPUTS, family_of
 
 OPSET = 20
 # Closeness required between ORT and PyTorch, relative to the reference output's scale:
@@ -218,8 +221,8 @@ def compare_forced(
         forced_quantizers(model, tensors, outputs, reference_inputs, tie_relative) as rounding,
     ):
         forced = model(*args)
-    with export_mode(model, "int8"):
-        perturbed = model(args[0] * (1 + ULP_PROBE), *args[1:])
+    with export_mode(model, "int8"):  # the image or the embedding levels moved by ULP_PROBE, the prompts not
+        perturbed = model(*(arg * (1 + ULP_PROBE) if arg.ndim == 4 else arg for arg in args))
     as_dict = lambda out: dict(zip(expected, out if isinstance(out, tuple) else (out,), strict=True))  # noqa: E731
     forced, perturbed = as_dict(forced), as_dict(perturbed)
     diffs, bounds = output_diffs(outputs, forced, TOLERANCE["int8"])
@@ -251,7 +254,7 @@ def probe_inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return image, coords, labels
 
 
-def layer_placement(sam: Sam, precision: str) -> tuple[list[str], list[str], list[str]]:
+def layer_placement(sam: torch.nn.Module, precision: str) -> tuple[list[str], list[str], list[str]]:
     """(layers whose products run on ORT's integer kernels, layers simulated in float, float layers).
 
     Integer: Linear, pointwise convolutions and attention products with int8-runnable inputs
@@ -294,7 +297,11 @@ def cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 @torch.no_grad()
 def export_onnx(
-    sam: Sam, out_dir: str | os.PathLike, precision: str = "float32", ort_format: bool = True, prefix: str = ""
+    sam: torch.nn.Module,
+    out_dir: str | os.PathLike,
+    precision: str = "float32",
+    ort_format: bool = True,
+    prefix: str = "",
 ) -> ExportResult:
     """Write ``{prefix}encoder.onnx`` and ``{prefix}decoder.onnx`` (and .ort files) for `sam` and check them.
 
@@ -303,7 +310,7 @@ def export_onnx(
     its ``export_{precision}.json``, in ``{prefix}{precision}.failed/`` for debugging.
 
     Args:
-        sam: a float or quantized SAM model, on any device (exported from a CPU copy).
+        sam: a float or quantized SAM or SAM 2 model, on any device (exported from a CPU copy).
         precision: "float32", or "int8" (the QDQ graph; needs a model quantized to <= 8 bits).
         ort_format: also write the .ort files ONNX Runtime Mobile loads.
     Raises:
@@ -370,31 +377,34 @@ DYNAMIC_AXES = {
 }  # fmt: skip
 
 
-def probe_parts(sam: Sam, precision: str) -> dict[str, tuple]:
+def probe_parts(sam: torch.nn.Module, precision: str) -> dict[str, tuple]:
     """The two graphs of `sam` on the probe inputs, as checks need them: {"encoder" | "decoder": (module, args,
     input names, {output name: the model's output in `precision`}, {output name: float output} or None)}.
 
     The float outputs (quantizers off, same inputs) are there for an int8 model only.
     """
+    family = family_of(sam)
     image, coords, labels = probe_inputs()
-    encoder, decoder = EncoderForExport(sam), PointPromptDecoder(sam)
+    encoder, decoder = family.networks(sam)
+    as_tuple = lambda out: out if isinstance(out, tuple) else (out,)  # noqa: E731
     with export_mode(sam, precision):
-        embedding = encoder(image)
-        masks, iou = decoder(embedding, coords, labels)
+        levels = as_tuple(encoder(image))
+        decoded = decoder(*levels, coords, labels)
     float_enc = float_dec = None
     if precision == "int8":
         with export_mode(sam, "float32"):
-            float_enc = {"image_embeddings": encoder(image)}
-            float_masks, float_iou = decoder(embedding, coords, labels)
-            float_dec = {"low_res_masks": float_masks, "iou_predictions": float_iou}
+            float_enc = dict(zip(family.embedding_names, as_tuple(encoder(image)), strict=True))
+            float_dec = dict(zip(DECODER_OUTPUTS, decoder(*levels, coords, labels), strict=True))
     return {
-        "encoder": (encoder, (image,), ["image"], {"image_embeddings": embedding}, float_enc),
-        "decoder": (decoder, (embedding, coords, labels), ["image_embeddings", "point_coords", "point_labels"],
-                    {"low_res_masks": masks, "iou_predictions": iou}, float_dec),
+        "encoder": (encoder, (image,), ["image"], dict(zip(family.embedding_names, levels, strict=True)), float_enc),
+        "decoder": (decoder, (*levels, coords, labels), list(family.decoder_inputs),
+                    dict(zip(DECODER_OUTPUTS, decoded, strict=True)), float_dec),
     }  # fmt: skip
 
 
-def _write_and_check(sam: Sam, out_dir: Path, precision: str, ort_format: bool, prefix: str) -> ExportResult:
+def _write_and_check(
+    sam: torch.nn.Module, out_dir: Path, precision: str, ort_format: bool, prefix: str
+) -> ExportResult:
     """`export_onnx`'s work in `out_dir`: export both graphs, check them in ORT, count kernels.
 
     A failed check is recorded in the result, not raised: the caller decides where the files go.

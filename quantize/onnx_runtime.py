@@ -22,8 +22,12 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from student_models.families import DECODER_OUTPUTS, PROMPT_NAMES, embedding_levels, family_of_graph
+
 # Re-exported: callers (benchmarks) import the prompt helpers next to the runner that takes them.
 from student_models.prompts import box_prompts, point_prompts  # noqa: F401
+from student_models.sam2_pipeline import Sam2Features
+from student_models.sam_runner import SamRunner
 
 # ORT rewrites DequantizeLinear(int8 weight) -> MatMul with a float input (a layer whose input is left float) into
 # MatMulNBits, whose default accuracy level 4 quantizes that float input again, per block of 32 values,
@@ -132,11 +136,13 @@ def float32_array(tensor: torch.Tensor) -> np.ndarray:
 
 class CpuSamRunner(abc.ABC):
     """A `SamBackend` over two exported files run by a CPU runtime: the file contract and input checks,
-    with the runtime left to `load` (open a file) and `run` (outputs by name).
+    with the runtime left to `load` (open a file), `output_names` and `run` (outputs by name).
 
     ``encode`` and ``decode`` take and return tensors, as `TorchSamBackend`'s do, so `SamRunner`,
     quantization fidelity and the latency benchmark run any back-end the same way; inputs on another
-    device are brought to the CPU, and numpy appears only at the runtime's call.
+    device are brought to the CPU, and numpy appears only at the runtime's call. The encoder file's outputs
+    say the model family (`student_models.families`): a SAM encoder's embedding is a tensor, a SAM 2
+    encoder's a `Sam2Features`.
 
     Args:
         encoder_path, decoder_path: the two exported files.
@@ -152,39 +158,51 @@ class CpuSamRunner(abc.ABC):
         self.num_threads = num_threads
         self.encoder = self.load(encoder_path, num_threads)
         self.decoder = self.load(decoder_path, num_threads)
+        self.family = family_of_graph(self.output_names(self.encoder))
+
+    def runner(self, chunk_size: int = 64) -> SamRunner:
+        """A `SamRunner` on this back-end, with the geometry of its model's family."""
+        return self.family.runner(self, chunk_size)
 
     @abc.abstractmethod
     def load(self, path: str | os.PathLike, num_threads: int | None):
         """The runtime's model for the file at `path`."""
 
     @abc.abstractmethod
+    def output_names(self, model) -> list[str]:
+        """The names of `model`'s outputs."""
+
+    @abc.abstractmethod
     def run(self, model, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """`model`'s outputs `names` on `feeds`."""
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Bx3x1024x1024 float32 preprocessed images -> Bx256x64x64 float32 embeddings (one call per image)."""
+    def encode(self, images: torch.Tensor) -> torch.Tensor | Sam2Features:
+        """Bx3x1024x1024 float32 preprocessed images -> their embeddings (SAM: Bx256x64x64; SAM 2: `Sam2Features`),
+        one call per image."""
         images = float32_array(images)
         if images.ndim != 4 or images.shape[1:] != (3, 1024, 1024):
             raise ValueError(
                 f"{type(self).__name__}.encode expects Bx3x1024x1024 preprocessed images, got {images.shape}"
             )
-        embeddings = [
-            self.run(self.encoder, ["image_embeddings"], {"image": images[i : i + 1]})[0] for i in range(len(images))
-        ]
-        return torch.from_numpy(embeddings[0] if len(embeddings) == 1 else np.concatenate(embeddings))
+        names = list(self.family.embedding_names)
+        per_image = [self.run(self.encoder, names, {"image": images[i : i + 1]}) for i in range(len(images))]
+        levels = [parts[0] if len(parts) == 1 else np.concatenate(parts) for parts in zip(*per_image, strict=True)]
+        return self.family.embedding([torch.from_numpy(level) for level in levels])
 
     def decode(
-        self, embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor
+        self, embedding: torch.Tensor | Sam2Features, coords: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """1x256x64x64 embedding, BxNx2 coords, BxN labels -> (Bx4x256x256 logits, Bx4 IoU)."""
+        """One image's embedding (as `encode` returns it), BxNx2 coords, BxN labels -> (Bx4x256x256 logits, Bx4 IoU)."""
         coords, labels = float32_array(coords), float32_array(labels)
         if coords.ndim != 3 or coords.shape[-1] != 2 or labels.shape != coords.shape[:2]:
             raise ValueError(
                 f"{type(self).__name__}.decode expects point_coords BxNx2 and point_labels BxN, got {coords.shape} "
                 f"and {labels.shape}"
             )
-        feeds = {"image_embeddings": float32_array(embedding), "point_coords": coords, "point_labels": labels}
-        masks, iou = self.run(self.decoder, ["low_res_masks", "iou_predictions"], feeds)
+        levels = [float32_array(level) for level in embedding_levels(embedding)]
+        feeds = {**dict(zip(self.family.embedding_names, levels, strict=True)), PROMPT_NAMES[0]: coords,
+                 PROMPT_NAMES[1]: labels}  # fmt: skip
+        masks, iou = self.run(self.decoder, list(DECODER_OUTPUTS), feeds)
         return torch.from_numpy(masks), torch.from_numpy(iou)
 
 
@@ -198,6 +216,9 @@ class OnnxSam(CpuSamRunner):
 
     def load(self, path: str | os.PathLike, num_threads: int | None) -> ort.InferenceSession:
         return open_session(path, num_threads)
+
+    def output_names(self, model: ort.InferenceSession) -> list[str]:
+        return [output.name for output in model.get_outputs()]
 
     def run(self, model: ort.InferenceSession, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return model.run(names, feeds)

@@ -152,6 +152,9 @@ class OpenVinoSam(CpuSamRunner):
     def load(self, path: str | os.PathLike, num_threads: int | None):
         return compile_model(path, num_threads)
 
+    def output_names(self, model) -> list[str]:
+        return [output.get_any_name() for output in model.outputs]
+
     def run(self, model, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         outputs = run_model(model, feeds)
         return [outputs[name] for name in names]

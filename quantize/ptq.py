@@ -6,7 +6,8 @@ MatMul) of the chosen parts, minus the keep-float patterns; find which inputs co
 Softmax or a GELU (twin-uniform candidates) with one probing pass; swap in quantized layers; run
 the float model through the calibration forward loop collecting statistics (and task-loss
 gradients for the Hessian metric); search each layer's scales; enable the quantizers. Layers never
-called during calibration (TinyViT's unused classification head) stay float.
+called during calibration (TinyViT's unused classification head) stay float, and so do, with the Hessian
+metric, layers whose outputs the task loss does not depend on (SAM 2's object-score head).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from segment_anything.modeling import Sam
 from torch import nn
 from tqdm import tqdm
 
@@ -37,9 +37,9 @@ from quantize.modules import ActQuantizer, QuantLayer, quantized_copy
 from quantize.search import LayerSearchResult, search_layer, search_output_scale
 from student_models.checkpoints import guess_model
 from student_models.data import Sample
+from student_models.families import family_of
 from student_models.tiny_vit import MatMul
 
-PART_PREFIX = {"encoder": "image_encoder.", "decoder": "mask_decoder."}
 QUANTIZABLE = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, MatMul)
 
 
@@ -78,16 +78,16 @@ class QuantReport:
         }  # fmt: skip
 
 
-def prepare_structure(sam: Sam) -> None:
+def prepare_structure(sam: nn.Module) -> None:
     """The numerically identical rewrites every quantized model gets (also re-applied on load)."""
     fuse_reparameterizable(sam)
     fold_batchnorms(sam)
     install_adapters(sam)
 
 
-def find_layers(sam: Sam, config: PTQConfig) -> tuple[list[str], list[str]]:
+def find_layers(sam: nn.Module, config: PTQConfig) -> tuple[list[str], list[str]]:
     """(names to quantize, names kept float by pattern) among the quantizable layers of the chosen parts."""
-    prefixes = tuple(PART_PREFIX[part] for part in config.parts)
+    prefixes = tuple(family_of(sam).part_prefixes[part] for part in config.parts)
     candidates = [name for name, m in sam.named_modules() if isinstance(m, QUANTIZABLE) and name.startswith(prefixes)]
     all_layers = [name for name, m in sam.named_modules() if isinstance(m, QUANTIZABLE)]
     for pattern in config.keep_float:
@@ -101,7 +101,7 @@ def find_layers(sam: Sam, config: PTQConfig) -> tuple[list[str], list[str]]:
 
 
 @torch.no_grad()
-def probe_input_kinds(sam: Sam, names: list[str], loop: ForwardLoop, config: PTQConfig) -> dict[str, list[str]]:
+def probe_input_kinds(sam: nn.Module, names: list[str], loop: ForwardLoop, config: PTQConfig) -> dict[str, list[str]]:
     """For each layer, the kind of each input: twin_softmax / twin_gelu when it is a Softmax / GELU output
     (from the loop's first batch)."""
     twin = config.method != "minmax"
@@ -139,7 +139,7 @@ def probe_input_kinds(sam: Sam, names: list[str], loop: ForwardLoop, config: PTQ
     return kinds
 
 
-def apply_quantized_layers(sam: Sam, kinds: dict[str, list[str]], config: PTQConfig) -> dict[str, QuantLayer]:
+def apply_quantized_layers(sam: nn.Module, kinds: dict[str, list[str]], config: PTQConfig) -> dict[str, QuantLayer]:
     """Swap each named layer for a quantized copy with the given input kinds; returns them by name."""
     device = model_device(sam)
     layers = {}
@@ -151,7 +151,7 @@ def apply_quantized_layers(sam: Sam, kinds: dict[str, list[str]], config: PTQCon
 
 
 def quantize_(
-    sam: Sam,
+    sam: nn.Module,
     config: PTQConfig,
     calibration: ForwardLoop | Iterable[np.ndarray | Sample],
     show_progress: bool = True,
@@ -162,7 +162,7 @@ def quantize_(
     Calibration and the scale search run on the model's device (a CUDA model stays on its GPU).
 
     Args:
-        sam: a float SAM model (e.g. from `student_models.build_sam`), in eval mode.
+        sam: a float SAM or SAM 2 model (e.g. from `student_models.build_sam`), in eval mode.
         config: the `PTQConfig`.
         calibration: a forward loop, `loop(sam)` yielding (Bx4x256x256 mask logits, Bx4 IoU) per
             calibration batch (see `quantize.calibration`), or HxWx3 uint8 RGB images or dataset
@@ -174,7 +174,7 @@ def quantize_(
     if any(isinstance(m, QuantLayer) for m in sam.modules()):
         raise ValueError("this model is already quantized; build a fresh float model to quantize again")
     model_name = model_name or guess_model(sam.state_dict())
-    loop = calibration if callable(calibration) else image_loop(calibration, config)
+    loop = calibration if callable(calibration) else image_loop(calibration, config, family_of(sam).name)
     sam.eval()
     prepare_structure(sam)
     names, kept = find_layers(sam, config)
@@ -185,7 +185,9 @@ def quantize_(
     calibrators, batches = collect(sam, layers, loop, config.method == "hessian", config.search_tokens, config.seed)
     report = QuantReport(config.to_dict(), kept_float=kept, num_calib=batches)
     for name, calibrator in tqdm(calibrators.items(), desc=f"{config.method} scale search", disable=not show_progress):
-        if not calibrator.called:  # no calibration data reached it: keep float
+        if not calibrator.called or (config.method == "hessian" and not calibrator.grads):
+            # no calibration data reached it, or (seen by the Hessian metric's gradients) the task outputs do
+            # not depend on it, as SAM 2's object-score head, which the image pipeline ignores: keep float
             set_submodule(sam, name, originals[name])
             unused.append(name)
             continue
@@ -212,13 +214,15 @@ def quantize_(
     return report
 
 
-def image_loop(images: Iterable[np.ndarray | Sample], config: PTQConfig) -> ForwardLoop:
-    """The box-prompt forward loop over the first `config.num_calib` images (their boxes, else random ones)."""
-    return box_prompt_loop(prepare_calibration(images, config.num_calib, config.max_prompts, config.seed))
+def image_loop(images: Iterable[np.ndarray | Sample], config: PTQConfig, family: str) -> ForwardLoop:
+    """The box-prompt forward loop over the first `config.num_calib` images (their boxes, else random ones),
+    prepared for a model of `family`."""
+    items = prepare_calibration(images, config.num_calib, config.max_prompts, config.seed, family)
+    return box_prompt_loop(items)
 
 
 @torch.no_grad()
-def calibrate_output_quantizers(sam: Sam, report: QuantReport, loop: ForwardLoop, config: PTQConfig) -> None:
+def calibrate_output_quantizers(sam: nn.Module, report: QuantReport, loop: ForwardLoop, config: PTQConfig) -> None:
     """Set the scales of the convolutions' output quantizers from one pass of the quantized model."""
     quantizers = {
         name: layer.output_quant
@@ -238,7 +242,7 @@ def calibrate_output_quantizers(sam: Sam, report: QuantReport, loop: ForwardLoop
 
 
 @torch.no_grad()
-def share_requantized_scales(sam: Sam, loop: ForwardLoop) -> dict[str, str]:
+def share_requantized_scales(sam: nn.Module, loop: ForwardLoop) -> dict[str, str]:
     """Give each input quantizer that receives another quantizer's output unchanged that quantizer's scale.
 
     A convolution's output quantizer feeding the next layer directly (RepViT's stem into its first

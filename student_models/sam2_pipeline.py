@@ -32,8 +32,9 @@ import torch
 from torch import nn
 
 from student_models.preprocessing import to_rgb
+from student_models.registry import IMAGE_SIZE
 from student_models.sam2_models import require_sam2
-from student_models.sam_runner import SamRunner, TorchSamBackend
+from student_models.sam_runner import SamBackend, SamRunner, TorchSamBackend
 
 if TYPE_CHECKING:
     from sam2.modeling.sam2_base import SAM2Base
@@ -80,15 +81,16 @@ class Sam2Features:
 
 
 class Sam2Transforms:
-    """``sam2``'s ``SAM2Transforms`` as ``SAM2ImagePredictor`` sets it up for `model`: images to the model's
-    input, prompts to its 1024x1024 frame, low-resolution logits back to the image."""
+    """``sam2``'s ``SAM2Transforms`` as ``SAM2ImagePredictor`` sets it up for a model of input side `image_size`
+    (``model.image_size``): images to the model's input, prompts to its frame, low-resolution logits back to
+    the image."""
 
-    def __init__(self, model: SAM2Base, mask_threshold: float = 0.0) -> None:
+    def __init__(self, image_size: int, mask_threshold: float = 0.0) -> None:
         require_sam2("SAM 2's preprocessing")
         from sam2.utils.transforms import SAM2Transforms as Transforms
 
-        self.image_size = model.image_size
-        self.transforms = Transforms(resolution=model.image_size, mask_threshold=mask_threshold)
+        self.image_size = image_size
+        self.transforms = Transforms(resolution=image_size, mask_threshold=mask_threshold)
 
     def images(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """uint8 images (any sizes; grey or RGBA as `to_rgb` takes them) -> Bx3xSxS float32, each resized to
@@ -188,7 +190,8 @@ class _PointDecoder(nn.Module):
         self.model = model
 
     def forward(self, s0, s1, embed, coords, labels) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = len(coords)  # every prompt on the one image: a view, as SAM2ImagePredictor repeats it
+        rows = coords.shape[0]  # every prompt on the one image (a view, as SAM2ImagePredictor repeats it); not
+        # len(), which an ONNX export would fix to the probe's count
         features = Sam2Features.from_levels([level.expand(rows, *level.shape[1:]) for level in (s0, s1, embed)])
         output = decode(self.model, features, coords, labels)
         return output.masks, output.iou
@@ -201,8 +204,9 @@ class TorchSam2Backend(TorchSamBackend):
     labels RxN) -> (Rx4x256x256 logits, Rx4 IoU)``, prompts as `decode` takes them.
     """
 
-    def networks(self) -> tuple[nn.Module, nn.Module]:
-        return _Encoder(self.sam), _PointDecoder(self.sam)
+    @staticmethod
+    def graphs(model: SAM2Base) -> tuple[nn.Module, nn.Module]:
+        return _Encoder(model), _PointDecoder(model)
 
     def runner(self, chunk_size: int = 64) -> Sam2Runner:
         return Sam2Runner(self, chunk_size)
@@ -226,13 +230,15 @@ class TorchSam2Backend(TorchSamBackend):
 
 
 class Sam2Runner(SamRunner):
-    """`SamRunner` for a SAM 2 back-end (`TorchSam2Backend`): SAM 2's preprocessing, prompt frame and
-    upscaling (`Sam2Transforms`); prompts, chunking and the choice of mask as `SamRunner`'s. Its point-only
-    prompts get no padding point of their own: SAM 2's prompt encoder appends one to every prompt."""
+    """`SamRunner` for a SAM 2 back-end (`TorchSam2Backend`, or an exported SAM 2 model's `quantize.OnnxSam`,
+    whose graphs take 1024x1024 images): SAM 2's preprocessing, prompt frame and upscaling (`Sam2Transforms`);
+    prompts, chunking and the choice of mask as `SamRunner`'s. Its point-only prompts get no padding point of
+    their own: SAM 2's prompt encoder appends one to every prompt."""
 
-    def __init__(self, backend: TorchSam2Backend, chunk_size: int = 64) -> None:
+    def __init__(self, backend: SamBackend, chunk_size: int = 64) -> None:
         super().__init__(backend, chunk_size)
-        self.sam2_transforms = Sam2Transforms(backend.sam)
+        image_size = backend.sam.image_size if isinstance(backend, TorchSam2Backend) else IMAGE_SIZE
+        self.sam2_transforms = Sam2Transforms(image_size)
 
     def set_image(self, image: np.ndarray) -> None:
         self.embedding = self.backend.encode(self.sam2_transforms.images([image]).to(self.device))

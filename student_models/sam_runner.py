@@ -116,14 +116,16 @@ class TorchSamBackend:
         self.dtype = dtype
         self.sam = sam.eval().to(self.device)
         self.compile_mode = compile_mode(self.device) if compile else None
-        self.encoder, self.decoder = self.networks()
+        self.encoder, self.decoder = self.graphs(self.sam)
         if compile:
             self.encoder = torch.compile(self.encoder, mode=self.compile_mode)
             self.decoder = torch.compile(self.decoder, mode=self.compile_mode)
 
-    def networks(self) -> tuple[nn.Module, nn.Module]:
-        """(the module `encode` runs, the module `decode` runs) of ``self.sam``: what ``compile`` compiles."""
-        return self.sam.image_encoder, PointPromptDecoder(self.sam)
+    @staticmethod
+    def graphs(sam: Sam) -> tuple[nn.Module, nn.Module]:
+        """(the module `encode` runs, the module `decode` runs) of `sam`: what ``compile`` compiles and what
+        ``quantize`` exports to ONNX."""
+        return sam.image_encoder, PointPromptDecoder(sam)
 
     def runner(self, chunk_size: int = 64) -> SamRunner:
         """A `SamRunner` on this back-end, with the geometry of its model's family."""

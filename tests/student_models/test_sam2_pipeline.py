@@ -47,7 +47,7 @@ def model():
 @pytest.mark.parametrize("device", DEVICES)
 def test_features_of_a_batch_equal_the_predictors_per_image(model, device, float32_cuda):
     model = model.to(device)
-    features = encode(model, Sam2Transforms(model).images(IMAGES).to(device))
+    features = encode(model, Sam2Transforms(model.image_size).images(IMAGES).to(device))
     assert [tuple(level.shape) for level in features.levels] == [
         (2, 32, 256, 256),
         (2, 64, 128, 128),
@@ -83,7 +83,7 @@ def test_prompts_of_two_images_decoded_together_equal_the_predictor(model, kind,
     model = model.to(device)
     model.sam_mask_decoder.dynamic_multimask_via_stability = dynamic
     points, labels, box = PROMPTS[kind]
-    transforms = Sam2Transforms(model)
+    transforms = Sam2Transforms(model.image_size)
     features = encode(model, transforms.images(IMAGES).to(device))
     coords, point_labels, boxes = [], [], []
     for image in IMAGES:
@@ -121,7 +121,7 @@ def test_a_grid_of_points_decodes_as_the_automatic_generator_prompts_it(model):
     """SAM2AutomaticMaskGenerator's prompt batches: one point each, multimask, through predictor._predict."""
     from sam2.utils.amg import build_point_grid
 
-    transforms = Sam2Transforms(model)
+    transforms = Sam2Transforms(model.image_size)
     features = encode(model, transforms.images(IMAGES))
     for i, image in enumerate(IMAGES):
         hw = image.shape[:2]
@@ -136,7 +136,7 @@ def test_a_grid_of_points_decodes_as_the_automatic_generator_prompts_it(model):
 
 
 def test_decode_refuses_prompts_without_their_features(model):
-    features = encode(model, Sam2Transforms(model).images(IMAGES[:1]))
+    features = encode(model, Sam2Transforms(model.image_size).images(IMAGES[:1]))
     with pytest.raises(ValueError, match="one image's features per prompt: 1 for 3 prompts"):
         decode(model, features, torch.zeros(3, 1, 2), torch.ones(3, 1, dtype=torch.int))
 
@@ -144,7 +144,7 @@ def test_decode_refuses_prompts_without_their_features(model):
 @torch.no_grad()
 def test_the_backend_encodes_and_decodes_as_the_pipeline(model):
     """`TorchSam2Backend` (what benchmarks time) returns the pipeline's features and all four tokens."""
-    transforms = Sam2Transforms(model)
+    transforms = Sam2Transforms(model.image_size)
     images = transforms.images(IMAGES)
     expected = encode(model, images)
     coords, labels = box_points(torch.tensor([[20.0, 30, 500, 600], [100, 100, 900, 800]]))
