@@ -138,8 +138,8 @@ def get_parser() -> argparse.ArgumentParser:
         help="output folders of other exports of the same model (e.g. --no-twin): their INT8 encoders join the rounds",
     )  # fmt: skip
     runtimes.add_argument(
-        "--reference-encoder", metavar="MODEL",
-        help="a registered model (e.g. vit_h, random weights) whose PyTorch float32 encoder is timed in the same run",
+        "--reference-encoder", nargs="+", default=[], metavar="MODEL",
+        help="registered models (e.g. vit_h, random weights) whose PyTorch float32 encoders are timed in the same run",
     )  # fmt: skip
 
     matrix = sub.add_parser("export-matrix", help="python -m quantize over models x calib sizes x methods x twin")
@@ -259,7 +259,7 @@ def _runtimes(args: argparse.Namespace) -> None:
 
     record, table = compare_runtimes(
         args.folder, args.images, args.num_images, tuple(args.threads), args.repeats, args.profile,
-        args.reference_encoder, tuple(args.also),
+        tuple(args.reference_encoder), tuple(args.also),
     )  # fmt: skip
     path = atomic_write_text(Path(args.folder) / "runtimes.json", json.dumps(record, indent=2))
     print(f"{record['cpu']}, {record['isa']}; onnxruntime {record['onnxruntime']}, openvino {record['openvino']}")

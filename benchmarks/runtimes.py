@@ -1,7 +1,7 @@
 """The exported encoders in each runtime, side by side: embedding SQNR against float32 and latency.
 
     python -m benchmarks runtimes DIR --images IMAGES [--num-images 2] [--threads 1 2] [--repeats 5] [--profile]
-        [--reference-encoder vit_h] [--also OTHER_DIR ...]
+        [--reference-encoder vit_h ...] [--also OTHER_DIR ...]
 
 DIR is a folder `python -m quantize --runtime ort openvino` wrote (``float32/`` and ``int8/`` with
 ONNX files and OpenVINO IR), of a SAM or a SAM 2 model (whose encoder gives three levels: their SQNR is
@@ -88,7 +88,7 @@ def compare_runtimes(
     threads: tuple[int, ...] = (1, 2),
     repeats: int = 5,
     profile: bool = False,
-    reference_encoder: str | None = None,
+    reference_encoders: tuple[str, ...] = (),
     others: tuple[str | Path, ...] = (),
 ) -> tuple[dict, str]:
     """(record, Markdown table) for the encoders under `folder` on the first `num_images` of `images_dir`.
@@ -96,10 +96,10 @@ def compare_runtimes(
     `others`: folders of the same model exported otherwise (e.g. with ``--no-twin``), whose INT8 encoders
     join the same interleaved rounds.
 
-    `reference_encoder`: a registered model (e.g. "vit_h" or "sam2.1_hiera_large", random weights) whose PyTorch
-    float32 image encoder (SAM 2: ``forward_image`` and the two 1x1 convolutions, as `TorchSam2Backend.encode`) is
-    timed on the first image once per thread count, halfway through the interleaved rounds,
-    so that each encoder's speed-up over it is measured in the same run.
+    `reference_encoders`: registered models (e.g. "vit_h", or "sam2.1_hiera_tiny" and "sam2.1_hiera_large", random
+    weights) whose PyTorch float32 image encoders (SAM 2: ``forward_image`` and the two 1x1 convolutions, as
+    `TorchSam2Backend.encode`) are each timed on the first image once per thread count, halfway through the
+    interleaved rounds, so that each encoder's speed-up over them is measured in the same run.
     """
     folder, others = Path(folder), [Path(other) for other in others]
     encoders = _encoders(folder, others)
@@ -121,9 +121,8 @@ def compare_runtimes(
         "cpu": cpu_name(), "isa": cpu_isa(),
         "onnxruntime": ort.__version__, "openvino": require_openvino(), "sqnr_db": {}, "median_ms": {},
     }  # fmt: skip
-    pytorch_encoder = _reference_encoder(reference_encoder) if reference_encoder else None
-    if pytorch_encoder is not None:
-        record["reference"] = {"model": reference_encoder, "runtime": "pytorch float32", "ms": {}}
+    pytorch_encoders = {model: _reference_encoder(model) for model in reference_encoders}
+    record["references"] = [{"model": model, "runtime": "pytorch float32", "ms": {}} for model in reference_encoders]
     for count in threads:
         runners = _runners(encoders, count, folder, family.embedding_names)
         outputs = {name: [run(x) for x in images] for name, run in runners.items()}  # also the warm-up
@@ -136,8 +135,10 @@ def compare_runtimes(
             }
         times: dict[str, list[float]] = {name: [] for name in runners}
         for round_ in range(repeats):
-            if pytorch_encoder is not None and round_ == repeats // 2:
-                record["reference"]["ms"][str(count)] = round(_time_torch(pytorch_encoder, images[0], count), 1)
+            if round_ == repeats // 2:
+                for reference in record["references"]:
+                    ms = _time_torch(pytorch_encoders[reference["model"]], images[0], count)
+                    reference["ms"][str(count)] = round(ms, 1)
             for x in images:
                 for name, run in runners.items():
                     start = time.perf_counter()
@@ -168,17 +169,19 @@ def _time_torch(encoder: torch.nn.Module, image: np.ndarray, threads: int) -> fl
 
 def _table(record: dict) -> str:
     timed = record["median_ms"]
-    reference = record.get("reference")
+    references = record.get("references", [])
     header = "| encoder | SQNR vs ORT float32 (dB) | " + " | ".join(f"{t} thr: ms (ORT fp32 / it)" for t in timed)
-    if reference:
+    for reference in references:
         header += " | " + " | ".join(f"{t} thr: {reference['model']} / it" for t in timed)
-    lines = [header + " |", "|" + "---|" * (2 + len(timed) * (2 if reference else 1))]
+    lines = [header + " |", "|" + "---|" * (2 + len(timed) * (1 + len(references)))]
     for name in next(iter(timed.values())):
         cells = [f"{timed[t][name]} ({timed[t]['ort float32'] / timed[t][name]:.2f}x)" for t in timed]
-        if reference:
-            cells += [f"{reference['ms'][t] / timed[t][name]:.0f}x" for t in timed]
+        for reference in references:
+            cells += [f"{reference['ms'][t] / timed[t][name]:.1f}x" for t in timed]
         lines.append(f"| {name} | {record['sqnr_db'].get(name, '-')} | " + " | ".join(cells) + " |")
-    if reference:
+    if references:
+        lines.append("")
+    for reference in references:
         ms = ", ".join(f"{reference['ms'][t]:.0f} ms at {t} thread(s)" for t in timed)
-        lines.append(f"\n{reference['model']} (PyTorch float32, random weights, one call per thread count): {ms}.")
+        lines.append(f"{reference['model']} (PyTorch float32, random weights, one call per thread count): {ms}.")
     return "\n".join(lines)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -9,25 +11,31 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from benchmarks.runtimes import _encoders, _table, compare_runtimes
+from tests.student_models.test_sam2_models import requires_sam2
 
 
 def test_the_table_gives_each_encoders_speed_up_over_ort_float32_and_the_reference_encoder():
     record = {
         "sqnr_db": {"ort int8": 25.0},
         "median_ms": {"1": {"ort float32": 300.0, "ort int8": 150.0}, "2": {"ort float32": 200.0, "ort int8": 125.0}},
-        "reference": {"model": "vit_h", "runtime": "pytorch float32", "ms": {"1": 60000.0, "2": 30000.0}},
+        "references": [
+            {"model": "vit_h", "runtime": "pytorch float32", "ms": {"1": 60000.0, "2": 30000.0}},
+            {"model": "vit_b", "runtime": "pytorch float32", "ms": {"1": 15000.0, "2": 10000.0}},
+        ],
     }
     lines = _table(record).splitlines()
     assert lines[0] == (
         "| encoder | SQNR vs ORT float32 (dB) | 1 thr: ms (ORT fp32 / it) | 2 thr: ms (ORT fp32 / it) | "
-        "1 thr: vit_h / it | 2 thr: vit_h / it |"
+        "1 thr: vit_h / it | 2 thr: vit_h / it | 1 thr: vit_b / it | 2 thr: vit_b / it |"
     )
-    assert lines[3] == "| ort int8 | 25.0 | 150.0 (2.00x) | 125.0 (1.60x) | 400x | 240x |"
-    assert lines[-1] == (
+    assert lines[3] == "| ort int8 | 25.0 | 150.0 (2.00x) | 125.0 (1.60x) | 400.0x | 240.0x | 100.0x | 80.0x |"
+    assert lines[-2:] == [
         "vit_h (PyTorch float32, random weights, one call per thread count): 60000 ms at 1 thread(s), "
-        "30000 ms at 2 thread(s)."
-    )
-    del record["reference"]
+        "30000 ms at 2 thread(s).",
+        "vit_b (PyTorch float32, random weights, one call per thread count): 15000 ms at 1 thread(s), "
+        "10000 ms at 2 thread(s).",
+    ]
+    del record["references"]
     assert _table(record).splitlines()[3] == "| ort int8 | 25.0 | 150.0 (2.00x) | 125.0 (1.60x) |"
 
 
@@ -91,12 +99,28 @@ def test_every_encoder_is_scored_timed_and_profiled_in_one_run(tmp_path):
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(images / "a.jpg")
 
     record, table = compare_runtimes(
-        folder, images, num_images=1, threads=(1,), repeats=1, profile=True, reference_encoder="tinyvit_test"
+        folder, images, num_images=1, threads=(1,), repeats=1, profile=True, reference_encoders=("tinyvit_test",)
     )
     names = ["ort float32", "ort int8", "openvino float32", "openvino float32 (default)", "openvino int8",
              "openvino int8 (default)"]  # fmt: skip
     assert sorted(record["median_ms"]["1"]) == sorted(names)
     assert record["sqnr_db"]["openvino float32"] > 60 and 10 < record["sqnr_db"]["ort int8"] < 60
-    assert record["reference"]["ms"]["1"] > 0 and "tinyvit_test / it" in table
+    assert record["references"][0]["ms"]["1"] > 0 and "tinyvit_test / it" in table
     assert record["profile"]["ort int8"]["integer_products_ms"] > 0  # the Q/DQ Conv ran as an integer kernel
     assert set(record["profile"]) == {"ort float32", "ort int8", "openvino float32", "openvino int8"}
+
+
+@requires_sam2
+def test_a_sam2_export_is_compared_on_its_three_levels_against_sam2_teachers(sam2_exports, tmp_path):
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    _, float_result, _ = sam2_exports
+    folder, images = Path(float_result.files["encoder"]).parents[1], tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(images / "a.jpg")
+
+    record, table = compare_runtimes(folder, images, num_images=1, threads=(1,), repeats=1,
+                                     reference_encoders=("sam2_test", "sam2_test_student"))  # fmt: skip
+    assert sorted(record["median_ms"]["1"]) == ["ort float32", "ort int8"]
+    assert 10 < record["sqnr_db"]["ort int8"] < 60  # all three levels, against ORT float32's
+    assert [reference["model"] for reference in record["references"]] == ["sam2_test", "sam2_test_student"]
+    assert "1 thr: sam2_test / it" in table and "1 thr: sam2_test_student / it" in table

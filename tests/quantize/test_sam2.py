@@ -9,38 +9,18 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import pytest
 import torch
 
-from quantize import OnnxSam, PTQConfig, export_onnx, load_quantized, quantize_, save_quantized
+from quantize import OnnxSam, load_quantized, save_quantized
 from quantize.calibration import prepare_calibration
 from quantize.onnx_export import export_mode
 from student_models.data import Sample
 from student_models.families import FAMILIES
 from student_models.sam2_pipeline import Sam2Features, Sam2Runner, Sam2Transforms, TorchSam2Backend
-from tests.helpers import synthetic_image, tiny_model
-from tests.quantize.conftest import FAST
+from tests.conftest import SAM2_IMAGE as IMAGE
 from tests.student_models.test_sam2_models import requires_sam2
 
 pytestmark = requires_sam2
-IMAGE = synthetic_image(0, (256, 320))[0]
-
-
-@pytest.fixture(scope="module")
-def quantized_sam2():
-    """(sam2_test_student quantized W8A8 with the Hessian metric, its QuantReport)."""
-    sam = tiny_model("sam2_test_student").requires_grad_(False)
-    report = quantize_(sam, PTQConfig(method="hessian", **FAST), [IMAGE], show_progress=False)
-    return sam, report
-
-
-@pytest.fixture(scope="module")
-def sam2_exports(quantized_sam2, tmp_path_factory):
-    """(the quantized model, its float32 ExportResult, its int8 ExportResult)."""
-    sam, _ = quantized_sam2
-    out = tmp_path_factory.mktemp("sam2_onnx")
-    float_result = export_onnx(sam, out / "float32", "float32", ort_format=False)
-    return sam, float_result, export_onnx(sam, out / "int8", "int8", ort_format=False)
 
 
 def test_calibration_images_and_boxes_are_in_sam2s_square_frame():
