@@ -6,8 +6,9 @@ MatMul) of the chosen parts, minus the keep-float patterns; find which inputs co
 Softmax or a GELU (twin-uniform candidates) with one probing pass; swap in quantized layers; run
 the float model through the calibration forward loop collecting statistics (and task-loss
 gradients for the Hessian metric); search each layer's scales; enable the quantizers. Layers never
-called during calibration (TinyViT's unused classification head) stay float, and so do, with the Hessian
-metric, layers whose outputs the task loss does not depend on (SAM 2's object-score head).
+called during calibration (TinyViT's unused classification head) stay float, and so do layers the task
+outputs do not depend on (SAM 2's object-score head, which the image pipeline ignores and the exported
+decoder graph does not contain).
 """
 
 from __future__ import annotations
@@ -100,6 +101,37 @@ def find_layers(sam: nn.Module, config: PTQConfig) -> tuple[list[str], list[str]
     return [name for name in candidates if name not in kept], kept
 
 
+def layers_reaching_outputs(sam: nn.Module, names: list[str], loop: ForwardLoop) -> set[str]:
+    """The layers among `names` whose outputs the task outputs (mask logits, IoU) depend on, found by autograd on
+    the loop's first batch: a layer's output gets a gradient exactly when an output depends on it."""
+    reached: set[str] = set()
+    modules = dict(sam.named_modules())
+
+    def watch(name: str):
+        def hook(module, inputs, output):
+            if output.requires_grad:
+                output.register_hook(lambda grad: reached.add(name))
+
+        return hook
+
+    handles = [modules[name].register_forward_hook(watch(name)) for name in names]
+    params = list(sam.parameters())
+    trainable = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            masks, iou = next(iter(loop(sam)))
+            (masks.sum() + iou.sum()).backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in zip(params, trainable, strict=True):
+            p.grad = None
+            p.requires_grad_(flag)
+    return reached
+
+
 @torch.no_grad()
 def probe_input_kinds(sam: nn.Module, names: list[str], loop: ForwardLoop, config: PTQConfig) -> dict[str, list[str]]:
     """For each layer, the kind of each input: twin_softmax / twin_gelu when it is a Softmax / GELU output
@@ -178,16 +210,15 @@ def quantize_(
     sam.eval()
     prepare_structure(sam)
     names, kept = find_layers(sam, config)
-    kinds = probe_input_kinds(sam, names, loop, config)
+    reaching = layers_reaching_outputs(sam, names, loop)
+    kinds = probe_input_kinds(sam, [name for name in names if name in reaching], loop, config)
     unused = [name for name in names if name not in kinds]
     originals = {name: sam.get_submodule(name) for name in kinds}
     layers = apply_quantized_layers(sam, kinds, config)
     calibrators, batches = collect(sam, layers, loop, config.method == "hessian", config.search_tokens, config.seed)
     report = QuantReport(config.to_dict(), kept_float=kept, num_calib=batches)
     for name, calibrator in tqdm(calibrators.items(), desc=f"{config.method} scale search", disable=not show_progress):
-        if not calibrator.called or (config.method == "hessian" and not calibrator.grads):
-            # no calibration data reached it, or (seen by the Hessian metric's gradients) the task outputs do
-            # not depend on it, as SAM 2's object-score head, which the image pipeline ignores: keep float
+        if not calibrator.called:  # no calibration data reached it: keep float
             set_submodule(sam, name, originals[name])
             unused.append(name)
             continue

@@ -22,13 +22,13 @@ def float32_cuda():
 
 @pytest.fixture(scope="session")
 def quantized_sam2():
-    """(sam2_test_student quantized W8A8 with the Hessian metric on `SAM2_IMAGE`, its QuantReport); needs the sam2
+    """(sam2_test_student quantized W8A8 with the MSE metric on `SAM2_IMAGE`, its QuantReport); needs the sam2
     extra (mark the test with requires_sam2)."""
     from quantize import PTQConfig, quantize_
     from tests.quantize.conftest import FAST
 
     sam = tiny_model("sam2_test_student").requires_grad_(False)
-    report = quantize_(sam, PTQConfig(method="hessian", **FAST), [SAM2_IMAGE], show_progress=False)
+    report = quantize_(sam, PTQConfig(method="mse", **FAST), [SAM2_IMAGE], show_progress=False)
     return sam, report
 
 

@@ -7,8 +7,11 @@ another order: 1e-4 of the logits' scale (measured here: 4e-7).
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import onnx
+import pytest
 import torch
 
 from quantize import OnnxSam, load_quantized, save_quantized
@@ -40,7 +43,7 @@ def test_both_parts_are_quantized_and_what_the_image_pipeline_ignores_stays_floa
     assert {"sam_mask_decoder.conv_s0", "sam_mask_decoder.conv_s1"} <= set(report.layers)
     attention = "sam_mask_decoder.transformer.layers.0.cross_attn_token_to_image"
     assert {f"{attention}.qk_matmul", f"{attention}.av_matmul"} <= set(report.layers)  # the attention adapter
-    # the object-score head's output is not among the image pipeline's: no task-loss gradient reaches it
+    # the image pipeline's outputs do not depend on the object-score head, and the exported decoder has none
     assert report.unused and all(".pred_obj_score_head." in name for name in report.unused)
 
 
@@ -93,3 +96,16 @@ def test_a_saved_quantized_sam2_model_loads_with_the_same_outputs(quantized_sam2
         outputs.append(backend.decode(backend.encode(image), coords, labels))
     for got, expected in zip(*outputs, strict=True):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_the_int8_files_convert_to_openvino_ir_that_passes_its_check(sam2_exports, tmp_path):
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    from quantize.openvino_runtime import OpenVinoSam, export_openvino
+
+    sam, _, int8 = sam2_exports
+    for key in ("encoder", "decoder"):
+        shutil.copy(int8.files[key], tmp_path)
+    checks = export_openvino(sam, tmp_path, "int8")
+    assert [check.file for check in checks] == ["encoder.xml", "decoder.xml"] and all(c.passed for c in checks)
+    openvino_model = OpenVinoSam(tmp_path / "encoder.xml", tmp_path / "decoder.xml")
+    assert openvino_model.family is FAMILIES["sam2"] and isinstance(openvino_model.runner(), Sam2Runner)
