@@ -32,7 +32,7 @@ from tqdm import tqdm
 from benchmarks.records import device_name, make_record
 from student_models import build_sam
 from student_models.device import torch_threads
-from student_models.families import family_named
+from student_models.families import family_named, family_of
 from student_models.prompts import box_prompts
 from student_models.registry import EMBED_DIM, EMBED_SIDE, IMAGE_SIZE, get_spec
 from student_models.sam2_pipeline import Sam2Features
@@ -157,10 +157,7 @@ def component_params(sam: nn.Module) -> dict[str, int]:
     """Parameter counts: encoder, and decoder = prompt encoder + mask decoder (SAM 2's includes the two
     1x1 convolutions that ``forward_image`` applies to the high-resolution levels, 25k parameters)."""
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
-    if hasattr(sam, "sam_mask_decoder"):
-        heads = (sam.sam_prompt_encoder, sam.sam_mask_decoder)
-    else:
-        heads = (sam.prompt_encoder, sam.mask_decoder)
+    heads = family_of(sam).heads(sam)
     return {"encoder": count(sam.image_encoder), "decoder": sum(count(head) for head in heads)}
 
 

@@ -3,7 +3,7 @@
 Calibration takes a caller's forward loop, as NVIDIA ModelOpt's `quantize(model, config,
 forward_loop)` does: `loop(sam)` runs the calibration data through `sam` on the model's own
 device and yields, per batch, the task outputs (Bx4x256x256 mask logits, Bx4 IoU predictions).
-It is called once per pass (a probe of one batch, the float statistics pass, the output-quantizer
+It is called once per pass (probes of one batch, the float statistics pass, the output-quantizer
 pass), so each call must run the same data; it must not switch gradients off, and each batch needs
 its own forward pass (the Hessian metric backpropagates each batch's task loss). `box_prompt_loop`
 is the loop over prepared images with box prompts (`prepare_calibration`, in the family's input frame)
@@ -18,6 +18,7 @@ output quantizers of convolutions (their input depends on the layer's own quanti
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -234,6 +235,27 @@ def fisher_task_loss(masks: torch.Tensor, iou: torch.Tensor, gen: torch.Generato
     return F.binary_cross_entropy_with_logits(masks, pixel_labels) + F.cross_entropy(iou, token)
 
 
+@contextlib.contextmanager
+def parameter_gradients(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Gradients on (or off) for every parameter of `model` and for the code inside; afterwards each parameter's
+    own ``requires_grad`` is back and its ``grad`` cleared.
+
+    Every layer output must be on the autograd graph, including those that do not depend on the image (the
+    first token self-attention), hence gradients through the parameters rather than from the input.
+    """
+    params = list(model.parameters())
+    trainable = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(enabled)
+        with torch.set_grad_enabled(enabled):
+            yield
+    finally:
+        for p, flag in zip(params, trainable, strict=True):
+            p.grad = None
+            p.requires_grad_(flag)
+
+
 def collect(
     sam: nn.Module, layers: dict[str, QuantLayer], loop: ForwardLoop, with_grads: bool, tokens: int, seed: int
 ) -> tuple[dict[str, LayerCalibrator], int]:
@@ -246,15 +268,9 @@ def collect(
         layer.register_forward_hook(lambda mod, inp, out, c=calibrators[name]: c.collect(inp, out, tokens, gen))
         for name, layer in layers.items()
     ]
-    # Every layer output must be on the autograd graph, including those that do not depend on the
-    # image (the first token self-attention), hence gradients through the parameters.
-    params = list(sam.parameters())
-    trainable = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(with_grads)
     batches = 0
     try:
-        with torch.set_grad_enabled(with_grads):
+        with parameter_gradients(sam, with_grads):
             for masks, iou in tqdm(loop(sam), desc="calibration pass", leave=False):
                 batches += 1
                 if with_grads:
@@ -262,9 +278,6 @@ def collect(
     finally:
         for handle in handles:
             handle.remove()
-        for p, flag in zip(params, trainable, strict=True):
-            p.grad = None
-            p.requires_grad_(flag)
     return calibrators, batches
 
 

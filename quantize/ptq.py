@@ -30,6 +30,7 @@ from quantize.calibration import (
     collect,
     collect_outputs,
     model_device,
+    parameter_gradients,
     prepare_calibration,
 )
 from quantize.config import PTQConfig
@@ -115,20 +116,16 @@ def layers_reaching_outputs(sam: nn.Module, names: list[str], loop: ForwardLoop)
         return hook
 
     handles = [modules[name].register_forward_hook(watch(name)) for name in names]
-    params = list(sam.parameters())
-    trainable = [p.requires_grad for p in params]
     try:
-        for p in params:
-            p.requires_grad_(True)
-        with torch.enable_grad():
-            masks, iou = next(iter(loop(sam)))
+        with parameter_gradients(sam, True):
+            first = next(iter(loop(sam)), None)
+            if first is None:
+                raise ValueError("quantization needs at least one calibration batch; the forward loop ran none")
+            masks, iou = first
             (masks.sum() + iou.sum()).backward()
     finally:
         for handle in handles:
             handle.remove()
-        for p, flag in zip(params, trainable, strict=True):
-            p.grad = None
-            p.requires_grad_(flag)
     return reached
 
 
@@ -163,8 +160,7 @@ def probe_input_kinds(sam: nn.Module, names: list[str], loop: ForwardLoop, confi
 
         handles.append(modules[name].register_forward_pre_hook(record))
     try:
-        if next(iter(loop(sam)), None) is None:
-            raise ValueError("quantization needs at least one calibration batch; the forward loop ran none")
+        next(iter(loop(sam)))  # a batch exists: layers_reaching_outputs ran one
     finally:
         for handle in handles:
             handle.remove()

@@ -10,7 +10,8 @@ decoder, and need to know per family:
 - the encoder graph's outputs, which the decoder graph takes first, then ``point_coords``, ``point_labels``:
   SAM's one ``image_embeddings`` (1x256x64x64), SAM 2's three levels ``high_res_feats_0`` (1x32x256x256),
   ``high_res_feats_1`` (1x64x128x128) and ``image_embed`` (1x256x64x64);
-- the module-name prefix of each part (``mask_decoder.`` or ``sam_mask_decoder.``);
+- the names of its prompt encoder and mask decoder (``prompt_encoder``, ``mask_decoder`` or SAM 2's
+  ``sam_prompt_encoder``, ``sam_mask_decoder``), and so the module-name prefix of each part;
 - the image preprocessing and the prompt frame (`Family.prepare`: SAM resizes the longest side and pads, SAM 2
   resizes to a square).
 """
@@ -46,7 +47,17 @@ class Family:
     backend: type[TorchSamBackend]
     runner: type[SamRunner]
     embedding_names: tuple[str, ...]
-    part_prefixes: dict[str, str]
+    prompt_encoder: str
+    mask_decoder: str
+
+    @property
+    def part_prefixes(self) -> dict[str, str]:
+        """{"encoder" | "decoder": the module-name prefix of the image encoder's / the mask decoder's layers}."""
+        return {"encoder": "image_encoder.", "decoder": f"{self.mask_decoder}."}
+
+    def heads(self, model: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """`model`'s (prompt encoder, mask decoder)."""
+        return getattr(model, self.prompt_encoder), getattr(model, self.mask_decoder)
 
     def networks(self, model: nn.Module) -> tuple[nn.Module, nn.Module]:
         """(encoder graph, decoder graph) of `model`: images -> embedding levels; levels, coords, labels ->
@@ -84,14 +95,16 @@ FAMILIES = {
         TorchSamBackend,
         SamRunner,
         ("image_embeddings",),
-        {"encoder": "image_encoder.", "decoder": "mask_decoder."},
+        "prompt_encoder",
+        "mask_decoder",
     ),
     "sam2": Family(
         "sam2",
         TorchSam2Backend,
         Sam2Runner,
         ("high_res_feats_0", "high_res_feats_1", "image_embed"),
-        {"encoder": "image_encoder.", "decoder": "sam_mask_decoder."},
+        "sam_prompt_encoder",
+        "sam_mask_decoder",
     ),
 }
 

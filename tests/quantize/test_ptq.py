@@ -110,7 +110,8 @@ def test_a_callers_forward_loop_drives_calibration():
     sam = tiny_model("sam_vit_test")
     report = quantize_(sam, PTQConfig(method="minmax", parts=("decoder",), **FAST), loop, show_progress=False)
     assert report.num_calib == 2 and report.layers
-    # probes of the first batch only (input kinds, shared grids), the statistics and output-quantizer passes
-    assert len(batches_run) == 1 + 2 + 2 + 1
+    # probes of the first batch only (layers the outputs depend on, input kinds, shared grids), the statistics
+    # and output-quantizer passes
+    assert len(batches_run) == 1 + 1 + 2 + 2 + 1
     with pytest.raises(ValueError, match="needs at least one calibration batch; the forward loop ran none"):
         quantize_(tiny_model("sam_vit_test"), PTQConfig(**FAST), lambda sam: iter(()))
