@@ -11,7 +11,15 @@ from onnx import TensorProto, helper
 
 import benchmarks.runs as runs
 from benchmarks.coco_eval import CocoEvalConfig, evaluate_coco
-from benchmarks.runs import StageMissingError, load_torch_model, onnx_pair, onnx_pair_in, run_coco, stage_api
+from benchmarks.runs import (
+    OnnxModel,
+    StageMissingError,
+    load_torch_model,
+    onnx_pair,
+    onnx_pair_in,
+    run_coco,
+    stage_api,
+)
 from student_models.sam2_pipeline import Sam2Runner
 from tests.student_models.test_sam2_models import requires_sam2
 
@@ -87,3 +95,18 @@ def test_coco_runs_a_sam2_model_through_its_own_runner(synthetic_coco, tmp_path,
     assert result.num_images == 1 and result.num_prompts > 0
     (record,) = json.loads(path.read_text())
     assert (record["model"], record["runtime"]) == ("sam2_test", "pytorch")
+
+
+@requires_sam2
+def test_coco_runs_an_exported_sam2_model_through_sam2s_runner(sam2_exports, synthetic_coco, tmp_path, monkeypatch):
+    """An exported SAM 2 pair is evaluated with SAM 2's geometry too: the files' outputs say the family."""
+    _, _, int8 = sam2_exports
+    runners = []
+    monkeypatch.setattr(runs, "evaluate_coco", lambda runner, *args: runners.append(runner) or real(runner, *args))
+    real = evaluate_coco
+    target = OnnxModel("sam2_test_student", onnx_pair(int8.files["encoder"], int8.files["decoder"]))
+    result, path = run_coco(target, coco_root=synthetic_coco, out_dir=tmp_path, config=CocoEvalConfig(max_images=1))
+    assert [type(runner) for runner in runners] == [Sam2Runner]
+    assert result.num_images == 1 and result.num_prompts > 0
+    (record,) = json.loads(path.read_text())
+    assert (record["model"], record["precision"], record["runtime"]) == ("sam2_test_student", "int8", "onnxruntime")
