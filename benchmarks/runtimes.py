@@ -58,6 +58,12 @@ def _flat(levels: list[np.ndarray]) -> np.ndarray:
     return np.concatenate([level.ravel() for level in levels])
 
 
+def _openvino_levels(model, image: np.ndarray, names: tuple[str, ...]) -> list[np.ndarray]:
+    """The outputs `names` of one run of an OpenVINO encoder."""
+    outputs = run_model(model, {"image": image})
+    return [outputs[name] for name in names]
+
+
 def _runners(
     encoders: list[tuple[str, str, Path]], threads: int, folder: Path, names: tuple[str, ...]
 ) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
@@ -71,7 +77,7 @@ def _runners(
             continue
         for suffix, config in (("", None), (" (default)", {})) if path.parents[1] == folder else (("", None),):
             model = compile_model(path, threads, config)
-            runners[name + suffix] = lambda x, m=model: _flat([run_model(m, {"image": x})[n] for n in names])
+            runners[name + suffix] = lambda x, m=model: _flat(_openvino_levels(m, x, names))
     return runners
 
 
