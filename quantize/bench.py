@@ -36,9 +36,8 @@ from quantize.ptq import quantize_, quantized_layers
 from student_models import build_sam
 from student_models.data import open_dataset
 from student_models.device import add_device_argument, torch_threads
-from student_models.families import FAMILIES
+from student_models.families import embedding_levels, family_named
 from student_models.prompts import box_prompts
-from student_models.registry import get_spec
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -162,7 +161,7 @@ def run(args: argparse.Namespace) -> dict:
     if len(samples) < args.num_calib + args.num_eval:
         raise ValueError(f"need {args.num_calib + args.num_eval} images, the dataset has {len(samples)}")
     calib, evaluation = samples[: args.num_calib], samples[args.num_calib : args.num_calib + args.num_eval]
-    family = FAMILIES[get_spec(args.model).family]
+    family = family_named(args.model)
     eval_items = prepare_calibration(evaluation, args.num_eval, args.max_prompts, seed=1, family=family.name)
     calib_items = prepare_calibration(calib, args.num_calib, args.max_prompts, seed=0, family=family.name)
 
@@ -242,7 +241,10 @@ def run(args: argparse.Namespace) -> dict:
                     {"name": f"{key} (ORT)", **fidelity(reference, run_model(OnnxSam(*files[key]), eval_items))}
                 )
 
-    calib_embeddings = [float_model.encode(item.image).cpu().numpy() for item in calib_items]
+    calib_embeddings = [
+        {name: level.cpu().numpy() for name, level in zip(family.embedding_names, levels, strict=True)}
+        for levels in (embedding_levels(float_model.encode(item.image)) for item in calib_items)
+    ]
     for method in args.ort_methods:
         start = time.time()
         paths = ort_quantize_static(*files["float32"], calib_items, calib_embeddings, out, method)
@@ -254,7 +256,7 @@ def run(args: argparse.Namespace) -> dict:
     reference_encoder = None
     if args.reference_encoder and not args.skip_latency:
         torch.manual_seed(0)
-        reference_encoder = build_sam(args.reference_encoder).image_encoder.eval()
+        reference_encoder, _ = family_named(args.reference_encoder).networks(build_sam(args.reference_encoder).eval())
         records["reference_encoder"] = f"{args.reference_encoder} (PyTorch float32, random weights, CPU)"
     for threads in () if args.skip_latency else (1, None):  # the same run, models interleaved per repeat
         timings = _latency(files, threads, args.repeats, args.decoder_prompts, reference_encoder)

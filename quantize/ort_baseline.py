@@ -35,21 +35,22 @@ def ort_quantize_static(
     encoder_path: str | os.PathLike,
     decoder_path: str | os.PathLike,
     items: list[CalibItem],
-    embeddings: list[np.ndarray],
+    embeddings: list[dict[str, np.ndarray]],
     out_dir: str | os.PathLike,
     method: str = "minmax",
 ) -> tuple[Path, Path]:
     """Quantize the float `encoder_path`/`decoder_path` with ORT's `quantize_static`; returns the new paths.
 
     Args:
-        items: calibration images and prompts; embeddings: their float 1x256x64x64 embeddings.
+        items: calibration images and prompts; embeddings: their float embeddings as the decoder graph takes them,
+            by input name (SAM: ``image_embeddings``; SAM 2: its three levels).
         method: "minmax", "percentile" or "entropy".
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     encoder_feeds = [{"image": item.image.numpy()} for item in items]
     decoder_feeds = [
-        {"image_embeddings": emb, "point_coords": item.coords.numpy(), "point_labels": item.labels.numpy()}
+        {**emb, "point_coords": item.coords.numpy(), "point_labels": item.labels.numpy()}
         for item, emb in zip(items, embeddings, strict=True)
     ]
     outputs = []

@@ -9,6 +9,7 @@ import torch
 
 from quantize.bench import get_parser, layers_in_float, run
 from tests.helpers import tiny_model
+from tests.student_models.test_sam2_models import requires_sam2
 
 
 def test_layers_in_float_switches_quantizers_off_and_back(quantized_tinyvit):
@@ -49,3 +50,16 @@ def test_the_fast_graph_and_a_reference_encoder_in_the_same_run(tmp_path):
     markdown = (out / "bench.md").read_text()
     assert "| sam_vit_test (PyTorch float32, random weights, CPU) vs |" in markdown
     assert markdown.count("| ours INT8 minmax all-uniform | 1 |") == 2  # against float32 and against the reference
+
+
+@requires_sam2
+def test_a_sam2_model_is_benchmarked_against_onnx_runtimes_own_quantizer(tmp_path):
+    """SAM 2's calibration frame, its three-level graphs and ORT's quantize_static fed all three levels."""
+    args = ["--model", "sam2_test_student", "--out", str(tmp_path), "--num-calib", "1", "--num-eval", "1",
+            "--max-prompts", "2", "--bits", "8", "--methods", "mse", "--ort-methods", "minmax", "--num-alphas", "2",
+            "--rounds", "1", "--skip-latency", "--device", "cpu"]  # fmt: skip
+    records = run(get_parser().parse_args(args))
+    fidelity = {r["name"]: r for r in records["fidelity"]}
+    assert {"ours INT8 mse (ORT)", "ORT quantize_static minmax (ORT)"} <= fidelity.keys()
+    assert all(check["passed"] for check in records["export_mse"]["checks"])
+    assert 10 < fidelity["ORT quantize_static minmax (ORT)"]["sqnr_embedding_db"] < 60
