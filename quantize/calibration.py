@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from quantize.modules import ActQuantizer, QuantConv2d, QuantConvTranspose2d, QuantLayer, QuantLinear
 from student_models.data import Sample
-from student_models.families import FAMILIES, family_of
+from student_models.families import FAMILIES, family_of, graph_levels
 from student_models.prompts import box_prompts
 
 
@@ -61,8 +61,7 @@ def box_prompt_loop(items: list[CalibItem]) -> ForwardLoop:
         device = model_device(sam)
         encoder, decoder = family_of(sam).networks(sam)
         for item in items:
-            levels = encoder(item.image.to(device))
-            levels = levels if isinstance(levels, tuple) else (levels,)
+            levels = graph_levels(encoder(item.image.to(device)))
             yield decoder(*levels, item.coords.to(device), item.labels.to(device))
 
     return loop

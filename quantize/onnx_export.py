@@ -50,7 +50,7 @@ from quantize.qdq_graph import (
     quantize_bias,
     unshare_weight_dequantize,
 )
-from student_models.families import DECODER_OUTPUTS, family_of
+from student_models.families import DECODER_OUTPUTS, family_of, graph_levels
 
 OPSET = 20
 # Closeness required between ORT and PyTorch, relative to the reference output's scale:
@@ -386,14 +386,13 @@ def probe_parts(sam: torch.nn.Module, precision: str) -> dict[str, tuple]:
     family = family_of(sam)
     image, coords, labels = probe_inputs()
     encoder, decoder = family.networks(sam)
-    as_tuple = lambda out: out if isinstance(out, tuple) else (out,)  # noqa: E731
     with export_mode(sam, precision):
-        levels = as_tuple(encoder(image))
+        levels = graph_levels(encoder(image))
         decoded = decoder(*levels, coords, labels)
     float_enc = float_dec = None
     if precision == "int8":
         with export_mode(sam, "float32"):
-            float_enc = dict(zip(family.embedding_names, as_tuple(encoder(image)), strict=True))
+            float_enc = dict(zip(family.embedding_names, graph_levels(encoder(image)), strict=True))
             float_dec = dict(zip(DECODER_OUTPUTS, decoder(*levels, coords, labels), strict=True))
     return {
         "encoder": (encoder, (image,), ["image"], dict(zip(family.embedding_names, levels, strict=True)), float_enc),

@@ -84,6 +84,11 @@ class Family:
         return prepare_image(image).tensor, lambda coords: resize.apply_coords(coords, hw)
 
 
+def graph_levels(output: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """An encoder graph's output (SAM's tensor, SAM 2's tuple of levels) as the tuple the decoder graph takes first."""
+    return output if isinstance(output, tuple) else (output,)
+
+
 def embedding_levels(embedding: torch.Tensor | Sam2Features) -> tuple[torch.Tensor, ...]:
     """A back-end's embedding as its encoder graph's outputs, in the family's `Family.embedding_names` order."""
     return embedding.levels if isinstance(embedding, Sam2Features) else (embedding,)
