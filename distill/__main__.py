@@ -81,6 +81,14 @@ def add_settings(parser: argparse.ArgumentParser, leave_out: tuple[str, ...] = (
     add("--cache-only", action="store_true", help="only fill the teacher-embedding cache (resumable), then stop")
     add("--checkpoint-every", type=int, help="steps between checkpoints")
     add("--embedding-weight", type=float, help="a: weight of the embedding L1")
+    add(
+        "--level-weights",
+        type=float,
+        nargs="+",
+        metavar="W",
+        help="SAM 2 teachers: the embedding L1's weight of each level (high_res_feats_0 high_res_feats_1 "
+        "image_embed; default equal)",
+    )
     add("--token-weight", type=float, help="b: weight of the decoder-token L1")
     add("--output-weight", type=float, help="c: weight of the mask-output L1")
     add("--gt-mask-weight", type=float, help="weight of the GT focal+dice (20:1) term (default 0: off)")

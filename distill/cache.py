@@ -1,12 +1,17 @@
-"""The teacher-embedding cache: each image's 256x64x64 teacher embedding, once, on disk, in fp16.
+"""The teacher-embedding cache: each image's teacher embedding levels, once, on disk, in fp16.
+
+A SAM teacher's one 256x64x64 embedding (2.1 MB an image), or a SAM 2 teacher's three decoder inputs packed into
+one vector (8.4 MB an image; `distill.families`): 1% of SA-1B (about 110,000 images) takes about 230 GB for SAM
+and 920 GB for SAM 2.
 
 Layout (one folder per fingerprint, so caches of different teachers never mix)::
 
     <cache_dir>/<fingerprint[:16]>/
         cache.json                 the fingerprint fields (teacher, checkpoint identity, preprocessing, data,
                                    compute device type and precision)
-        teacher_heads.pt           the teacher's prompt encoder + mask decoder state dict
-        embeddings/<xx>/<id>.npy   one fp16 256x64x64 array per image (xx: 2 hex digits of the id's hash)
+        teacher_heads.pt           the teacher's prompt encoder + mask decoder state dict (SAM 2: + no_mem_embed)
+        embeddings/<xx>/<id>.npy   one fp16 array per image, of the fingerprint's shape (xx: 2 hex digits of the
+                                   id's hash)
         embeddings/<xx>/<id>.corrupt   marker for an image that could not be read (skipped, counted, retried)
         index/rank<r>.jsonl        one line per written array: image id, file, size in bytes, CRC-32
 
@@ -23,9 +28,10 @@ size and header are right. Images marked ``.corrupt`` are tried again on every r
 file is used again. Temporary files left by a killed writer are removed when the cache is opened.
 
 Training needs the teacher's prompt encoder and mask decoder but not its image encoder. The cache
-step stores those two parts in ``teacher_heads.pt``; training builds them from there (SAM around an
-empty encoder) and never builds the teacher's image encoder when the cache is complete. This also
-keeps random-weight teachers (tests, benchmarks) consistent between the cache step and training.
+step stores those two parts in ``teacher_heads.pt``; training builds them from there (the family's model
+around an empty encoder, `DistillFamily.assemble_heads`) and never builds the teacher's image encoder when
+the cache is complete. This also keeps random-weight teachers (tests, benchmarks) consistent between the
+cache step and training.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import time
 import warnings
@@ -43,22 +50,24 @@ from typing import Any
 
 import numpy as np
 import torch
-from segment_anything.modeling import Sam
 from torch import nn
 from tqdm import tqdm
 
+from distill.families import DistillFamily, distill_family
 from student_models import build_sam
 from student_models.checkpoints import atomic_torch_save, resolve_checkpoint, sha256_file
 from student_models.data import SegmentationDataset, SyntheticDataset
 from student_models.io import atomic_write, atomic_write_text, remove_stale_temp_files
-from student_models.preprocessing import PIXEL_MEAN, PIXEL_STD, prepare_image
-from student_models.registry import EMBED_DIM, EMBED_SIDE, IMAGE_SIZE, assemble_sam
 
-EMBEDDING_SHAPE = (EMBED_DIM, EMBED_SIDE, EMBED_SIDE)
-PREPROCESSING = f"resize-longest-{IMAGE_SIZE}/mean{list(PIXEL_MEAN)}/std{list(PIXEL_STD)}/pad-bottom-right"
-HEAD_PREFIXES = ("prompt_encoder.", "mask_decoder.")
 NPY_HEADER_BYTES = 128  # numpy's format 1.0 header for a small fp16 array (padded to 64-byte alignment)
-EMBEDDING_FILE_BYTES = NPY_HEADER_BYTES + 2 * EMBED_DIM * EMBED_SIDE * EMBED_SIDE
+
+
+def embedding_file_bytes(shape: tuple[int, ...]) -> int:
+    """The size of a cache file holding one fp16 array of `shape`."""
+    return NPY_HEADER_BYTES + 2 * math.prod(shape)
+
+
+EMBEDDING_FILE_BYTES = embedding_file_bytes(distill_family("sam_vit_test").levels.stored_shape)  # a SAM teacher's
 
 
 class CacheError(RuntimeError):
@@ -97,16 +106,24 @@ def fingerprint_fields(
     device: torch.device | str = "cpu",
     amp_dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
-    """What a cache's embeddings depend on; `device` and `amp_dtype` are those `fill_cache` will be given."""
-    return {
+    """What a cache's embeddings depend on; `device` and `amp_dtype` are those `fill_cache` will be given.
+
+    A SAM 2 teacher's fields also name its levels and their shapes (a SAM teacher's have no "levels", so that
+    caches written before SAM 2 was supported keep their fingerprint)."""
+    family = distill_family(teacher)
+    fields = {
         "teacher": teacher,
         "weights": checkpoint_identity(checkpoint, seed),
-        "preprocessing": PREPROCESSING,
+        "preprocessing": family.preprocessing,
         "data": data_identity(dataset),
         "compute": compute_identity(device, amp_dtype),
         "dtype": "float16",
-        "shape": list(EMBEDDING_SHAPE),
+        "shape": list(family.levels.stored_shape),
     }
+    if len(family.levels.names) > 1:
+        levels = zip(family.levels.names, family.levels.shapes, strict=True)
+        fields["levels"] = {name: list(shape) for name, shape in levels}
+    return fields
 
 
 def _digest(fields: dict[str, Any]) -> str:
@@ -138,6 +155,15 @@ class EmbeddingCache:
     root: Path
     fields: dict[str, Any]
     index: dict[str, dict[str, Any]] = field(default_factory=dict)  # image id -> its latest index record
+
+    @property
+    def family(self) -> DistillFamily:
+        return distill_family(self.fields["teacher"])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of one image's array (`EmbeddingLevels.stored_shape`)."""
+        return tuple(self.fields["shape"])
 
     @classmethod
     def open(cls, cache_dir: str | os.PathLike, fields: dict[str, Any], create: bool = True) -> EmbeddingCache:
@@ -211,7 +237,7 @@ class EmbeddingCache:
         """What is wrong with the stored embedding of `image_id` (None: present and intact).
 
         The file must have the size and CRC-32 its index record gives. A file without a record is adopted
-        (and recorded) if it is exactly one fp16 256x64x64 array with a readable header.
+        (and recorded) if it is exactly one fp16 array of the cache's shape with a readable header.
         """
         path = self.path(image_id)
         if not path.is_file():
@@ -219,16 +245,17 @@ class EmbeddingCache:
         size = path.stat().st_size
         record = self.index.get(image_id)
         if record is None:
-            if size != EMBEDDING_FILE_BYTES:
-                return f"{size} bytes, a complete array has {EMBEDDING_FILE_BYTES}, and the index has no record of it"
+            expected = embedding_file_bytes(self.shape)
+            if size != expected:
+                return f"{size} bytes, a complete array has {expected}, and the index has no record of it"
             try:
                 with open(path, "rb") as f:
                     np.lib.format.read_magic(f)
                     shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
             except (ValueError, OSError) as exc:
                 return f"unreadable header ({exc})"
-            if shape != EMBEDDING_SHAPE or fortran or dtype != np.float16:
-                return f"holds a {dtype} {shape} array, expected float16 {EMBEDDING_SHAPE}"
+            if shape != self.shape or fortran or dtype != np.float16:
+                return f"holds a {dtype} {shape} array, expected float16 {self.shape}"
             self._record(image_id, path, size, _crc32_file(path), rank)
             return None
         if size != record["bytes"]:
@@ -246,10 +273,10 @@ class EmbeddingCache:
         return marker.read_text().strip() if marker.is_file() else ""
 
     def write(self, image_id: str, embedding: torch.Tensor, rank: int = 0) -> None:
-        """Store a 256x64x64 embedding as fp16 (atomically: temporary file, fsync, rename), then record it."""
-        if tuple(embedding.shape) != EMBEDDING_SHAPE:
+        """Store one image's array (`shape`) as fp16 (atomically: temporary file, fsync, rename), then record it."""
+        if tuple(embedding.shape) != self.shape:
             shape = tuple(embedding.shape)
-            raise CacheError(f"teacher embedding for {image_id} has shape {shape}, expected {EMBEDDING_SHAPE}")
+            raise CacheError(f"teacher embedding for {image_id} has shape {shape}, expected {self.shape}")
         buffer = io.BytesIO()
         np.save(buffer, embedding.detach().to("cpu", torch.float16).numpy())
         data = buffer.getvalue()
@@ -266,7 +293,7 @@ class EmbeddingCache:
         atomic_write_text(path, reason + "\n")
 
     def read(self, image_id: str) -> torch.Tensor:
-        """The 256x64x64 embedding as float32 (the file is memory-mapped, not read whole in advance)."""
+        """The image's array as float32 (the file is memory-mapped, not read whole in advance)."""
         path = self.path(image_id)
         if not path.is_file():
             raise CacheError(f"no cached teacher embedding for image {image_id!r} in {self.root}")
@@ -283,24 +310,35 @@ class EmbeddingCache:
     def heads_path(self) -> Path:
         return self.root / "teacher_heads.pt"
 
-    def save_heads(self, teacher: Sam) -> None:
-        state = {k: v for k, v in teacher.state_dict().items() if k.startswith(HEAD_PREFIXES)}
+    def save_heads(self, teacher: nn.Module) -> None:
+        prefixes = self.family.head_prefixes
+        state = {k: v for k, v in teacher.state_dict().items() if k.startswith(prefixes)}
         atomic_torch_save(state, self.heads_path)
 
-    def load_heads(self) -> Sam:
-        """The teacher's prompt encoder and mask decoder (inside a SAM with an empty image encoder), frozen."""
+    def load_heads(self) -> nn.Module:
+        """The teacher's prompt encoder and mask decoder (in the family's model with an empty image encoder), frozen.
+
+        Every weight under the family's `head_prefixes` must be in the file; a SAM 2 model's memory modules, which
+        the image pipeline does not use, keep their initial values."""
         if not self.heads_path.is_file():
             raise CacheError(f"{self.heads_path} is missing: run the cache step again")
-        heads = assemble_sam(nn.Identity())
+        heads = self.family.assemble_heads()
         try:
             state = torch.load(self.heads_path, map_location="cpu", weights_only=True)
         except Exception as exc:  # truncated zip, garbage bytes: torch raises many kinds
             raise CacheError(f"{self.heads_path} is unreadable ({exc}); delete it and run again") from exc
-        heads.load_state_dict(state, strict=True)
+        prefixes = self.family.head_prefixes
+        missing, unexpected = heads.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k.startswith(prefixes)]
+        if missing or unexpected:
+            raise CacheError(
+                f"{self.heads_path} does not hold the heads of a {self.fields['teacher']} teacher (missing "
+                f"{missing[:3]}, unexpected {unexpected[:3]}); delete it and run again"
+            )
         return heads.eval().requires_grad_(False)
 
 
-def build_teacher(name: str, checkpoint: str | None, seed: int) -> Sam:
+def build_teacher(name: str, checkpoint: str | None, seed: int) -> nn.Module:
     """The full teacher, frozen; random weights are made from `seed` so every rank builds the same ones."""
     torch.manual_seed(seed)
     return build_sam(name, checkpoint=checkpoint).requires_grad_(False)
@@ -349,6 +387,7 @@ def fill_cache(
         return counts
     start = time.perf_counter()
     teacher = build_teacher(teacher_name, teacher_checkpoint, seed).to(device)
+    family = cache.family
     counts["build_seconds"] = time.perf_counter() - start
     if rank == 0:
         cache.save_heads(teacher)
@@ -361,10 +400,12 @@ def fill_cache(
                 cache.mark_corrupt(image_id, reason)
                 counts["corrupt"] += 1
                 continue
-            image = prepare_image(sample.image).tensor.to(device)
+            image = family.prepare(sample.image)[0][None].to(device)
             start = time.perf_counter()
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                embedding = teacher.image_encoder(image)[0].float().cpu()  # .cpu() waits for the GPU: honest timing
+                levels = family.encode(teacher, image)
+            # .cpu() waits for the GPU: honest timing
+            embedding = family.levels.pack([level[0].float() for level in levels]).cpu()
             counts["encode_seconds"] += time.perf_counter() - start
             counts["repaired"] += cache.path(image_id).is_file()
             cache.write(sample.image_id, embedding, rank)

@@ -7,6 +7,12 @@ marked "our choice" where it does not:
   The paper gives none. The embedding and token L1 terms are of order 0.1-1 on SAM features, while
   mask logits range over +-20, so their L1 is roughly ten times larger; 0.1 brings the three to a
   similar size at the start of training.
+- SAM 2: the embedding term is the mean of the L1s of the decoder's three image inputs (the 32x256x256 and
+  64x128x128 maps after the teacher's conv_s0/conv_s1 and the 256x64x64 embedding), weighted equally (our
+  choice): each L1 is a mean over its own elements, so the three are of one order and none dominates by its
+  size, and with weights summing to one the term keeps SAM's scale, so `embedding_weight` means the same for
+  both families. The 64x64 level drives the transformer (tokens, IoU), the others only the upscaling; the
+  token and output terms already weigh each level by its effect on the masks.
 - ground-truth terms off by default (pure distillation, as in TinySAM); when on, focal:dice = 20:1
   (SAM) and an MSE on the predicted IoU.
 - hard prompt sampling on, up to 9 extra points (paper), 64 prompts per image (paper), the first
@@ -31,7 +37,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from student_models.registry import canonical_name
+from student_models.families import family_named
+from student_models.registry import canonical_name, list_models
 
 PROMPT_MODES = ("gt", "disagreement")
 PROMPT_SOURCES = ("student", "teacher")
@@ -89,6 +96,9 @@ class DistillConfig:
 
     # losses: L = a*emb + b*token + c*sum_i H_i*out_i (+ ground-truth terms)
     embedding_weight: float = 1.0
+    # SAM 2 teachers: the embedding term's weight of each level (high_res_feats_0, high_res_feats_1, image_embed);
+    # None = equal. Normalised to sum 1.
+    level_weights: list[float] | None = None
     token_weight: float = 1.0
     output_weight: float = 0.1
     token_loss: bool = True
@@ -141,6 +151,20 @@ class DistillConfig:
                 setattr(self, role, canonical_name(getattr(self, role)))
             except KeyError as exc:
                 raise ValueError(f"unknown {role} {getattr(self, role)!r}: {exc.args[0].split('; ', 1)[1]}") from None
+        teacher_family, student_family = family_named(self.teacher), family_named(self.student)
+        if teacher_family != student_family:
+            raise ValueError(
+                f"teacher {self.teacher} is a {teacher_family.name} model and student {self.student} a "
+                f"{student_family.name} one: distil a student of the teacher's family "
+                f"({', '.join(list_models(role='student', family=teacher_family.name))})"
+            )
+        if self.level_weights is not None:
+            levels = teacher_family.embedding_names
+            if len(self.level_weights) != len(levels) or min(self.level_weights) < 0 or sum(self.level_weights) <= 0:
+                raise ValueError(
+                    f"level_weights must be {len(levels)} weights >= 0, not all 0, one per embedding level of "
+                    f"{self.teacher} ({', '.join(levels)}); got {self.level_weights}"
+                )
         self._check_choice("prompt_mode", PROMPT_MODES)
         self._check_choice("prompt_source", PROMPT_SOURCES)
         self._check_choice("amp", AMP_DTYPES)

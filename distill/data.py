@@ -19,13 +19,12 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 import torch
 import torch.nn.functional as F
-from segment_anything.utils.transforms import ResizeLongestSide
 from torch.utils.data import Dataset
 
 from distill.cache import EmbeddingCache
+from distill.families import DistillFamily
 from distill.prompts import LOWRES_STRIDE, choose_masks, draw_iterations, image_keys, use_boxes
 from student_models.data import SegmentationDataset
-from student_models.preprocessing import prepare_image
 from student_models.registry import IMAGE_SIZE
 
 LOWRES_SIDE = IMAGE_SIZE // LOWRES_STRIDE
@@ -35,7 +34,8 @@ LOWRES_SIDE = IMAGE_SIZE // LOWRES_STRIDE
 class DistillItem:
     """One training image.
 
-    image: 3x1024x1024 float32 (SAM-normalised, padded); teacher_embedding: 256x64x64 float32;
+    image: 3x1024x1024 float32 (the family's input: SAM's normalised and padded, SAM 2's resized to the square);
+    teacher_embedding: the cached levels as float32 (SAM: 256x64x64; SAM 2: packed, `EmbeddingLevels`);
     input_size: (h, w) of the resized image inside the 1024 frame; gt_masks: Nx256x256 bool in the
     low-res frame and gt_boxes: Nx4 XYXY in the 1024 frame (None for a plain image folder).
     """
@@ -50,7 +50,9 @@ class DistillItem:
 
 
 def lowres_masks(masks: np.ndarray, input_size: tuple[int, int]) -> np.ndarray:
-    """NxHxW bool at the original size -> Nx256x256 bool in the padded low-res frame (area-resized, >= 0.5)."""
+    """NxHxW bool at the original size -> Nx256x256 bool in the padded low-res frame (area-resized, >= 0.5).
+
+    `input_size` (1024, 1024), SAM 2's, resizes each side on its own, as SAM 2 resizes the image."""
     height, width = (-(-s // LOWRES_STRIDE) for s in input_size)
     resized = F.interpolate(torch.from_numpy(masks[:, None]).float(), size=(height, width), mode="area")
     padded = F.pad(resized[:, 0], (0, LOWRES_SIDE - width, 0, LOWRES_SIDE - height))
@@ -58,11 +60,13 @@ def lowres_masks(masks: np.ndarray, input_size: tuple[int, int]) -> np.ndarray:
 
 
 class DistillDataset(Dataset):
-    """`indices` of `base` whose teacher embeddings are in `cache`; items are `DistillItem`s or None."""
+    """`indices` of `base` whose teacher embeddings are in `cache`, prepared for `family`'s models; items are
+    `DistillItem`s or None."""
 
-    def __init__(self, base: SegmentationDataset, cache: EmbeddingCache, indices: list[int]) -> None:
-        self.base, self.cache, self.indices = base, cache, list(indices)
-        self.transform = ResizeLongestSide(IMAGE_SIZE)
+    def __init__(
+        self, base: SegmentationDataset, cache: EmbeddingCache, indices: list[int], family: DistillFamily
+    ) -> None:
+        self.base, self.cache, self.indices, self.family = base, cache, list(indices), family
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -72,19 +76,20 @@ class DistillDataset(Dataset):
         sample = self.base[index]
         if sample is None:
             return None
-        prepared = prepare_image(sample.image)
+        image, input_size, to_frame = self.family.prepare(sample.image)
         gt_masks = gt_boxes = None
         if sample.masks is not None:
-            gt_masks = lowres_masks(sample.masks, prepared.input_size)
+            gt_masks = lowres_masks(sample.masks, input_size)
             keep = gt_masks.reshape(len(gt_masks), -1).any(1)  # masks too small to survive the 4x shrink go
             gt_masks = gt_masks[keep]
-            gt_boxes = self.transform.apply_boxes(sample.boxes[keep], prepared.original_size).astype(np.float32)
+            corners = to_frame(sample.boxes[keep].reshape(-1, 2, 2).astype(np.float64))
+            gt_boxes = corners.reshape(-1, 4).astype(np.float32)
         return DistillItem(
             index=index,
             image_id=sample.image_id,
-            image=prepared.tensor[0],
+            image=image,
             teacher_embedding=self.cache.read(sample.image_id),
-            input_size=prepared.input_size,
+            input_size=input_size,
             gt_masks=gt_masks,
             gt_boxes=gt_boxes,
         )
@@ -112,7 +117,8 @@ class DistillBatch:
     have no masks (the embedding loss only).
 
     image_ids: B names; indices: B int64 (dataset indices); images: Bx3x1024x1024 float32; teacher_embeddings:
-    Bx256x64x64; input_sizes: Bx2 int64 (h, w in the 1024 frame); keys: M int64 image keys (`image_keys`);
+    B cache arrays (`DistillItem.teacher_embedding`); input_sizes: Bx2 int64 (h, w in the 1024 frame); keys: M
+    int64 image keys (`image_keys`);
     gt_masks: MxPx256x256 bool and gt_boxes: MxPx4 float32, the masks chosen for the P prompts of each image;
     use_box, iterations: M host values, each image's first-prompt kind and corrective points.
     """

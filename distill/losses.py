@@ -1,7 +1,7 @@
 """The loss terms of full-stage distillation (SPEC section 2), each a small function returning named terms.
 
 `weighted_total` reduces a dict of terms with the config's weights; every term is logged on its own.
-Shapes: embeddings Bx256x64x64; decoder tokens PxTx256; mask logits Px4x256x256 (all four mask
+Shapes: embeddings Bx256x64x64 (SAM 2: three levels); decoder tokens PxTx256; mask logits Px4x256x256 (all four mask
 tokens, low-res frame); IoU predictions Px4; per-prompt masks PxHxW.
 
 The prompt terms (token, output, GT) are vectors of P, one value per prompt, so that one call serves
@@ -10,16 +10,29 @@ the prompts of many images: `DistillStep` averages them over each image's prompt
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss
 
 
-def embedding_loss(student: torch.Tensor, teacher: torch.Tensor) -> dict[str, torch.Tensor]:
-    """L1 between student and teacher image embeddings (Bx256x64x64), mean over all elements."""
-    return {"embedding": F.l1_loss(student, teacher)}
+def embedding_loss(
+    student: torch.Tensor | Sequence[torch.Tensor],
+    teacher: torch.Tensor | Sequence[torch.Tensor],
+    weights: Sequence[float] | None = None,
+    names: Sequence[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """L1 between student and teacher image embeddings, mean over all elements: of SAM's one Bx256x64x64 tensor,
+    or the weighted mean (`weights`, default equal) of the per-level L1s of SAM 2's three levels, each of which
+    is also returned, unweighted, as ``embedding_<name>`` for the log."""
+    if isinstance(student, torch.Tensor):
+        return {"embedding": F.l1_loss(student, teacher)}
+    levels = [F.l1_loss(s, t) for s, t in zip(student, teacher, strict=True)]
+    weights = [1.0] * len(levels) if weights is None else list(weights)
+    total = sum(w * level for w, level in zip(weights, levels, strict=True)) / sum(weights)
+    named = zip(names, levels, strict=True) if names and len(levels) > 1 else ()
+    return {"embedding": total, **{f"embedding_{name}": level.detach() for name, level in named}}
 
 
 def token_loss(student_tokens: torch.Tensor, teacher_tokens: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -63,7 +63,7 @@ class TrainingRun:
         # Decay only on matrices and kernels (nanoGPT's rule), the decoder (already the teacher's) at
         # decoder_lr_scale x lr.
         self.params = [p for p in model.student.parameters() if p.requires_grad]
-        decoder = {id(p) for p in model.student.mask_decoder.parameters()}
+        decoder = {id(p) for p in model.family.mask_decoder(model.student).parameters()}
         groups = []
         for in_decoder, lr in ((False, cfg.lr), (True, cfg.lr * cfg.decoder_lr_scale)):
             for decay, weight_decay in ((True, cfg.weight_decay), (False, 0.0)):

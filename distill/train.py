@@ -6,8 +6,9 @@ The steps, top to bottom:
 0. every input checked before anything long starts: writable output and cache folders, no earlier
    run in ``out`` that a fresh run would silently replace, the state to resume from;
 1. data: COCO, SA-1B, a plain image folder or generated shapes (`student_models.data.open_dataset`);
-2. the teacher-embedding cache, filled where missing (shared across ranks), then the teacher's
-   prompt encoder + mask decoder read back from it (its image encoder is never built again);
+2. the teacher-embedding cache (SAM: the image embedding; SAM 2: the decoder's three image inputs), filled
+   where missing (shared across ranks), then the teacher's prompt encoder + mask decoder read back from it
+   (its image encoder is never built again);
 3. the student (built before step 2, so a bad checkpoint fails at once), its decoder initialised
    from the teacher's, a seeded train/validation split;
 4. AdamW + warm-up/cosine schedule, resumed exactly from ``<out>/checkpoints/last.pt`` with ``resume``;
@@ -128,11 +129,15 @@ def _distill(cfg: DistillConfig, rt: Runtime, phases: PhaseTimer) -> DistillResu
 
     # 3. Student (decoder from the teacher unless a student checkpoint brings its own) and the split.
     set_rng_state(rng_after_student)
+    family = cache.family
     if cfg.student_checkpoint is None:
-        heads = {k: v for k, v in teacher_heads.state_dict().items() if k.startswith(("prompt_", "mask_"))}
+        heads = {k: v for k, v in teacher_heads.state_dict().items() if k.startswith(family.head_prefixes)}
         student.load_state_dict(heads, strict=False)
-    student.prompt_encoder.requires_grad_(False)
-    student.mask_decoder.requires_grad_(cfg.train_decoder and use_prompts)
+    # Only the image encoder and the mask decoder learn; the prompt encoder and, for SAM 2, no_mem_embed and the
+    # memory modules (which images never reach) stay as they are.
+    student.requires_grad_(False)
+    student.image_encoder.requires_grad_(True)
+    family.mask_decoder(student).requires_grad_(cfg.train_decoder and use_prompts)
     train_set, val_set = _split(cfg, dataset, cache, usable)
     sampler = DistributedSampler(train_set, rt.world_size, rt.rank, shuffle=True, seed=cfg.seed)
     batches_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
@@ -281,8 +286,8 @@ def _split(
     val_count = cfg.val_images if cfg.val_images is not None else round(cfg.val_fraction * len(usable))
     val_count = min(val_count, len(usable) - 1)
     train_positions, val_positions = split_indices(len(usable), val_count, cfg.seed)
-    train_set = DistillDataset(dataset, cache, [usable[i] for i in train_positions])
-    val_set = DistillDataset(dataset, cache, [usable[i] for i in val_positions])
+    train_set = DistillDataset(dataset, cache, [usable[i] for i in train_positions], cache.family)
+    val_set = DistillDataset(dataset, cache, [usable[i] for i in val_positions], cache.family)
     return train_set, val_set
 
 

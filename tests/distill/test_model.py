@@ -15,14 +15,9 @@ import torch
 
 from distill.config import DistillConfig
 from distill.data import Collate, DistillItem, lowres_masks, stream_items
-from distill.model import (
-    DistillStep,
-    decode,
-    decode_in_chunks,
-    fidelity,
-    image_blind_embedding,
-    sparse_embeddings,
-)
+from distill.decoding import decode, decode_in_chunks, sparse_embeddings
+from distill.families import DISTILL_FAMILIES
+from distill.model import DistillStep, fidelity, image_blind_embedding
 from distill.prompts import PromptSet
 from student_models.preprocessing import prepare_image
 from tests.helpers import requires_cuda, synthetic_image, tiny_model
@@ -121,7 +116,9 @@ def test_decoding_in_chunks_gives_the_values_and_gradients_of_one_call(item_and_
     results = {}
     for name, call in {
         "one call": lambda e: decode(student, e, [boxes, points]),
-        "chunked": lambda e: decode_in_chunks(student, e, [boxes, points], images_per_call, recompute=True),
+        "chunked": lambda e: decode_in_chunks(
+            DISTILL_FAMILIES["sam"].decode, student, (e,), [boxes, points], images_per_call, recompute=True
+        ),
     }.items():
         embeddings = base.clone().requires_grad_(True)
         out = call(embeddings)
