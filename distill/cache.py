@@ -67,9 +67,6 @@ def embedding_file_bytes(shape: tuple[int, ...]) -> int:
     return NPY_HEADER_BYTES + 2 * math.prod(shape)
 
 
-EMBEDDING_FILE_BYTES = embedding_file_bytes(distill_family("sam_vit_test").levels.stored_shape)  # a SAM teacher's
-
-
 class CacheError(RuntimeError):
     """A cache that does not belong to this teacher, preprocessing or dataset, or is incomplete."""
 

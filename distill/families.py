@@ -22,6 +22,7 @@ Per family, `DistillFamily` says:
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ from student_models.families import FAMILIES, Family, family_named, family_of
 from student_models.preprocessing import PIXEL_MEAN, PIXEL_STD
 from student_models.registry import IMAGE_SIZE, assemble_sam
 from student_models.sam2_models import assemble_sam2
+from student_models.sam2_pipeline import LEVEL_SHAPES
 from student_models.sam2_pipeline import encode as sam2_encode
 
 Shape = tuple[int, int, int]
@@ -76,7 +78,7 @@ class EmbeddingLevels:
 Prepared = tuple[torch.Tensor, tuple[int, int], Callable[[np.ndarray], np.ndarray]]
 
 
-class DistillFamily:
+class DistillFamily(ABC):
     """One family's geometry, embedding levels, encoder and decoder for distillation (see the module docstring)."""
 
     family: Family
@@ -88,20 +90,21 @@ class DistillFamily:
         tensor, to_frame = self.family.prepare(image)
         return tensor[0], self.input_size(tuple(image.shape[:2])), to_frame
 
+    @abstractmethod
     def input_size(self, image_hw: tuple[int, int]) -> tuple[int, int]:
         """The (h, w) that an image of `image_hw` covers in the 1024 input frame (the rest is padding)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def encode(self, model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Bx3x1024x1024 prepared images -> their embedding levels (BxCxHxW each)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def decode(self, model: nn.Module, levels: Sequence[torch.Tensor], prompts: Sequence[PromptSet]) -> DecoderOutput:
-        raise NotImplementedError
+        """The family's decoder (`distill.decoding`) on I images' levels and their prompt sets."""
 
+    @abstractmethod
     def assemble_heads(self) -> nn.Module:
         """The family's model without an image encoder, to hold a teacher's `head_prefixes` weights."""
-        raise NotImplementedError
 
     def mask_decoder(self, model: nn.Module) -> nn.Module:
         return self.family.heads(model)[1]
@@ -144,7 +147,7 @@ class _NoImageEncoder(nn.Module):
 
 class Sam2Distill(DistillFamily):
     family = FAMILIES["sam2"]
-    levels = EmbeddingLevels(FAMILIES["sam2"].embedding_names, ((32, 256, 256), (64, 128, 128), (256, 64, 64)))
+    levels = EmbeddingLevels(FAMILIES["sam2"].embedding_names, LEVEL_SHAPES)
     # sam2's SAM2Transforms: a plain resize to 1024x1024, ImageNet mean/std on [0, 1] (PIXEL_MEAN / 255).
     preprocessing = f"resize-{IMAGE_SIZE}x{IMAGE_SIZE}/mean{list(PIXEL_MEAN)}/std{list(PIXEL_STD)}"
     head_prefixes = ("sam_prompt_encoder.", "sam_mask_decoder.", "no_mem_embed")

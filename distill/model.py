@@ -147,10 +147,10 @@ class DistillStep(nn.Module):
         if not self.use_prompts:
             return terms
         sums = self._prompt_terms(student_emb, teacher_emb, batch)
+        zero = batch.images.new_zeros((), dtype=torch.float32)
         for name in self.prompt_term_names():
             # Images without masks add zero, so the mean over B matches DDP's mean over ranks exactly,
             # and every rank reports the same names even when none of its images has a mask.
-            zero = batch.images.new_zeros((), dtype=torch.float32)
             terms[name] = sums[name] / len(batch) if name in sums else zero
         return terms
 

@@ -68,10 +68,9 @@ class HierarchicalSam2MaskGenerator(SAM2AutomaticMaskGenerator):
         sparse_sides = layer_points_per_side(sparse, *layers)
         self.rounds = [TwoRounds(reprompt_rule, n, m) for n, m in zip(dense_sides, sparse_sides, strict=True)]
 
-    @torch.no_grad()
     def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
         self.points_prompted = 0
-        return super().generate(image)
+        return super().generate(image)  # sam2's, under torch.no_grad
 
     def _process_crop(
         self, image: np.ndarray, crop_box: list[int], crop_layer_idx: int, orig_size: tuple[int, ...]

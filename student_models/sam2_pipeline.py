@@ -40,6 +40,9 @@ if TYPE_CHECKING:
     from sam2.modeling.sam2_base import SAM2Base
 
 MASK_LOGIT_LIMIT = 32.0  # SAM2ImagePredictor clamps the low-resolution logits it returns to +-32
+# The CxHxW of the three levels of a 1024x1024 input, highest resolution first (SAM2ImagePredictor._bb_feat_sizes
+# with the decoder's conv_s0 / conv_s1 widths).
+LEVEL_SHAPES = ((32, 256, 256), (64, 128, 128), (256, 64, 64))
 
 
 @dataclass
@@ -76,8 +79,7 @@ class Sam2Features:
     @classmethod
     def random(cls, images: int = 1, generator: torch.Generator | None = None) -> Sam2Features:
         """Features of the shapes a 1024x1024 input gives, drawn from N(0, 1): a decoder's timing input."""
-        shapes = [(32, 256, 256), (64, 128, 128), (256, 64, 64)]
-        return cls.from_levels([torch.randn(images, *shape, generator=generator) for shape in shapes])
+        return cls.from_levels([torch.randn(images, *shape, generator=generator) for shape in LEVEL_SHAPES])
 
 
 class Sam2Transforms:

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from distill.cache import EMBEDDING_FILE_BYTES, CacheError, EmbeddingCache, fill_cache, fingerprint_fields
+from distill.cache import CacheError, EmbeddingCache, fill_cache, fingerprint_fields
 from student_models.data import ImageFolderDataset, SyntheticDataset
 from student_models.preprocessing import prepare_image
 from tests.helpers import tiny_model
+
+SAM_FILE_BYTES = 2_097_280  # a SAM teacher's cache file: the 128-byte .npy header + 256x64x64 fp16
 
 
 def test_write_read_resume_and_fingerprint(tmp_path):
@@ -113,7 +115,7 @@ def test_check_compares_size_and_checksum_with_the_index(tmp_path):
     data = bytearray(b.read_bytes())
     data[500] ^= 1
     b.write_bytes(bytes(data))
-    assert cache.check("a") == f"1000 bytes, the index records {EMBEDDING_FILE_BYTES} (truncated or overwritten)"
+    assert cache.check("a") == f"1000 bytes, the index records {SAM_FILE_BYTES} (truncated or overwritten)"
     assert cache.check("b").startswith("its CRC-32 differs from the index record")
     assert not cache.has("a") and cache.has("b")  # has() checks the size only; the cache step checks the CRC
     # Reading a broken file names it (numpy's own message names none).
@@ -136,7 +138,7 @@ def test_records_survive_a_cut_line_and_unrecorded_files_are_adopted_only_when_c
     assert legacy.check("a") is None and "a" in legacy.index
     assert torch.allclose(legacy.read("a"), embeddings["a"].half().float())
     problem = legacy.check("b")
-    expected = f"{EMBEDDING_FILE_BYTES - 10} bytes, a complete array has {EMBEDDING_FILE_BYTES}, and the index has no"
+    expected = f"{SAM_FILE_BYTES - 10} bytes, a complete array has {SAM_FILE_BYTES}, and the index has no"
     assert problem == f"{expected} record of it"
     assert "a" in EmbeddingCache.open(tmp_path, cache.fields).index  # the adoption was recorded
 

@@ -22,13 +22,14 @@ import torch
 
 import distill.model as distill_model
 from distill.__main__ import main
-from distill.cache import EMBEDDING_FILE_BYTES
 from student_models.checkpoints import read_checkpoint, save_checkpoint
 from tests.helpers import synthetic_image, tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--num-synthetic", "3", "--val-images", "0", "--steps", "2", "--batch-size", "1", "--checkpoint-every", "1"]
 TINY += ["--prompts-per-image", "1", "--max-prompt-iters", "0", "--warmup-steps", "1", "--num-workers", "0"]
+
+SAM_FILE_BYTES = 2_097_280  # a SAM teacher's cache file: the 128-byte .npy header + 256x64x64 fp16
 
 
 def cli(capsys, *args) -> tuple[int, str, str]:
@@ -294,10 +295,10 @@ def test_broken_cached_embeddings_are_recomputed_and_the_run_matches_a_clean_one
     cache = tmp_path / "cache"
     shutil.copytree(cache_dir, cache)
     arrays = sorted(cache.rglob("*.npy"))
-    assert len(arrays) == 3 and all(p.stat().st_size == EMBEDDING_FILE_BYTES for p in arrays)
+    assert len(arrays) == 3 and all(p.stat().st_size == SAM_FILE_BYTES for p in arrays)
     originals = {p: p.read_bytes() for p in arrays}
     truncated, altered = arrays[0], arrays[1]
-    truncated.write_bytes(originals[truncated][: EMBEDDING_FILE_BYTES // 2])  # a copy that hit a full disk
+    truncated.write_bytes(originals[truncated][: SAM_FILE_BYTES // 2])  # a copy that hit a full disk
     flipped = bytearray(originals[altered])
     flipped[-1] ^= 0xFF  # same size, one byte changed
     altered.write_bytes(bytes(flipped))
@@ -309,7 +310,7 @@ def test_broken_cached_embeddings_are_recomputed_and_the_run_matches_a_clean_one
         code, printed, err = cli(capsys, *TINY, "--cache-dir", cache, "--out", out)
     assert code == 0, err
     messages = [str(w.message) for w in warned]
-    assert any(f"{truncated} is broken ({EMBEDDING_FILE_BYTES // 2} bytes, the index records" in m for m in messages)
+    assert any(f"{truncated} is broken ({SAM_FILE_BYTES // 2} bytes, the index records" in m for m in messages)
     assert any(f"{altered} is broken (its CRC-32 differs" in m for m in messages)
     assert all(p.read_bytes() == originals[p] for p in arrays) and not stale.exists()
     assert same_weights(out / "student.pt", clean_run[0] / "student.pt")
