@@ -21,6 +21,7 @@ import torch
 from quantize.calibration import box_prompt_loop, prepare_calibration
 from quantize.checkpoint import save_quantized
 from quantize.config import SEARCH_METHODS, PTQConfig
+from quantize.executorch_runtime import export_executorch, require_executorch
 from quantize.fidelity import fidelity, run_model
 from quantize.onnx_export import ExportCheckError, export_onnx
 from quantize.openvino_runtime import export_openvino, require_openvino
@@ -38,7 +39,7 @@ from student_models.registry import canonical_name
 USER_ERRORS = (
     ValueError, KeyError, CheckpointError, DatasetError, ImageError, ExportCheckError, MissingExtraError, OSError,
 )  # fmt: skip
-RUNTIMES = ("ort", "openvino")
+RUNTIMES = ("ort", "openvino", "executorch")
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -70,7 +71,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--runtime", nargs="+", choices=RUNTIMES, default=["ort"],
         help="runtimes to export for and check in (default: ort; openvino also writes OpenVINO IR, the "
-        "openvino extra)",
+        "openvino extra; executorch .pte programs lowered to XNNPACK, the executorch extra)",
     )  # fmt: skip
     add_device_argument(parser)
     return parser
@@ -115,6 +116,10 @@ def run(args: argparse.Namespace) -> int:
         if args.no_export:
             raise ValueError("--runtime openvino converts the exported ONNX files: drop --no-export")
         require_openvino()
+    if "executorch" in args.runtime:
+        if args.no_export:
+            raise ValueError("--runtime executorch exports the quantized model: drop --no-export")
+        require_executorch()
     out = writable_folder(Path(args.out))
     if args.checkpoint is None:
         print(f"WARNING: no --checkpoint: quantizing {args.model} with RANDOM weights (a pipeline demo only)")
@@ -179,10 +184,20 @@ def run(args: argparse.Namespace) -> int:
                         f"every check's figures are in {out / 'summary.json'}. docs/quantize.md says what the "
                         "OpenVINO check compares."
                     ) from refused
+            if "executorch" in args.runtime:
+                checks = export_executorch(sam, out / precision, precision)
+                summary["export"][precision]["executorch"] = {
+                    "version": require_executorch(),
+                    "files": [str(out / precision / check.file) for check in checks],
+                    "checks": [check.__dict__ for check in checks],
+                }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "export")}, indent=2))
     exported = ", ".join(str(out / precision) for precision in summary.get("export", {}))
-    kinds = "ONNX and OpenVINO IR" if "openvino" in args.runtime else "ONNX"
+    kinds = " and ".join(
+        kind for runtime, kind in (("ort", "ONNX"), ("openvino", "OpenVINO IR"), ("executorch", "ExecuTorch"))
+        if runtime == "ort" or runtime in args.runtime
+    )  # fmt: skip
     onnx_files = f"{kinds} files under {exported}, " if exported else ""
     print(f"wrote {checkpoint}, {onnx_files}summary {out / 'summary.json'}")
     return 0

@@ -1,0 +1,380 @@
+"""ExecuTorch with XNNPACK: the calibrated model as ``encoder.pte`` / ``decoder.pte``, checked in ExecuTorch's
+runtime, and `ExecuTorchSam` to run them.
+
+The programs are lowered to XNNPACK (``to_edge_transform_and_lower`` with ``XnnpackPartitioner``) from the
+PT2E quantized form, with our searched scales written in as constants, not re-calibrated by observers: each
+activation quantizer becomes a ``quantized_decomposed`` quantize/dequantize pair on its signed int8 grid
+(zero point 0: the same values as the ONNX graphs' uint8 with zero point 128), each weight an int8 constant
+with its per-channel scales. XNNPACK's static int8 products quantize their outputs, so a Linear or
+convolution runs on XNNPACK's int8 kernels where the model quantizes its output too (`QuantConv2d`'s output
+quantizer; ``PTQConfig.conv_outputs``) and its input is uniform; every other quantized layer (Linear layers,
+1x1 convolutions, attention products, transposed convolutions, twin-uniform inputs) computes in float32 on
+int8-grid values and dequantized weights, exactly what the simulated model computes.
+
+The INT8 programs are checked like the ONNX graphs in ONNX Runtime (`quantize.export_check`): an
+instrumented program returns every quantizer's values as extra outputs, the simulated PyTorch model runs
+with ExecuTorch's rounding decisions and every value rounded apart must be a tie; the shipped program must
+give the instrumented one's outputs (XNNPACK runs the same kernels either way).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.metadata
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from quantize.core import int_range
+from quantize.modules import ActQuantizer, QuantConv2d, QuantLayer, QuantLinear
+from quantize.onnx_export import (
+    TOLERANCE,
+    ExportCheck,
+    ExportCheckError,
+    compare_forced,
+    cpu_copy,
+    describe_failure,
+    export_mode,
+    output_diffs,
+    probe_parts,
+)
+from quantize.onnx_runtime import CpuSamRunner
+from student_models.extras import MissingExtraError
+from student_models.families import FAMILIES
+from student_models.sam2_pipeline import Sam2Features
+
+# The decoder program takes one prompt of up to MAX_POINTS points (ExecuTorch plans memory for an upper bound):
+# XNNPACK reshapes only one dynamic dimension, and a prompt batch with a varying point count would be two.
+MAX_POINTS = 16
+
+
+def _executorch():
+    try:
+        import torchao.quantization.pt2e  # noqa: F401  (registers the quantized_decomposed ops)
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.exir import to_edge_transform_and_lower
+        from executorch.runtime import Runtime
+    except ImportError:
+        raise MissingExtraError(
+            'the ExecuTorch runtime needs the executorch extra: pip install -e ".[executorch]" -c constraints.txt'
+        ) from None
+    return XnnpackPartitioner, to_edge_transform_and_lower, Runtime
+
+
+def require_executorch() -> str:
+    """ExecuTorch's version, or `MissingExtraError` naming the extra (checked before any long step)."""
+    _executorch()
+    return importlib.metadata.version("executorch")
+
+
+def _qdq(x: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 values, their float values): `x` on the signed int8 grid of `scale`, as the quantize/dequantize
+    pair XNNPACK reads."""
+    ops = torch.ops.quantized_decomposed
+    q = ops.quantize_per_tensor(x, scale, 0, -128, 127, torch.int8)
+    return q, ops.dequantize_per_tensor(q, scale, 0, -128, 127, torch.int8)
+
+
+class Int8Grid(nn.Module):
+    """An `ActQuantizer` as int8 quantize/dequantize pairs with its scales as constants of the program.
+
+    A twin-uniform quantizer gives its two ranges as two pairs, added (one is an exact 0 at each position),
+    as `ActQuantizer.twin_ranges_int8` writes them for ONNX. With `record` set, each pair's values are
+    appended to it as int8 values with the quantizer's name (the instrumented program returns them).
+    """
+
+    def __init__(self, quantizer: ActQuantizer, name: str, record: list | None) -> None:
+        super().__init__()
+        self.name, self.kind, self.bits, self.record = name, quantizer.kind, quantizer.bits, record
+        if quantizer.kind == "uniform":
+            self.scales = (float(quantizer.scale),)
+        else:
+            self.scales = tuple(float(s) for s in quantizer.range_scales())
+            self.split = float(torch.nextafter(quantizer.split, torch.tensor(-torch.inf)))
+
+    def _ranges(self, x: torch.Tensor) -> list[torch.Tensor]:
+        levels = 2 ** (self.bits - 1)
+        if self.kind == "uniform":
+            qmin, qmax = int_range(self.bits)
+            return [torch.clamp(x, qmin * self.scales[0], qmax * self.scales[0]) if self.bits < 8 else x]
+        low_scale, high_scale = self.scales
+        if self.kind == "twin_softmax":  # [0, split) and [split, 1], each non-negative
+            high = x * (x > self.split).to(x.dtype)
+            low = x - high
+            return [torch.clamp(low, max=(levels - 1) * low_scale), torch.clamp(high, max=(levels - 1) * high_scale)]
+        # post-GELU: the sign decides the range (the low range's scale is GELU_MIN / levels)
+        return [
+            torch.clamp(x, min=-levels * low_scale, max=0.0),
+            torch.clamp(x, min=0.0, max=(levels - 1) * high_scale),
+        ]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pairs = [_qdq(part, scale) for part, scale in zip(self._ranges(x), self.scales, strict=True)]
+        if self.record is not None:  # the int8 values: a 4-D dequantized tensor as a program output crashes
+            # XNNPACK's channels-last pass (ExecuTorch 1.5.1)
+            self.record.extend((self.name, q) for q, _ in pairs)
+        parts = [values for _, values in pairs]
+        return parts[0] if len(parts) == 1 else parts[0] + parts[1]
+
+
+def _constant(tensor: torch.Tensor | None) -> nn.Parameter | None:
+    return None if tensor is None else nn.Parameter(tensor.detach().clone(), requires_grad=False)
+
+
+class ExecutorchLayer(nn.Module):
+    """A `QuantLayer` as the program computes it: `Int8Grid` inputs (and output), fixed weights and bias.
+
+    On XNNPACK's int8 kernels (`runs_int8`): the weight is an int8 constant dequantized per channel, which
+    the partitioner packs with the input and output pairs into one int8 product. Otherwise the weight is the
+    simulated model's dequantized weight in float32. The bias is the simulated layer's (on the int32 grid of
+    input scale x weight scale where it adds it inside an integer product: XNNPACK rounds it to that grid).
+    """
+
+    def __init__(self, layer: QuantLayer, name: str, record: list | None) -> None:
+        super().__init__()
+        grid = lambda q, n: Int8Grid(q, f"{name}.{n}", record) if q.enabled else nn.Identity()  # noqa: E731
+        self.inputs = nn.ModuleList(grid(q, f"input_quants.{i}") for i, q in enumerate(layer.input_quants))
+        output = getattr(layer, "output_quant", None)
+        self.output = grid(output, "output_quant") if output is not None else nn.Identity()
+        self.op = layer.float_forward  # the layer's hyperparameters; its own parameters are not read
+        self.runs_int8 = runs_on_xnnpack_int8(layer)
+        if layer.weight_axis is None:
+            self.weight = self.bias = None
+            return
+        weight = layer.weight_quant(layer.weight)  # the simulated model's int8-grid weight
+        self.bias = _constant(layer.quantized_bias())
+        if self.runs_int8:
+            view = [-1 if i == layer.weight_axis else 1 for i in range(weight.ndim)]
+            self.weight = _constant(torch.round(weight / layer.weight_quant.scale.reshape(view)).to(torch.int8))
+            self.register_buffer("weight_scale", layer.weight_quant.scale.detach().clone())
+            self.register_buffer("weight_zero_point", torch.zeros_like(self.weight_scale, dtype=torch.int64))
+            self.axis = layer.weight_axis
+        else:
+            self.weight = _constant(weight)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        inputs = tuple(grid(x) for grid, x in zip(self.inputs, inputs, strict=True))
+        if self.weight is None:
+            return self.output(self.op(*inputs))
+        weight = self.weight
+        if self.runs_int8:
+            weight = torch.ops.quantized_decomposed.dequantize_per_channel(
+                weight, self.weight_scale, self.weight_zero_point, self.axis, -128, 127, torch.int8
+            )
+        return self.output(self.op(*inputs, weight=weight, bias=self.bias))
+
+
+def runs_on_xnnpack_int8(layer: QuantLayer) -> bool:
+    """Whether XNNPACK runs `layer` on its int8 kernels: a Linear or convolution with uniform <= 8-bit input
+    and weight quantizers and a quantized output."""
+    output = getattr(layer, "output_quant", None)
+    return (
+        isinstance(layer, QuantLinear | QuantConv2d)
+        and output is not None
+        and output.enabled
+        and layer.weight_quant.enabled
+        and layer.weight_quant.bits <= 8
+        and all(q.enabled and q.kind == "uniform" and q.bits <= 8 for q in layer.input_quants)
+    )
+
+
+def program_module(module: nn.Module, record: list | None = None) -> nn.Module:
+    """A copy of `module` (a quantized graph of `probe_parts`, in int8 export mode) with every `QuantLayer`
+    an `ExecutorchLayer`; quantizer names are `module`'s."""
+    layers = {name: layer for name, layer in module.named_modules() if isinstance(layer, QuantLayer)}
+    replacements = {name: ExecutorchLayer(layer, name, record) for name, layer in layers.items()}
+    # deepcopy's memo maps each layer to its replacement: the copy shares nothing else with `module`.
+    memo = {id(layers[name]): replacement for name, replacement in replacements.items()}
+    return copy.deepcopy(module, memo).requires_grad_(False)
+
+
+class _Recording(nn.Module):
+    """`module`'s outputs followed by every quantizer value its `Int8Grid`s recorded during the call."""
+
+    def __init__(self, module: nn.Module, record: list) -> None:
+        super().__init__()
+        self.module, self.record = module, record
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self.record.clear()
+        out = self.module(*args)
+        return (*(out if isinstance(out, tuple) else (out,)), *(part for _, part in self.record))
+
+
+def _dynamic_shapes(part: str, args: tuple) -> tuple | None:
+    """The encoder program takes one image; the decoder one one prompt of up to `MAX_POINTS` points."""
+    if part == "encoder":
+        return None
+    points = torch.export.Dim("points", max=MAX_POINTS)
+    return (*(None,) * (len(args) - 2), {1: points}, {1: points})
+
+
+def per_prompt(part: str, args: tuple) -> list[tuple]:
+    """`args` as the program takes them: the encoder's as they are, the decoder's one prompt at a time."""
+    if part == "encoder":
+        return [args]
+    *levels, coords, labels = args
+    return [(*levels, coords[i : i + 1], labels[i : i + 1]) for i in range(len(coords))]
+
+
+def run_per_prompt(method, part: str, args: tuple) -> list[np.ndarray]:
+    """A program's outputs on `args`, the decoder's prompts run one at a time and concatenated."""
+    runs = [run_program(method, one) for one in per_prompt(part, args)]
+    return [np.concatenate(outputs) for outputs in zip(*runs, strict=True)]
+
+
+def contiguous_constants(module: nn.Module) -> nn.Module:
+    """`module` with every parameter and buffer in contiguous memory, in place.
+
+    A .pte stores a constant's storage as it lies, without its strides: SAM's dense positional encoding
+    (a permuted tensor, cloned with its strides) came back channels-last, 2% off the masks.
+    """
+    for tensor in (*module.parameters(), *module.buffers()):
+        tensor.data = tensor.data.contiguous()
+    return module
+
+
+def write_program(module: nn.Module, args: tuple, path: Path, part: str) -> Path:
+    """Export `module` on `args` with torch.export, lower it to XNNPACK and write the .pte at `path`."""
+    partitioner, lower, _ = _executorch()
+    args = per_prompt(part, args)[0]
+    contiguous_constants(module)
+    with torch.no_grad():
+        shapes = _dynamic_shapes(part, args)
+        if isinstance(module, _Recording) and shapes is not None:  # its forward takes *args: one argument
+            shapes = (shapes,)
+        exported = torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
+        program = lower(exported, partitioner=[partitioner()]).to_executorch()
+    path.write_bytes(program.buffer)
+    return path
+
+
+def load_program(path: str | os.PathLike):
+    """The "forward" method of the .pte at `path`, loaded by ExecuTorch's runtime."""
+    _, _, runtime = _executorch()
+    return runtime.get().load_program(os.fspath(path)).load_method("forward")
+
+
+def run_program(method, args: tuple) -> list[np.ndarray]:
+    """Every output of a loaded program on `args` (tensors), as float32 arrays."""
+    return [np.asarray(out.detach().numpy()) for out in method.execute([a.contiguous() for a in args])]
+
+
+@contextlib.contextmanager
+def threads(num_threads: int | None) -> Iterator[None]:
+    """ExecuTorch's thread pool (one per process) at `num_threads` within (None: left as it is)."""
+    from executorch.extension.pybindings import portable_lib
+
+    if num_threads is None:
+        yield
+        return
+    before = portable_lib._threadpool_get_thread_count()
+    portable_lib._unsafe_reset_threadpool(num_threads)
+    try:
+        yield
+    finally:
+        portable_lib._unsafe_reset_threadpool(before)
+
+
+class ExecuTorchSam(CpuSamRunner):
+    """SAM from two .pte files, run by ExecuTorch's runtime with XNNPACK (`CpuSamRunner`), as `OnnxSam` is.
+
+    A .pte keeps no output names: the encoder's number of outputs says the family (one embedding for SAM,
+    three levels for SAM 2). ExecuTorch's thread pool is one per process: `num_threads` sets it for each call.
+    """
+
+    def load(self, path: str | os.PathLike, num_threads: int | None):
+        return load_program(path)
+
+    def output_names(self, model) -> list[str]:
+        """The encoder program's outputs, by their number."""
+        count = model.metadata.num_outputs()
+        names = [family.embedding_names for family in FAMILIES.values() if len(family.embedding_names) == count]
+        if len(names) != 1:
+            raise ValueError(f"an encoder program with {count} outputs is no model family's")
+        return list(names[0])
+
+    def run(self, model, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """All of `model`'s outputs, which are `names` in order (`CpuSamRunner` feeds and asks in program order)."""
+        with threads(self.num_threads):
+            outputs = run_program(model, tuple(torch.from_numpy(feed) for feed in feeds.values()))
+        if len(outputs) != len(names):
+            raise ValueError(f"the program gives {len(outputs)} outputs, not {len(names)} ({', '.join(names)})")
+        return outputs
+
+    def decode(
+        self, embedding: torch.Tensor | Sam2Features, coords: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`CpuSamRunner.decode`, one prompt per program call (the decoder program takes one)."""
+        if len(coords) <= 1:
+            return super().decode(embedding, coords, labels)
+        parts = [super(ExecuTorchSam, self).decode(embedding, coords[i : i + 1], labels[i : i + 1])
+                 for i in range(len(coords))]  # fmt: skip
+        return torch.cat([masks for masks, _ in parts]), torch.cat([iou for _, iou in parts])
+
+
+@torch.no_grad()
+def export_executorch(
+    sam: nn.Module, out_dir: str | os.PathLike, precision: str, prefix: str = ""
+) -> list[ExportCheck]:
+    """Write ``{prefix}encoder.pte`` and ``{prefix}decoder.pte`` for `sam` in `precision` into `out_dir`, and check
+    them in ExecuTorch's runtime.
+
+    float32: the float model, outputs against PyTorch's (`TOLERANCE`); int8: the `program_module` copy, checked
+    layer by layer with ExecuTorch's rounding decisions on an instrumented program (`compare_forced`) and the
+    shipped program against the instrumented one. When a check fails, the files are removed and
+    `ExportCheckError` names what failed.
+    """
+    out_dir = Path(out_dir)
+    model = cpu_copy(sam).eval()
+    parts = probe_parts(model, precision)
+    checks, written = [], []
+    for part in ("encoder", "decoder"):
+        path = out_dir / f"{prefix}{part}.pte"
+        written.append(path)
+        checks.append(_write_and_check(part, parts[part], path, precision))
+    failed = [check for check in checks if not check.passed]
+    if failed:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise ExportCheckError(
+            "ExecuTorch disagrees with PyTorch: " + "; ".join(describe_failure(check) for check in failed)
+            + f". No ExecuTorch file was kept in {out_dir}.",
+            checks,
+        )  # fmt: skip
+    return checks
+
+
+@torch.no_grad()
+def _write_and_check(part: str, probe: tuple, path: Path, precision: str) -> ExportCheck:
+    """`export_executorch` for one graph ("encoder" or "decoder"), `probe` as `probe_parts` gives it."""
+    module, args, _, expected, float_outputs = probe
+    if precision == "float32":
+        with export_mode(module, "float32"):
+            write_program(copy.deepcopy(module).requires_grad_(False), args, path, part)
+        got = dict(zip(expected, run_per_prompt(load_program(path), part, args), strict=True))
+        diffs, bounds = output_diffs(got, expected, TOLERANCE["float32"])
+        return ExportCheck(path.name, precision, diffs, bounds, all(diffs[k] <= bounds[k] for k in diffs))
+    with export_mode(module, "int8"):
+        write_program(program_module(module), args, path, part)
+        record: list = []
+        recording = _Recording(program_module(module, record), record)
+        with tempfile.TemporaryDirectory() as tmp:
+            write_program(recording, args, Path(tmp) / path.name, part)
+            names = [name for name, _ in record]
+            instrumented = run_per_prompt(load_program(Path(tmp) / path.name), part, args)
+    outputs = dict(zip(expected, instrumented, strict=False))
+    tensors: dict[str, list[str]] = {}
+    for k, (name, values) in enumerate(zip(names, instrumented[len(expected) :], strict=True)):
+        key = f"{name}:{k}"
+        tensors.setdefault(name, []).append(key)
+        outputs[key] = (values.astype(np.int16) + 128).astype(np.uint8)
+    shipped = dict(zip(expected, run_per_prompt(load_program(path), part, args), strict=True))
+    diffs, bounds, info = compare_forced(module, args, tensors, outputs, shipped, expected, float_outputs)
+    return ExportCheck(path.name, precision, diffs, bounds, all(diffs[k] <= bounds[k] for k in diffs), info)
