@@ -36,13 +36,12 @@ from quantize.modules import ActQuantizer, QuantConv2d, QuantLayer, QuantLinear
 from quantize.onnx_export import (
     TOLERANCE,
     ExportCheck,
-    ExportCheckError,
     compare_forced,
     cpu_copy,
-    describe_failure,
     export_mode,
     output_diffs,
     probe_parts,
+    refuse_failed,
 )
 from quantize.onnx_runtime import CpuSamRunner
 from student_models.extras import MissingExtraError
@@ -339,15 +338,7 @@ def export_executorch(
         path = out_dir / f"{prefix}{part}.pte"
         written.append(path)
         checks.append(_write_and_check(part, parts[part], path, precision))
-    failed = [check for check in checks if not check.passed]
-    if failed:
-        for path in written:
-            path.unlink(missing_ok=True)
-        raise ExportCheckError(
-            "ExecuTorch disagrees with PyTorch: " + "; ".join(describe_failure(check) for check in failed)
-            + f". No ExecuTorch file was kept in {out_dir}.",
-            checks,
-        )  # fmt: skip
+    refuse_failed(checks, written, "ExecuTorch", out_dir)
     return checks
 
 

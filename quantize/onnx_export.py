@@ -361,6 +361,19 @@ def export_onnx(
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def refuse_failed(checks: list[ExportCheck], written: list[Path], runtime: str, folder: Path) -> None:
+    """Remove `written` and raise `ExportCheckError` naming every failed check, if any of `checks` failed."""
+    failed = [check for check in checks if not check.passed]
+    if failed:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise ExportCheckError(
+            f"{runtime} disagrees with PyTorch: " + "; ".join(describe_failure(check) for check in failed)
+            + f". No {runtime} file was kept in {folder}.",
+            checks,
+        )  # fmt: skip
+
+
 def describe_failure(check: ExportCheck) -> str:
     """ "decoder.onnx: rounding_unexplained 0.03 > 0 (worst quantizer: ...)": the figures over their bounds."""
     over = [f"{key} {value:.3g} > {check.tolerance[key]:.3g}" for key, value in check.rel_diff.items()

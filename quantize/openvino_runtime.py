@@ -40,13 +40,12 @@ from quantize.onnx_export import (
     DYNAMIC_AXES,
     TOLERANCE,
     ExportCheck,
-    ExportCheckError,
     compare_forced,
     cpu_copy,
-    describe_failure,
     export_mode,
     output_diffs,
     probe_parts,
+    refuse_failed,
     relative_rms,
     write_onnx,
 )
@@ -180,15 +179,7 @@ def export_openvino(sam: Sam, onnx_dir: str | os.PathLike, precision: str, prefi
             onnx_path = onnx_dir / f"{prefix}{part}.onnx"
             checks.append(_write_and_check(part, parts[part], onnx_path, precision, Path(tmp)))
             written += [onnx_dir / checks[-1].file, (onnx_dir / checks[-1].file).with_suffix(".bin")]
-    failed = [check for check in checks if not check.passed]
-    if failed:
-        for path in written:
-            path.unlink(missing_ok=True)
-        raise ExportCheckError(
-            "OpenVINO disagrees with PyTorch: " + "; ".join(describe_failure(check) for check in failed)
-            + f". No OpenVINO file was kept in {onnx_dir}.",
-            checks,
-        )  # fmt: skip
+    refuse_failed(checks, written, "OpenVINO", onnx_dir)
     return checks
 
 
