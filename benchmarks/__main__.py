@@ -62,9 +62,13 @@ def _add_model_args(parser: argparse.ArgumentParser, onnx: bool) -> None:
     if onnx:
         source.add_argument(
             "--onnx-encoder",
-            help="exported encoder (with --onnx-decoder) instead: .onnx/.ort runs in ONNX Runtime, .xml in OpenVINO",
+            help="exported encoder (with --onnx-decoder) instead: .onnx/.ort runs in ONNX Runtime, .xml in OpenVINO, "
+            ".pte in ExecuTorch",
         )
         parser.add_argument("--onnx-decoder", help="decoder exported with the encoder (the same kind of file)")
+
+
+RUNTIME_NAMES = {"ort": "onnxruntime", "openvino": "openvino", "executorch": "executorch"}  # --runtime -> records'
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -83,8 +87,9 @@ def get_parser() -> argparse.ArgumentParser:
     _add_model_args(latency, onnx=False)
     latency.add_argument("--onnx-dir", action="append", default=[], help="folder with encoder.onnx + decoder.onnx")
     latency.add_argument(
-        "--runtime", nargs="+", choices=("ort", "openvino"), default=["ort"],
-        help="runtimes for each --onnx-dir (openvino: the .xml IR python -m quantize --runtime openvino wrote)",
+        "--runtime", nargs="+", choices=tuple(RUNTIME_NAMES), default=["ort"],
+        help="runtimes for each --onnx-dir (openvino / executorch: the .xml IR / .pte programs python -m quantize "
+        "--runtime openvino / executorch wrote)",
     )  # fmt: skip
     latency.add_argument("--threads", type=int, nargs="+", help="thread counts (default: 1 and all cores)")
     latency.add_argument("--warmup", type=int)
@@ -124,8 +129,10 @@ def get_parser() -> argparse.ArgumentParser:
 
     add_distill_arguments(sub.add_parser("distill", help="distillation throughput split by phase, peak memory"))
 
-    runtimes = sub.add_parser("runtimes", help="exported encoders in ONNX Runtime and OpenVINO: SQNR and latency")
-    runtimes.add_argument("folder", help="output folder of python -m quantize --runtime ort openvino")
+    runtimes = sub.add_parser(
+        "runtimes", help="exported encoders in ONNX Runtime, OpenVINO and ExecuTorch: SQNR and latency"
+    )
+    runtimes.add_argument("folder", help="output folder of python -m quantize --runtime ort openvino [executorch]")
     runtimes.add_argument("--images", required=True, help="folder of images held out from calibration")
     runtimes.add_argument("--num-images", type=int, default=2)
     runtimes.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -151,7 +158,7 @@ def get_parser() -> argparse.ArgumentParser:
     matrix.add_argument("--alpha-candidates", type=int, default=20, help="passed to python -m quantize")
     matrix.add_argument("--rounds", type=int, default=1, help="passed to python -m quantize")
     matrix.add_argument(
-        "--runtime", nargs="+", choices=("ort", "openvino"), default=["ort"], help="passed to python -m quantize"
+        "--runtime", nargs="+", choices=tuple(RUNTIME_NAMES), default=["ort"], help="passed to python -m quantize"
     )
     add_device_argument(matrix, help="passed to python -m quantize: where calibration and the scale search run")
 
@@ -160,9 +167,6 @@ def get_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo_out", help="output folder (default: ./demo_out)")
     add_device_argument(demo)
     return parser
-
-
-RUNTIME_NAMES = {"ort": "onnxruntime", "openvino": "openvino"}  # --runtime choice -> the records' runtime
 
 
 def _only_set(**kwargs):
@@ -262,7 +266,8 @@ def _runtimes(args: argparse.Namespace) -> None:
         tuple(args.reference_encoder), tuple(args.also),
     )  # fmt: skip
     path = atomic_write_text(Path(args.folder) / "runtimes.json", json.dumps(record, indent=2))
-    print(f"{record['cpu']}, {record['isa']}; onnxruntime {record['onnxruntime']}, openvino {record['openvino']}")
+    versions = ", ".join(f"{runtime} {record[runtime]}" for runtime in RUNTIME_NAMES.values() if runtime in record)
+    print(f"{record['cpu']}, {record['isa']}; {versions}")
     print(table)
     print(f"record: {path}")
 

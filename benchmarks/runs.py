@@ -4,7 +4,8 @@ Each ``run_*`` function takes plain arguments (the CLI passes only what the user
 its records as JSON into ``out_dir`` and returns what it measured with the record file path.
 Models come from the registry (`student_models.build_sam`), from a simulated-quantized file
 (`quantize.load_quantized`) or from an exported pair: ONNX files run by ONNX Runtime (`quantize.OnnxSam`)
-or their OpenVINO IR run by OpenVINO (`quantize.openvino_runtime.OpenVinoSam`).
+their OpenVINO IR run by OpenVINO (`quantize.openvino_runtime.OpenVinoSam`) or ExecuTorch programs
+(`quantize.executorch_runtime.ExecuTorchSam`).
 """
 
 from __future__ import annotations
@@ -26,10 +27,19 @@ from student_models.families import family_named
 from student_models.registry import canonical_name
 from student_models.sam_runner import SamRunner
 
-ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder.onnx"
 # The runtime that runs an exported file, by its suffix, and the `SamBackend` class that runs it there.
-RUNTIME_OF_SUFFIX = {".onnx": "onnxruntime", ".ort": "onnxruntime", ".xml": "openvino"}
-RUNNERS = {"onnxruntime": ("quantize", "OnnxSam"), "openvino": ("quantize.openvino_runtime", "OpenVinoSam")}
+RUNTIME_OF_SUFFIX = {".onnx": "onnxruntime", ".ort": "onnxruntime", ".xml": "openvino", ".pte": "executorch"}
+RUNNERS = {
+    "onnxruntime": ("quantize", "OnnxSam"),
+    "openvino": ("quantize.openvino_runtime", "OpenVinoSam"),
+    "executorch": ("quantize.executorch_runtime", "ExecuTorchSam"),
+}
+# The files `python -m quantize` writes for each runtime, what they are, and the --runtime choice that writes them.
+PAIR_FILES = {
+    "onnxruntime": ("encoder.onnx", "decoder.onnx", "ONNX graphs", "ort"),
+    "openvino": ("encoder.xml", "decoder.xml", "OpenVINO IR", "openvino"),
+    "executorch": ("encoder.pte", "decoder.pte", "ExecuTorch programs", "executorch"),
+}
 _QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger"}
 
 
@@ -83,9 +93,13 @@ def load_torch_model(
 
 
 def onnx_precision(path: str | os.PathLike) -> str:
-    """ "int8" for a graph with quantize/dequantize or integer ops (an IR: FakeQuantize nodes), else "fp32"."""
+    """ "int8" for a graph with quantize/dequantize or integer ops (an IR: FakeQuantize nodes; an ExecuTorch
+    program: the precision it was written with), else "fp32"."""
     if Path(path).suffix == ".xml":
         return "int8" if 'type="FakeQuantize"' in Path(path).read_text() else "fp32"
+    if Path(path).suffix == ".pte":
+        program_precision = stage_api("quantize.executorch_runtime", "program_precision")
+        return "int8" if program_precision(path) == "int8" else "fp32"
     import onnx
 
     graph = onnx.load(os.fspath(path), load_external_data=False).graph
@@ -101,22 +115,20 @@ def onnx_pair(encoder: str | os.PathLike, decoder: str | os.PathLike) -> OnnxPai
     runtimes = {RUNTIME_OF_SUFFIX.get(path.suffix) for path in (encoder, decoder)}
     if len(runtimes) != 1 or None in runtimes:
         raise ValueError(
-            f"{encoder.name} and {decoder.name}: give two .onnx/.ort files (ONNX Runtime) or two .xml files (OpenVINO)"
+            f"{encoder.name} and {decoder.name}: give two .onnx/.ort files (ONNX Runtime), two .xml files (OpenVINO)"
+            " or two .pte files (ExecuTorch)"
         )
     return OnnxPair(encoder, decoder, onnx_precision(encoder), runtimes.pop())
 
 
 def onnx_pair_in(folder: str | os.PathLike, runtime: str = "onnxruntime") -> OnnxPair:
-    """The pair that `python -m quantize` writes into ``folder``: ``encoder.onnx`` + ``decoder.onnx`` for ONNX
-    Runtime, ``encoder.xml`` + ``decoder.xml`` (with ``--runtime openvino``) for OpenVINO."""
-    if runtime == "openvino":
-        encoder, decoder = Path(folder) / "encoder.xml", Path(folder) / "decoder.xml"
-        if not encoder.is_file():
-            raise FileNotFoundError(
-                f"{encoder}: no OpenVINO IR here (export with python -m quantize --runtime openvino)"
-            )
-        return onnx_pair(encoder, decoder)
-    return onnx_pair(Path(folder) / ENCODER_FILE, Path(folder) / DECODER_FILE)
+    """The pair that `python -m quantize` writes into ``folder`` for `runtime` (`PAIR_FILES`): ``encoder.onnx`` +
+    ``decoder.onnx`` for ONNX Runtime, ``.xml`` (``--runtime openvino``) or ``.pte`` (``--runtime executorch``)."""
+    encoder_file, decoder_file, files, choice = PAIR_FILES[runtime]
+    encoder = Path(folder) / encoder_file
+    if runtime != "onnxruntime" and not encoder.is_file():
+        raise FileNotFoundError(f"{encoder}: no {files} here (export with python -m quantize --runtime {choice})")
+    return onnx_pair(encoder, Path(folder) / decoder_file)
 
 
 def runner_class(runtime: str):

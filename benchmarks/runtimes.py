@@ -3,21 +3,20 @@
     python -m benchmarks runtimes DIR --images IMAGES [--num-images 2] [--threads 1 2] [--repeats 5] [--profile]
         [--reference-encoder vit_h ...] [--also OTHER_DIR ...]
 
-DIR is a folder `python -m quantize --runtime ort openvino` wrote (``float32/`` and ``int8/`` with
-ONNX files and OpenVINO IR), of a SAM or a SAM 2 model (whose encoder gives three levels: their SQNR is
-taken together). Every encoder runs on the same images, preprocessed for the model's family: SQNR (dB) of
-its embeddings against ONNX Runtime's float32 ones, and the median time per image at each thread count,
-the files timed interleaved (one image through each in turn, `--repeats` rounds) so that a busy
-machine slows all of them alike. OpenVINO runs with float32 inference precision, as
-`quantize.openvino_runtime` ships it, and once more with OpenVINO's CPU default ("default"), which on
-CPUs with bfloat16 runs the float parts in bfloat16. Returns the record (CPU model and ISA, runtime
-versions, images, SQNR per encoder, median ms per encoder and thread count) and its Markdown table;
-the command writes ``runtimes.json`` into DIR and prints the table. ``--also`` adds the INT8 encoders
-of other exports of the same model (``--no-twin``, another calibration) to the same rounds. With
-``--profile``, each runtime's profiler then times every op of each encoder (ONNX Runtime and OpenVINO
-as shipped) at the first thread count, after the timing, so that profiling costs the timed runs
-nothing (`benchmarks.op_profile`).
-"""
+DIR is a folder `python -m quantize --runtime ort openvino [executorch]` wrote (``float32/`` and ``int8/``
+with ONNX files, OpenVINO IR and, where written, ExecuTorch programs), of a SAM or a SAM 2 model (whose
+encoder gives three levels: their SQNR is taken together). Every encoder runs on the same images, preprocessed
+for the model's family: SQNR (dB) of its embeddings against ONNX Runtime's float32 ones, and the median time
+per image at each thread count, the files timed interleaved (one image through each in turn, `--repeats`
+rounds) so that a busy machine slows all of them alike. OpenVINO runs with float32 inference precision, as
+`quantize.openvino_runtime` ships it, and once more with OpenVINO's CPU default ("default"), which on CPUs
+with bfloat16 runs the float parts in bfloat16. Returns the record (CPU model and ISA, runtime versions,
+images, SQNR per encoder, median ms per encoder and thread count) and its Markdown table; the command writes
+``runtimes.json`` into DIR and prints the table. ``--also`` adds the INT8 encoders of other exports of the
+same model (``--no-twin``, another calibration) to the same rounds. With ``--profile``, each runtime's
+profiler then times every op of each encoder (ONNX Runtime and OpenVINO as shipped; ExecuTorch programs
+are timed whole, not per op) at the first thread count,
+after the timing, so that profiling costs the timed runs nothing (`benchmarks.op_profile`)."""
 
 from __future__ import annotations
 
@@ -39,6 +38,9 @@ from student_models.device import torch_threads
 from student_models.families import family_named, family_of_graph
 from student_models.preprocessing import list_image_files, load_image
 
+# The runtimes whose encoder files a folder may hold beside encoder.onnx, and their file names.
+OPTIONAL_ENCODERS = {"openvino": "encoder.xml", "executorch": "encoder.pte"}
+
 
 def _encoders(folder: Path, others: list[Path]) -> list[tuple[str, str, Path]]:
     """(name, runtime, file) of every encoder to run: `folder`'s float32 and INT8 ones, and the INT8 ones of
@@ -48,8 +50,9 @@ def _encoders(folder: Path, others: list[Path]) -> list[tuple[str, str, Path]]:
         label = f" ({source.name})" if source != folder else ""
         for precision in precisions:
             encoders.append((f"ort {precision}{label}", "ort", source / precision / "encoder.onnx"))
-            if (source / precision / "encoder.xml").is_file():
-                encoders.append((f"openvino {precision}{label}", "openvino", source / precision / "encoder.xml"))
+            for runtime, file in OPTIONAL_ENCODERS.items():
+                if (source / precision / file).is_file():
+                    encoders.append((f"{runtime} {precision}{label}", runtime, source / precision / file))
     return encoders
 
 
@@ -75,6 +78,13 @@ def _runners(
             session = open_session(path, threads)
             runners[name] = lambda x, s=session: _flat(s.run(list(names), {"image": x}))
             continue
+        if runtime == "executorch":  # the program's outputs are the family's levels in order
+            from quantize.executorch_runtime import load_program, run_program, set_threads
+
+            set_threads(threads)  # before loading: XNNPACK takes the pool when it loads a program
+            program = load_program(path)
+            runners[name] = lambda x, m=program: _flat(run_program(m, (torch.from_numpy(x),)))
+            continue
         for suffix, config in (("", None), (" (default)", {})) if path.parents[1] == folder else (("", None),):
             model = compile_model(path, threads, config)
             runners[name + suffix] = lambda x, m=model: _flat(_openvino_levels(m, x, names))
@@ -84,7 +94,11 @@ def _runners(
 def _profiles(encoders: list[tuple[str, str, Path]], images: list[np.ndarray], threads: int) -> dict[str, dict]:
     """`benchmarks.op_profile`'s summary for each encoder file as shipped."""
     op_times = {"ort": ort_op_times, "openvino": openvino_op_times}
-    return {name: summarize(op_times[runtime](path, images, threads)) for name, runtime, path in encoders}
+    return {
+        name: summarize(op_times[runtime](path, images, threads))
+        for name, runtime, path in encoders
+        if runtime in op_times
+    }
 
 
 def compare_runtimes(
@@ -127,6 +141,10 @@ def compare_runtimes(
         "cpu": cpu_name(), "isa": cpu_isa(),
         "onnxruntime": ort.__version__, "openvino": require_openvino(), "sqnr_db": {}, "median_ms": {},
     }  # fmt: skip
+    if any(runtime == "executorch" for _, runtime, _ in encoders):
+        from quantize.executorch_runtime import require_executorch
+
+        record["executorch"] = require_executorch()
     pytorch_encoders = {model: _reference_encoder(model) for model in reference_encoders}
     record["references"] = [{"model": model, "runtime": "pytorch float32", "ms": {}} for model in reference_encoders]
     for count in threads:

@@ -19,12 +19,10 @@ give the instrumented one's outputs (XNNPACK runs the same kernels either way).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib.metadata
 import os
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +49,7 @@ from student_models.sam2_pipeline import Sam2Features
 # The decoder program takes one prompt of up to MAX_POINTS points (ExecuTorch plans memory for an upper bound):
 # XNNPACK reshapes only one dynamic dimension, and a prompt batch with a varying point count would be two.
 MAX_POINTS = 16
+PRECISION_METHOD = "precision"  # a constant method of each program: "float32" or "int8"
 
 
 def _executorch():
@@ -239,8 +238,9 @@ def contiguous_constants(module: nn.Module) -> nn.Module:
     return module
 
 
-def write_program(module: nn.Module, args: tuple, path: Path, part: str) -> Path:
-    """Export `module` on `args` with torch.export, lower it to XNNPACK and write the .pte at `path`."""
+def write_program(module: nn.Module, args: tuple, path: Path, part: str, precision: str) -> Path:
+    """Export `module` on `args` with torch.export, lower it to XNNPACK and write the .pte at `path`, with a
+    method "precision" that returns `precision` ("float32" or "int8": `program_precision`)."""
     partitioner, lower, _ = _executorch()
     args = per_prompt(part, args)[0]
     contiguous_constants(module)
@@ -249,15 +249,27 @@ def write_program(module: nn.Module, args: tuple, path: Path, part: str) -> Path
         if isinstance(module, _Recording) and shapes is not None:  # its forward takes *args: one argument
             shapes = (shapes,)
         exported = torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
-        program = lower(exported, partitioner=[partitioner()]).to_executorch()
-    path.write_bytes(program.buffer)
+        edge = lower(exported, partitioner=[partitioner()], constant_methods={PRECISION_METHOD: precision})
+    path.write_bytes(edge.to_executorch().buffer)
     return path
+
+
+def _program(path: str | os.PathLike):
+    _, _, runtime = _executorch()
+    return runtime.get().load_program(os.fspath(path))
 
 
 def load_program(path: str | os.PathLike):
     """The "forward" method of the .pte at `path`, loaded by ExecuTorch's runtime."""
-    _, _, runtime = _executorch()
-    return runtime.get().load_program(os.fspath(path)).load_method("forward")
+    return _program(path).load_method("forward")
+
+
+def program_precision(path: str | os.PathLike) -> str:
+    """The precision `write_program` wrote into the .pte at `path`: "float32" or "int8"."""
+    program = _program(path)
+    if PRECISION_METHOD not in program.method_names:
+        raise ValueError(f"{path}: an ExecuTorch program that python -m quantize did not write (no precision method)")
+    return program.load_method(PRECISION_METHOD).execute([])[0]
 
 
 def run_program(method, args: tuple) -> list[np.ndarray]:
@@ -265,30 +277,36 @@ def run_program(method, args: tuple) -> list[np.ndarray]:
     return [np.asarray(out.detach().numpy()) for out in method.execute([a.contiguous() for a in args])]
 
 
-@contextlib.contextmanager
-def threads(num_threads: int | None) -> Iterator[None]:
-    """ExecuTorch's thread pool (one per process) at `num_threads` within (None: left as it is)."""
+def set_threads(num_threads: int | None) -> None:
+    """ExecuTorch's thread pool (one per process) at `num_threads` from now on (None: left as it is).
+
+    XNNPACK takes the pool when it loads a program, and a new count replaces the pool (ExecuTorch's
+    ``_unsafe_reset_threadpool``): a program loaded before the change must not run after it, so set the
+    count first, then load. The pool is replaced only when the count changes.
+    """
     from executorch.extension.pybindings import portable_lib
 
-    if num_threads is None:
-        yield
-        return
-    before = portable_lib._threadpool_get_thread_count()
-    portable_lib._unsafe_reset_threadpool(num_threads)
-    try:
-        yield
-    finally:
-        portable_lib._unsafe_reset_threadpool(before)
+    if num_threads is not None and thread_count() != num_threads:
+        portable_lib._unsafe_reset_threadpool(num_threads)
+
+
+def thread_count() -> int:
+    """The threads of ExecuTorch's pool."""
+    from executorch.extension.pybindings import portable_lib
+
+    return portable_lib._threadpool_get_thread_count()
 
 
 class ExecuTorchSam(CpuSamRunner):
     """SAM from two .pte files, run by ExecuTorch's runtime with XNNPACK (`CpuSamRunner`), as `OnnxSam` is.
 
     A .pte keeps no output names: the encoder's number of outputs says the family (one embedding for SAM,
-    three levels for SAM 2). ExecuTorch's thread pool is one per process: `num_threads` sets it for each call.
+    three levels for SAM 2). ExecuTorch's thread pool is one per process: `num_threads` sets it before the
+    programs load (`set_threads`), and a call after another instance changed it is refused.
     """
 
     def load(self, path: str | os.PathLike, num_threads: int | None):
+        set_threads(num_threads)  # before loading: XNNPACK keeps the pool it loads with
         return load_program(path)
 
     def output_names(self, model) -> list[str]:
@@ -301,8 +319,13 @@ class ExecuTorchSam(CpuSamRunner):
 
     def run(self, model, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """All of `model`'s outputs, which are `names` in order (`CpuSamRunner` feeds and asks in program order)."""
-        with threads(self.num_threads):
-            outputs = run_program(model, tuple(torch.from_numpy(feed) for feed in feeds.values()))
+        if self.num_threads is not None and thread_count() != self.num_threads:
+            raise RuntimeError(
+                f"ExecuTorch's thread pool now has {thread_count()} threads, not the {self.num_threads} these programs "
+                "were loaded with (another ExecuTorchSam replaced it): run one thread count per process at a time, "
+                "or create this ExecuTorchSam again"
+            )
+        outputs = run_program(model, tuple(torch.from_numpy(feed) for feed in feeds.values()))
         if len(outputs) != len(names):
             raise ValueError(f"the program gives {len(outputs)} outputs, not {len(names)} ({', '.join(names)})")
         return outputs
@@ -310,7 +333,13 @@ class ExecuTorchSam(CpuSamRunner):
     def decode(
         self, embedding: torch.Tensor | Sam2Features, coords: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`CpuSamRunner.decode`, one prompt per program call (the decoder program takes one)."""
+        """`CpuSamRunner.decode`, one prompt per program call (the decoder program takes one of up to
+        `MAX_POINTS` points)."""
+        if coords.shape[1] > MAX_POINTS:
+            raise ValueError(
+                f"prompts of {coords.shape[1]} points: the ExecuTorch decoder program takes up to {MAX_POINTS} points "
+                "per prompt (a box is two); give fewer points, or run decoder.onnx in ONNX Runtime"
+            )
         if len(coords) <= 1:
             return super().decode(embedding, coords, labels)
         parts = [super(ExecuTorchSam, self).decode(embedding, coords[i : i + 1], labels[i : i + 1])
@@ -348,16 +377,16 @@ def _write_and_check(part: str, probe: tuple, path: Path, precision: str) -> Exp
     module, args, _, expected, float_outputs = probe
     if precision == "float32":
         with export_mode(module, "float32"):
-            write_program(copy.deepcopy(module).requires_grad_(False), args, path, part)
+            write_program(copy.deepcopy(module).requires_grad_(False), args, path, part, precision)
         got = dict(zip(expected, run_per_prompt(load_program(path), part, args), strict=True))
         diffs, bounds = output_diffs(got, expected, TOLERANCE["float32"])
         return ExportCheck(path.name, precision, diffs, bounds, all(diffs[k] <= bounds[k] for k in diffs))
     with export_mode(module, "int8"):
-        write_program(program_module(module), args, path, part)
+        write_program(program_module(module), args, path, part, precision)
         record: list = []
         recording = _Recording(program_module(module, record), record)
         with tempfile.TemporaryDirectory() as tmp:
-            write_program(recording, args, Path(tmp) / path.name, part)
+            write_program(recording, args, Path(tmp) / path.name, part, precision)
             names = [name for name, _ in record]
             instrumented = run_per_prompt(load_program(Path(tmp) / path.name), part, args)
     outputs = dict(zip(expected, instrumented, strict=False))

@@ -54,8 +54,19 @@ def test_an_ir_pair_runs_in_openvino_and_its_precision_is_read_from_its_fake_qua
     assert (pair.runtime, pair.precision) == ("openvino", "int8")
     assert onnx_pair(tmp_path / "decoder.xml", tmp_path / "decoder.xml").precision == "fp32"
     _write_graph(tmp_path / "decoder.onnx", quantized=False)
-    with pytest.raises(ValueError, match="give two .onnx/.ort files \\(ONNX Runtime\\) or two .xml files"):
+    with pytest.raises(ValueError, match="give two .onnx/.ort files \\(ONNX Runtime\\), two .xml files"):
         onnx_pair(tmp_path / "encoder.xml", tmp_path / "decoder.onnx")
+
+
+def test_a_program_pair_runs_in_executorch_and_its_precision_is_the_one_it_was_written_with(tmp_path):
+    pytest.importorskip("executorch", reason='the ExecuTorch runtime is an extra: pip install -e ".[executorch]"')
+    from quantize.executorch_runtime import write_program
+
+    for part, precision in (("encoder", "int8"), ("decoder", "float32")):
+        write_program(torch.nn.Linear(4, 4), (torch.randn(1, 4),), tmp_path / f"{part}.pte", "encoder", precision)
+    pair = onnx_pair_in(tmp_path, "executorch")
+    assert (pair.runtime, pair.precision) == ("executorch", "int8")
+    assert onnx_pair(tmp_path / "decoder.pte", tmp_path / "decoder.pte").precision == "fp32"
 
 
 def test_missing_exported_files_are_named(tmp_path):
@@ -63,6 +74,8 @@ def test_missing_exported_files_are_named(tmp_path):
         onnx_pair_in(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"encoder.xml: no OpenVINO IR here \(export with python -m quantize"):
         onnx_pair_in(tmp_path, "openvino")
+    with pytest.raises(FileNotFoundError, match=r"encoder.pte: no ExecuTorch programs here \(export with python -m"):
+        onnx_pair_in(tmp_path, "executorch")
 
 
 def test_missing_stage_api_is_a_clear_error():

@@ -41,13 +41,16 @@ def test_the_table_gives_each_encoders_speed_up_over_ort_float32_and_the_referen
 
 def test_other_exports_add_their_int8_encoders_by_folder_name(tmp_path):
     main, other = tmp_path / "q", tmp_path / "q_no_twin"
-    files = [(main, "float32", "onnx"), (main, "int8", "onnx"), (main, "int8", "xml")]
+    files = [(main, "float32", "onnx"), (main, "int8", "onnx"), (main, "int8", "xml"), (main, "int8", "pte")]
     files += [(other, "int8", "onnx"), (other, "int8", "xml"), (other, "float32", "onnx")]
     for folder, precision, suffix in files:
         (folder / precision).mkdir(parents=True, exist_ok=True)
         (folder / precision / f"encoder.{suffix}").touch()
     names = [name for name, _, _ in _encoders(main, [other])]
-    assert names == ["ort float32", "ort int8", "openvino int8", "ort int8 (q_no_twin)", "openvino int8 (q_no_twin)"]
+    assert names == [
+        "ort float32", "ort int8", "openvino int8", "executorch int8", "ort int8 (q_no_twin)",
+        "openvino int8 (q_no_twin)",
+    ]  # fmt: skip
 
 
 def _patch_encoder(path, int8: bool) -> None:

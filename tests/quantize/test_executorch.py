@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantize.executorch_runtime import _write_and_check
+from quantize.executorch_runtime import MAX_POINTS, ExecuTorchSam, _write_and_check, program_precision, write_program
 from quantize.onnx_export import probe_parts
 
 pytest.importorskip("executorch", reason='the ExecuTorch runtime is an extra: pip install -e ".[executorch]"')
@@ -29,3 +29,29 @@ def test_int8_decoder_program_rounds_apart_only_ties_and_ships_the_checked_kerne
     assert check.rel_diff["rounding_unexplained"] == 0.0
     assert check.rel_diff["low_res_masks.shipped_vs_instrumented.max"] == 0.0  # XNNPACK's kernels, exposed or not
     assert check.info["forced_quantizers"] > 20  # every quantizer's values came back from the program
+
+
+@pytest.fixture(scope="module")
+def tiny_program(tmp_path_factory):
+    """A one-output program (a SAM encoder's count) written as INT8 would be, in a second."""
+    path = tmp_path_factory.mktemp("program") / "tiny.pte"
+    return write_program(torch.nn.Linear(4, 4), (torch.randn(1, 4),), path, "encoder", "int8")
+
+
+def test_a_program_says_its_precision(tiny_program):
+    assert program_precision(tiny_program) == "int8"
+
+
+def test_a_prompt_over_the_decoder_programs_point_limit_is_refused_by_name(tiny_program):
+    sam = ExecuTorchSam(tiny_program, tiny_program, num_threads=1)
+    points = MAX_POINTS + 1
+    with pytest.raises(ValueError, match=f"prompts of {points} points: the ExecuTorch decoder program takes up to 16"):
+        sam.decode(torch.zeros(1, 256, 64, 64), torch.zeros(2, points, 2), torch.ones(2, points))
+
+
+def test_programs_loaded_before_another_thread_count_are_not_run(tiny_program):
+    """XNNPACK keeps the thread pool it loaded with, which a new count replaces: running then would use a freed pool."""
+    first = ExecuTorchSam(tiny_program, tiny_program, num_threads=1)
+    ExecuTorchSam(tiny_program, tiny_program, num_threads=2)
+    with pytest.raises(RuntimeError, match="thread pool now has 2 threads, not the 1 these programs were loaded with"):
+        first.encode(torch.zeros(1, 3, 1024, 1024))
