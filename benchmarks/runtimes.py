@@ -14,9 +14,9 @@ with bfloat16 runs the float parts in bfloat16. Returns the record (CPU model an
 images, SQNR per encoder, median ms per encoder and thread count) and its Markdown table; the command writes
 ``runtimes.json`` into DIR and prints the table. ``--also`` adds the INT8 encoders of other exports of the
 same model (``--no-twin``, another calibration) to the same rounds. With ``--profile``, each runtime's
-profiler then times every op of each encoder (ONNX Runtime and OpenVINO as shipped; ExecuTorch programs
-are timed whole, not per op) at the first thread count,
-after the timing, so that profiling costs the timed runs nothing (`benchmarks.op_profile`)."""
+profiler then times every op of each encoder (ONNX Runtime and OpenVINO as shipped; ExecuTorch programs are
+timed whole, not per op) at the first thread count, after the timing, so that profiling costs the timed runs
+nothing (`benchmarks.op_profile`)."""
 
 from __future__ import annotations
 
