@@ -67,6 +67,11 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-conv-outputs", action="store_true", help="leave convolution outputs unquantized (float Conv in ONNX)"
     )
+    parser.add_argument(
+        "--product-outputs", action="store_true",
+        help="quantize the outputs of Linear and 1x1 convolution layers too, so that XNNPACK (--runtime executorch) "
+        "runs them on int8 kernels (one more rounding per layer)",
+    )  # fmt: skip
     parser.add_argument("--no-export", action="store_true", help="skip the ONNX export")
     parser.add_argument(
         "--runtime", nargs="+", choices=RUNTIMES, default=["ort"],
@@ -91,6 +96,8 @@ def config_from_args(args: argparse.Namespace) -> PTQConfig:
         overrides.update(twin_convs=True)
     if args.no_conv_outputs:
         overrides.update(conv_outputs=False)
+    if args.product_outputs:
+        overrides.update(product_outputs=True)
     return PTQConfig(**overrides)
 
 

@@ -35,6 +35,11 @@ class PTQConfig:
             uniformly quantized (one more rounding per such layer; scale by output MSE over the
             alpha grid, min/max for "minmax"), so that ONNX Runtime runs it as an integer
             QLinearConv; without it these convolutions compute in float on int8-stored weights.
+        product_outputs: also quantize the output of each Linear and pointwise convolution whose input
+            is uniformly quantized (calibrated as `conv_outputs`'), so that XNNPACK (the ExecuTorch
+            programs) runs them on its static int8 kernels, which quantize their outputs; without it
+            they compute in float32 there. ONNX Runtime and OpenVINO run these products on integer
+            kernels either way. Off by default: one more rounding per such layer.
         max_split_exponent: twin-softmax splits searched over 2^-k, k = 0..max_split_exponent.
         keep_float: fnmatch patterns of layer names (e.g. "mask_decoder.iou_prediction_head.*")
             left in float; a pattern that matches no quantizable layer is an error.
@@ -60,6 +65,7 @@ class PTQConfig:
     twin_convs: bool = False
     twin_margin: float = 0.1
     conv_outputs: bool = True
+    product_outputs: bool = False
     max_split_exponent: int = 12
     keep_float: tuple[str, ...] = ()
     num_calib: int = 8

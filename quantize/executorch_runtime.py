@@ -6,10 +6,11 @@ PT2E quantized form, with our searched scales written in as constants, not re-ca
 activation quantizer becomes a ``quantized_decomposed`` quantize/dequantize pair on its signed int8 grid
 (zero point 0: the same values as the ONNX graphs' uint8 with zero point 128), each weight an int8 constant
 with its per-channel scales. XNNPACK's static int8 products quantize their outputs, so a Linear or
-convolution runs on XNNPACK's int8 kernels where the model quantizes its output too (`QuantConv2d`'s output
-quantizer; ``PTQConfig.conv_outputs``) and its input is uniform; every other quantized layer (Linear layers,
-1x1 convolutions, attention products, transposed convolutions, twin-uniform inputs) computes in float32 on
-int8-grid values and dequantized weights, exactly what the simulated model computes.
+convolution runs on XNNPACK's int8 kernels where the model quantizes its output too (``PTQConfig.conv_outputs``
+for convolutions, ``PTQConfig.product_outputs`` for Linear layers and 1x1 convolutions) and its input is
+uniform; every other quantized layer (attention products, transposed convolutions, twin-uniform inputs, and
+products without an output quantizer) computes in float32 on int8-grid values and dequantized weights,
+exactly what the simulated model computes.
 
 The INT8 programs are checked like the ONNX graphs in ONNX Runtime (`quantize.export_check`): an
 instrumented program returns every quantizer's values as extra outputs, the simulated PyTorch model runs

@@ -212,6 +212,14 @@ class QuantLayer(nn.Module, abc.ABC):
         if self.weight_axis is not None:
             weight = self.weight
             self.weight_quant = WeightQuantizer(w_bits, weight.shape[self.weight_axis], self.weight_axis)
+        self.output_quant: ActQuantizer | None = None
+
+    def add_output_quantizer(self, bits: int) -> None:
+        """Quantize the layer's output too (`wants_output_quantizer`; disabled until calibrated)."""
+        self.output_quant = ActQuantizer(bits)
+
+    def quantized_output(self, out: torch.Tensor) -> torch.Tensor:
+        return out if self.output_quant is None else self.output_quant(out)
 
     @property
     def integer_bias(self) -> bool:
@@ -293,7 +301,8 @@ def product_over_channels(
 
 
 class QuantLinear(QuantLayer, nn.Linear):
-    """Linear with a quantized input and weight; with an integer product its bias is on the int32 grid."""
+    """Linear with a quantized input and weight, and optionally a quantized output (``output_quant``); with an
+    integer product its bias is on the int32 grid."""
 
     @property
     def integer_bias(self) -> bool:
@@ -301,9 +310,9 @@ class QuantLinear(QuantLayer, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.weight_quant.export_int8:
-            return super().forward(x)
+            return self.quantized_output(super().forward(x))
         x, weight = self.input_quants[0](x), self.weight_quant(self.weight)
-        return product_over_channels(x, weight, self.quantized_bias(), self.integer_bias)
+        return self.quantized_output(product_over_channels(x, weight, self.quantized_bias(), self.integer_bias))
 
     def float_forward(
         self, x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
@@ -322,13 +331,6 @@ class QuantConv2d(QuantLayer, nn.Conv2d):
     # False writes it as the 1x1 Conv it is, for runtimes with native int8 convolutions (OpenVINO).
     pointwise_as_gemm = True
 
-    def init_quantizers(self, w_bits: int, a_bits: int, input_kinds: list[str]) -> None:
-        super().init_quantizers(w_bits, a_bits, input_kinds)
-        self.output_quant: ActQuantizer | None = None
-
-    def add_output_quantizer(self, bits: int) -> None:
-        self.output_quant = ActQuantizer(bits)
-
     @property
     def is_product(self) -> bool:
         return self.is_pointwise
@@ -346,15 +348,13 @@ class QuantConv2d(QuantLayer, nn.Conv2d):
     @property
     def integer_bias(self) -> bool:
         """With an output quantizer (QLinearConv) or as a pointwise product on integer kernels (QGemm)."""
-        if self.output_quant is not None:
+        if self.output_quant is not None and not self.is_pointwise:
             return self.bias is not None and self.input_quants[0].enabled and self.weight_quant.enabled
         return self.is_pointwise and self._products_run_int8()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.output_quant is not None:
-            return self.output_quant(super().forward(x))
         if not (self.weight_quant.export_int8 and self.is_pointwise and self.pointwise_as_gemm):
-            return super().forward(x)
+            return self.quantized_output(super().forward(x))
         # Exported as NHWC rows -> Gemm (or MatMul) with a 2-D per-channel weight, so ORT runs it on its
         # integer kernels, the bias inside where `integer_bias` (ORT's ConvInteger kernel is slower than
         # its float Conv). 4-D NCHW <-> NHWC permutes (not 3-D transposes next to
@@ -366,7 +366,7 @@ class QuantConv2d(QuantLayer, nn.Conv2d):
         bias = self.quantized_bias()
         rows = each_range(x, lambda part: part.permute(0, 2, 3, 1).reshape(-1, channels))
         out = product_over_channels(rows, weight, bias, self.integer_bias)
-        return out.reshape(batch, height, width, self.out_channels).permute(0, 3, 1, 2)
+        return self.quantized_output(out.reshape(batch, height, width, self.out_channels).permute(0, 3, 1, 2))
 
     def float_forward(
         self, x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
@@ -404,23 +404,30 @@ def _copy_params(source: nn.Module, target: nn.Module) -> nn.Module:
     return target
 
 
-def wants_output_quantizer(layer: QuantLayer, conv_outputs: bool) -> bool:
-    """Whether `layer` gets an output quantizer: a non-pointwise Conv2d with int8-runnable input and weight."""
-    return (
-        conv_outputs
-        and isinstance(layer, QuantConv2d)
-        and not layer.is_pointwise
-        and all(q.runs_int8 for q in layer.input_quants)
-        and layer.weight_quant.bits <= 8
-    )
+def wants_output_quantizer(layer: QuantLayer, conv_outputs: bool, product_outputs: bool = False) -> bool:
+    """Whether `layer` gets an output quantizer: with `conv_outputs` a non-pointwise Conv2d with int8-runnable
+    input and weight; with `product_outputs` a Linear or pointwise Conv2d with uniform input (XNNPACK's int8
+    products take one range) and <= 8-bit weight."""
+    if isinstance(layer, QuantConv2d) and not layer.is_pointwise:
+        inputs_fit = conv_outputs and all(q.runs_int8 for q in layer.input_quants)
+    else:
+        inputs_fit = product_outputs and isinstance(layer, QuantLinear | QuantConv2d)
+        inputs_fit = inputs_fit and all(q.kind == "uniform" and q.runs_int8 for q in layer.input_quants)
+    return inputs_fit and layer.weight_quant.bits <= 8
 
 
 def quantized_copy(
-    module: nn.Module, w_bits: int, a_bits: int, input_kinds: list[str], conv_outputs: bool = False
+    module: nn.Module,
+    w_bits: int,
+    a_bits: int,
+    input_kinds: list[str],
+    conv_outputs: bool = False,
+    product_outputs: bool = False,
 ) -> QuantLayer:
     """A quantized layer sharing `module`'s parameters (Linear, Conv2d, ConvTranspose2d or a MatMul).
 
-    `conv_outputs`: give a non-pointwise Conv2d with uniform input an output quantizer (disabled until calibrated).
+    `conv_outputs` / `product_outputs`: output quantizers where `wants_output_quantizer` says (disabled until
+    calibrated).
     """
     if isinstance(module, nn.Linear):
         layer: QuantLayer = QuantLinear(module.in_features, module.out_features, bias=module.bias is not None)
@@ -445,6 +452,6 @@ def quantized_copy(
         )
     _copy_params(module, layer)
     layer.init_quantizers(w_bits, a_bits, input_kinds)
-    if wants_output_quantizer(layer, conv_outputs):
+    if wants_output_quantizer(layer, conv_outputs, product_outputs):
         layer.add_output_quantizer(a_bits)
     return layer

@@ -172,7 +172,10 @@ def apply_quantized_layers(sam: nn.Module, kinds: dict[str, list[str]], config: 
     device = model_device(sam)
     layers = {}
     for name, input_kinds in kinds.items():
-        layer = quantized_copy(sam.get_submodule(name), config.w_bits, config.a_bits, input_kinds, config.conv_outputs)
+        layer = quantized_copy(
+            sam.get_submodule(name), config.w_bits, config.a_bits, input_kinds, config.conv_outputs,
+            config.product_outputs,
+        )  # fmt: skip
         set_submodule(sam, name, layer.to(device))  # its quantizers' buffers next to the shared parameters
         layers[name] = layer
     return layers
@@ -250,7 +253,8 @@ def image_loop(images: Iterable[np.ndarray | Sample], config: PTQConfig, family:
 
 @torch.no_grad()
 def calibrate_output_quantizers(sam: nn.Module, report: QuantReport, loop: ForwardLoop, config: PTQConfig) -> None:
-    """Set the scales of the convolutions' output quantizers from one pass of the quantized model."""
+    """Set the scales of the layers' output quantizers (`wants_output_quantizer`) from one pass of the quantized
+    model."""
     quantizers = {
         name: layer.output_quant
         for name, layer in quantized_layers(sam).items()
@@ -270,26 +274,44 @@ def calibrate_output_quantizers(sam: nn.Module, report: QuantReport, loop: Forwa
 
 @torch.no_grad()
 def share_requantized_scales(sam: nn.Module, loop: ForwardLoop) -> dict[str, str]:
-    """Give each input quantizer that receives another quantizer's output unchanged that quantizer's scale.
+    """Give each input quantizer that receives another quantizer's output, unchanged or through a ReLU, that
+    quantizer's scale.
 
-    A convolution's output quantizer feeding the next layer directly (RepViT's stem into its first
-    token mixer, a strided depthwise conv into a 1x1 one) would round twice, to two grids; ONNX
-    Runtime merges such a DequantizeLinear -> QuantizeLinear pair into one rounding, so the graph
-    would compute something the simulation does not. On one grid the second rounding is exact.
-    Found from the loop's first batch; returns {consumer quantizer: producer quantizer}.
+    A layer's output quantizer feeding the next layer directly (RepViT's stem into its first token mixer,
+    a strided depthwise conv into a 1x1 one) or through a ReLU (an MLP's hidden layer, with
+    ``product_outputs``) would round twice, to two grids; ONNX Runtime merges such a DequantizeLinear ->
+    QuantizeLinear pair into one rounding, and XNNPACK requantizes across the ReLU in int8, so the runtime
+    would compute something the simulation does not. On one grid the second rounding is exact. Found from
+    the loop's first batch (the ReLU case by value: the input equals the ReLU of a quantizer's output);
+    returns {consumer quantizer: producer quantizer}.
     """
     quantizers = {m: name for name, m in sam.named_modules() if isinstance(m, ActQuantizer) and m.enabled}
     produced: dict[int, ActQuantizer] = {}
-    keep_alive = []
+    outputs: list[tuple[ActQuantizer, torch.Tensor]] = []  # also keeps each output alive: ids stay unique
     pairs: dict[ActQuantizer, ActQuantizer] = {}
 
     def remember(quantizer, inputs, output):
-        produced[id(output)] = quantizer
-        keep_alive.append(output)
+        if isinstance(output, torch.Tensor):
+            produced[id(output)] = quantizer
+            outputs.append((quantizer, output))
+
+    def through_relu(x: torch.Tensor) -> ActQuantizer | None:
+        head = x.flatten()[:256]  # most candidates differ here already: no full ReLU pass over them
+        matches = (
+            q
+            for q, out in outputs
+            if out.shape == x.shape
+            and torch.equal(head, torch.relu(out.flatten()[:256]))
+            and torch.equal(x, torch.relu(out))
+        )
+        return next(matches, None)
 
     def find(quantizer, inputs):
-        producer = produced.get(id(inputs[0]))
-        if producer is not None and producer is not quantizer and quantizer.kind == "uniform":
+        if quantizer.kind != "uniform" or ".input_quants." not in quantizers[quantizer]:
+            return
+        # an all-zero input (a zero-initialised layer's, with random weights) matches any ReLU'd all-zero output
+        producer = produced.get(id(inputs[0])) or (through_relu(inputs[0]) if inputs[0].any() else None)
+        if producer is not None and producer is not quantizer:
             pairs[quantizer] = producer
 
     handles = [h for q in quantizers for h in (q.register_forward_hook(remember), q.register_forward_pre_hook(find))]

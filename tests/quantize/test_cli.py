@@ -17,6 +17,8 @@ def test_cli_passes_only_given_flags():
     assert (config.w_bits, config.a_bits, config.keep_float) == (6, 8, ("mask_decoder.*",))
     assert not config.twin_softmax and config.num_alphas == 100  # untouched fields keep the dataclass defaults
     assert config.conv_outputs and not config_from_args(get_parser().parse_args(["--no-conv-outputs"])).conv_outputs
+    assert not config.product_outputs
+    assert config_from_args(get_parser().parse_args(["--product-outputs"])).product_outputs
     with pytest.raises(ValueError, match="a_bits must be an integer between 2 and 16, got 1"):
         config_from_args(get_parser().parse_args(["--a-bits", "1"]))
 

@@ -198,6 +198,33 @@ def test_convolutions_with_output_quantizer_run_as_qlinearconv(tmp_path):
     assert count_kernels(path).get("QLinearConv", 0) == 2
 
 
+class ProductOutputsBlock(nn.Module):
+    """fc (uniform input, quantized output) -> GELU -> 1x1 conv (the same) -> fc, as ``product_outputs`` makes them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = quantized_copy(nn.Linear(8, 32), 8, 8, ["uniform"], product_outputs=True)
+        self.act = nn.GELU()
+        self.conv = quantized_copy(nn.Conv2d(32, 16, 1), 8, 8, ["uniform"], product_outputs=True)
+        self.fc2 = quantized_copy(nn.Linear(16, 8), 8, 8, ["twin_gelu"], product_outputs=True)  # twin: no output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(self.act(self.fc1(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2))
+        return self.fc2(self.act(y.permute(0, 2, 3, 1)))
+
+
+def test_products_with_output_quantizers_pass_the_check_with_their_outputs_forced(tmp_path):
+    x = torch.randn(1, 8, 16, 16, generator=torch.Generator().manual_seed(5))
+    block = calibrated_block(x, ProductOutputsBlock())
+    assert block.fc1.output_quant.enabled and block.conv.output_quant.enabled and block.fc2.output_quant is None
+    assert block.fc1.integer_bias and block.conv.integer_bias  # the bias on the int32 grid, as XNNPACK adds it
+    block, path, x, expected, float_out = export_block(block, x, tmp_path / "products.onnx")
+    check = check_int8(block, path, (x,), ["x"], expected, float_out)
+    assert check.passed, check
+    assert check.info["forced_quantizers"] == 5  # three inputs, two outputs
+
+
 class ConvChain(nn.Module):
     """3x3 conv (quantized output) straight into a depthwise 3x3 conv (quantized input and output)."""
 
@@ -227,6 +254,27 @@ def test_a_quantizer_straight_after_another_shares_its_grid(tmp_path):
     _, path, _, expected, float_out = export_block(block, x, tmp_path / "one_grid.onnx")
     check = check_int8(block, path, (x,), ["x"], expected, float_out)
     assert check.passed, check
+
+
+class ReluMlp(nn.Module):
+    """fc1 (quantized output) -> ReLU -> fc2: an MLP's hidden layer with ``product_outputs``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = quantized_copy(nn.Linear(16, 64), 8, 8, ["uniform"], product_outputs=True)
+        self.fc2 = quantized_copy(nn.Linear(64, 16), 8, 8, ["uniform"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_a_quantizer_after_another_through_a_relu_shares_its_grid():
+    """XNNPACK requantizes across the ReLU in int8: on one grid the second rounding is exact, as simulated."""
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(6))
+    block = calibrated_block(x, ReluMlp())
+    assert share_requantized_scales(block, lambda model: iter([model(x)])) == {"fc2.input_quants.0": "fc1.output_quant"}
+    assert block.fc2.input_quants[0].scale == block.fc1.output_quant.scale
 
 
 def test_twin_steps_counts_a_boundary_tie_as_one_step_and_keeps_errors_within_a_range():
