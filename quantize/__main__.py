@@ -69,8 +69,8 @@ def get_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--product-outputs", action="store_true",
-        help="quantize the outputs of Linear and 1x1 convolution layers too, so that XNNPACK (--runtime executorch) "
-        "runs them on int8 kernels (one more rounding per layer)",
+        help="quantize the outputs of Linear layers too, so that XNNPACK (--runtime executorch) runs them on int8 "
+        "kernels (one more rounding per layer)",
     )  # fmt: skip
     parser.add_argument("--no-export", action="store_true", help="skip the ONNX export")
     parser.add_argument(

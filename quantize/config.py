@@ -35,11 +35,14 @@ class PTQConfig:
             uniformly quantized (one more rounding per such layer; scale by output MSE over the
             alpha grid, min/max for "minmax"), so that ONNX Runtime runs it as an integer
             QLinearConv; without it these convolutions compute in float on int8-stored weights.
-        product_outputs: also quantize the output of each Linear and pointwise convolution whose input
-            is uniformly quantized (calibrated as `conv_outputs`'), so that XNNPACK (the ExecuTorch
-            programs) runs them on its static int8 kernels, which quantize their outputs; without it
-            they compute in float32 there. ONNX Runtime and OpenVINO run these products on integer
-            kernels either way. Off by default: one more rounding per such layer.
+        product_outputs: also quantize the output of each Linear layer whose input is uniformly
+            quantized (calibrated as `conv_outputs`'), so that XNNPACK (the ExecuTorch programs) runs
+            it on its static int8 kernels, which quantize their outputs; without it they compute in
+            float32 there. ONNX Runtime and OpenVINO run these products on integer kernels either way.
+            Off by default: one more rounding per such layer. 1x1 convolutions are left out: a
+            quantized one feeding a residual Add next to another quantized tensor lets ONNX Runtime
+            fuse the Add into QLinearAdd, which its instrumented graph cannot expose (tinyvit_5m's
+            downsampling layers).
         max_split_exponent: twin-softmax splits searched over 2^-k, k = 0..max_split_exponent.
         keep_float: fnmatch patterns of layer names (e.g. "mask_decoder.iou_prediction_head.*")
             left in float; a pattern that matches no quantizable layer is an error.

@@ -7,7 +7,7 @@ activation quantizer becomes a ``quantized_decomposed`` quantize/dequantize pair
 (zero point 0: the same values as the ONNX graphs' uint8 with zero point 128), each weight an int8 constant
 with its per-channel scales. XNNPACK's static int8 products quantize their outputs, so a Linear or
 convolution runs on XNNPACK's int8 kernels where the model quantizes its output too (``PTQConfig.conv_outputs``
-for convolutions, ``PTQConfig.product_outputs`` for Linear layers and 1x1 convolutions) and its input is
+for convolutions, ``PTQConfig.product_outputs`` for Linear layers) and its input is
 uniform; every other quantized layer (attention products, transposed convolutions, twin-uniform inputs, and
 products without an output quantizer) computes in float32 on int8-grid values and dequantized weights,
 exactly what the simulated model computes.

@@ -406,12 +406,12 @@ def _copy_params(source: nn.Module, target: nn.Module) -> nn.Module:
 
 def wants_output_quantizer(layer: QuantLayer, conv_outputs: bool, product_outputs: bool = False) -> bool:
     """Whether `layer` gets an output quantizer: with `conv_outputs` a non-pointwise Conv2d with int8-runnable
-    input and weight; with `product_outputs` a Linear or pointwise Conv2d with uniform input (XNNPACK's int8
-    products take one range) and <= 8-bit weight."""
+    input and weight; with `product_outputs` a Linear with uniform input (XNNPACK's int8 products take one
+    range) and <= 8-bit weight."""
     if isinstance(layer, QuantConv2d) and not layer.is_pointwise:
         inputs_fit = conv_outputs and all(q.runs_int8 for q in layer.input_quants)
     else:
-        inputs_fit = product_outputs and isinstance(layer, QuantLinear | QuantConv2d)
+        inputs_fit = product_outputs and isinstance(layer, QuantLinear)
         inputs_fit = inputs_fit and all(q.kind == "uniform" and q.runs_int8 for q in layer.input_quants)
     return inputs_fit and layer.weight_quant.bits <= 8
 

@@ -274,44 +274,42 @@ def calibrate_output_quantizers(sam: nn.Module, report: QuantReport, loop: Forwa
 
 @torch.no_grad()
 def share_requantized_scales(sam: nn.Module, loop: ForwardLoop) -> dict[str, str]:
-    """Give each input quantizer that receives another quantizer's output, unchanged or through a ReLU, that
-    quantizer's scale.
+    """Give each uniform input quantizer whose input lies on another uniform quantizer's grid that quantizer's
+    scale.
 
     A layer's output quantizer feeding the next layer directly (RepViT's stem into its first token mixer,
-    a strided depthwise conv into a 1x1 one) or through a ReLU (an MLP's hidden layer, with
-    ``product_outputs``) would round twice, to two grids; ONNX Runtime merges such a DequantizeLinear ->
-    QuantizeLinear pair into one rounding, and XNNPACK requantizes across the ReLU in int8, so the runtime
-    would compute something the simulation does not. On one grid the second rounding is exact. Found from
-    the loop's first batch (the ReLU case by value: the input equals the ReLU of a quantizer's output);
-    returns {consumer quantizer: producer quantizer}.
+    a strided depthwise conv into a 1x1 one), through a ReLU (an MLP's hidden layer) or through data movement
+    only (reshapes, transposes, splits: attention's q, k and v out of a quantized qkv product) would round
+    twice, to two grids. The runtimes merge such a requantization into one rounding (ONNX Runtime moves
+    QuantizeLinear/DequantizeLinear through data movement and removes the pair between; XNNPACK requantizes
+    in int8), so they would compute something the simulation does not. On one grid the second rounding is
+    exact. Found from the loop's first batch, by value: every input value is a multiple of the producer's
+    scale within its range (a non-zero input: a zero-initialised layer's zeros lie on every grid), the most
+    recent producer first; returns {consumer quantizer: producer quantizer}.
     """
     quantizers = {m: name for name, m in sam.named_modules() if isinstance(m, ActQuantizer) and m.enabled}
-    produced: dict[int, ActQuantizer] = {}
-    outputs: list[tuple[ActQuantizer, torch.Tensor]] = []  # also keeps each output alive: ids stay unique
+    outputs: list[ActQuantizer] = []  # uniform quantizers in the order they ran
     pairs: dict[ActQuantizer, ActQuantizer] = {}
 
     def remember(quantizer, inputs, output):
-        if isinstance(output, torch.Tensor):
-            produced[id(output)] = quantizer
-            outputs.append((quantizer, output))
+        if quantizer.kind == "uniform":
+            outputs.append(quantizer)
 
-    def through_relu(x: torch.Tensor) -> ActQuantizer | None:
-        head = x.flatten()[:256]  # most candidates differ here already: no full ReLU pass over them
-        matches = (
-            q
-            for q, out in outputs
-            if out.shape == x.shape
-            and torch.equal(head, torch.relu(out.flatten()[:256]))
-            and torch.equal(x, torch.relu(out))
-        )
-        return next(matches, None)
+    def on_grid(x: torch.Tensor, producer: ActQuantizer) -> bool:
+        scale, (qmin, qmax) = producer.scale, int_range(producer.bits)
+        head = x.flatten()[:256]  # most candidates differ here already: no full pass over the input
+        for values in (head, x):
+            in_range = qmin * scale <= values.min() and values.max() <= qmax * scale
+            if not (in_range and torch.equal(torch.round(values / scale) * scale, values)):
+                return False
+        return True
 
     def find(quantizer, inputs):
-        if quantizer.kind != "uniform" or ".input_quants." not in quantizers[quantizer]:
+        x = inputs[0]
+        if quantizer.kind != "uniform" or ".input_quants." not in quantizers[quantizer] or not x.any():
             return
-        # an all-zero input (a zero-initialised layer's, with random weights) matches any ReLU'd all-zero output
-        producer = produced.get(id(inputs[0])) or (through_relu(inputs[0]) if inputs[0].any() else None)
-        if producer is not None and producer is not quantizer:
+        producer = next((q for q in reversed(outputs) if q is not quantizer and on_grid(x, q)), None)
+        if producer is not None:
             pairs[quantizer] = producer
 
     handles = [h for q in quantizers for h in (q.register_forward_hook(remember), q.register_forward_pre_hook(find))]

@@ -199,30 +199,33 @@ def test_convolutions_with_output_quantizer_run_as_qlinearconv(tmp_path):
 
 
 class ProductOutputsBlock(nn.Module):
-    """fc (uniform input, quantized output) -> GELU -> 1x1 conv (the same) -> fc, as ``product_outputs`` makes them."""
+    """fc1 (uniform input, quantized output) -> GELU -> fc2 (the same) -> GELU -> fc3 (twin-uniform input: no
+    output quantizer) -> 1x1 conv (none either), as ``product_outputs`` makes them."""
 
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.fc1 = quantized_copy(nn.Linear(8, 32), 8, 8, ["uniform"], product_outputs=True)
         self.act = nn.GELU()
-        self.conv = quantized_copy(nn.Conv2d(32, 16, 1), 8, 8, ["uniform"], product_outputs=True)
-        self.fc2 = quantized_copy(nn.Linear(16, 8), 8, 8, ["twin_gelu"], product_outputs=True)  # twin: no output
+        self.fc2 = quantized_copy(nn.Linear(32, 16), 8, 8, ["uniform"], product_outputs=True)
+        self.fc3 = quantized_copy(nn.Linear(16, 8), 8, 8, ["twin_gelu"], product_outputs=True)
+        self.conv = quantized_copy(nn.Conv2d(8, 8, 1), 8, 8, ["uniform"], product_outputs=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(self.act(self.fc1(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2))
-        return self.fc2(self.act(y.permute(0, 2, 3, 1)))
+        rows = self.fc3(self.act(self.fc2(self.act(self.fc1(x.permute(0, 2, 3, 1))))))
+        return self.conv(rows.permute(0, 3, 1, 2))
 
 
 def test_products_with_output_quantizers_pass_the_check_with_their_outputs_forced(tmp_path):
     x = torch.randn(1, 8, 16, 16, generator=torch.Generator().manual_seed(5))
     block = calibrated_block(x, ProductOutputsBlock())
-    assert block.fc1.output_quant.enabled and block.conv.output_quant.enabled and block.fc2.output_quant is None
-    assert block.fc1.integer_bias and block.conv.integer_bias  # the bias on the int32 grid, as XNNPACK adds it
+    assert block.fc1.output_quant.enabled and block.fc2.output_quant.enabled
+    assert block.fc3.output_quant is None and block.conv.output_quant is None
+    assert block.fc1.integer_bias and block.fc2.integer_bias  # the bias on the int32 grid, as XNNPACK adds it
     block, path, x, expected, float_out = export_block(block, x, tmp_path / "products.onnx")
     check = check_int8(block, path, (x,), ["x"], expected, float_out)
     assert check.passed, check
-    assert check.info["forced_quantizers"] == 5  # three inputs, two outputs
+    assert check.info["forced_quantizers"] == 6  # four inputs, two outputs
 
 
 class ConvChain(nn.Module):
