@@ -15,7 +15,7 @@ from benchmarks.distill_throughput import add_arguments as add_distill_arguments
 from benchmarks.distill_throughput import run as run_distill_benchmark
 from benchmarks.latency import LatencyConfig
 from benchmarks.records import RecordError
-from benchmarks.runs import StageMissingError
+from benchmarks.runs import PAIR_FILES, StageMissingError
 from distill import CacheError, DistillError
 from student_models import CheckpointError
 from student_models.data import DatasetError
@@ -68,7 +68,7 @@ def _add_model_args(parser: argparse.ArgumentParser, onnx: bool) -> None:
         parser.add_argument("--onnx-decoder", help="decoder exported with the encoder (the same kind of file)")
 
 
-RUNTIME_NAMES = {"ort": "onnxruntime", "openvino": "openvino", "executorch": "executorch"}  # --runtime -> records'
+RUNTIME_NAMES = {choice: runtime for runtime, (*_, choice) in PAIR_FILES.items()}  # --runtime -> the records' runtime
 
 
 def get_parser() -> argparse.ArgumentParser:

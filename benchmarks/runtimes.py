@@ -30,6 +30,7 @@ import torch
 
 from benchmarks.op_profile import openvino_op_times, ort_op_times, profile_table, summarize
 from benchmarks.records import cpu_isa, cpu_name
+from benchmarks.runs import PAIR_FILES
 from quantize.fidelity import sqnr_db
 from quantize.onnx_runtime import open_session
 from quantize.openvino_runtime import compile_model, require_openvino, run_model
@@ -38,8 +39,8 @@ from student_models.device import torch_threads
 from student_models.families import family_named, family_of_graph
 from student_models.preprocessing import list_image_files, load_image
 
-# The runtimes whose encoder files a folder may hold beside encoder.onnx, and their file names.
-OPTIONAL_ENCODERS = {"openvino": "encoder.xml", "executorch": "encoder.pte"}
+# The runtimes (by --runtime choice) whose encoder files a folder may hold beside encoder.onnx, and their names.
+OPTIONAL_ENCODERS = {choice: encoder for runtime, (encoder, _, _, choice) in PAIR_FILES.items() if choice != "ort"}
 
 
 def _encoders(folder: Path, others: list[Path]) -> list[tuple[str, str, Path]]:
@@ -79,10 +80,9 @@ def _runners(
             runners[name] = lambda x, s=session: _flat(s.run(list(names), {"image": x}))
             continue
         if runtime == "executorch":  # the program's outputs are the family's levels in order
-            from quantize.executorch_runtime import load_program, run_program, set_threads
+            from quantize.executorch_runtime import load_program, run_program
 
-            set_threads(threads)  # before loading: XNNPACK takes the pool when it loads a program
-            program = load_program(path)
+            program = load_program(path, threads)
             runners[name] = lambda x, m=program: _flat(run_program(m, (torch.from_numpy(x),)))
             continue
         for suffix, config in (("", None), (" (default)", {})) if path.parents[1] == folder else (("", None),):

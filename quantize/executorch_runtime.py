@@ -260,8 +260,10 @@ def _program(path: str | os.PathLike):
     return runtime.get().load_program(os.fspath(path))
 
 
-def load_program(path: str | os.PathLike):
-    """The "forward" method of the .pte at `path`, loaded by ExecuTorch's runtime."""
+def load_program(path: str | os.PathLike, num_threads: int | None = None):
+    """The "forward" method of the .pte at `path`, loaded by ExecuTorch's runtime with its thread pool at
+    `num_threads` (`set_threads` first: XNNPACK keeps the pool it loads with; None: the pool as it is)."""
+    set_threads(num_threads)
     return _program(path).load_method("forward")
 
 
@@ -302,13 +304,12 @@ class ExecuTorchSam(CpuSamRunner):
     """SAM from two .pte files, run by ExecuTorch's runtime with XNNPACK (`CpuSamRunner`), as `OnnxSam` is.
 
     A .pte keeps no output names: the encoder's number of outputs says the family (one embedding for SAM,
-    three levels for SAM 2). ExecuTorch's thread pool is one per process: `num_threads` sets it before the
-    programs load (`set_threads`), and a call after another instance changed it is refused.
+    three levels for SAM 2). ExecuTorch's thread pool is one per process: `num_threads` sets it as the
+    programs load (`load_program`), and a call after another instance changed it is refused.
     """
 
     def load(self, path: str | os.PathLike, num_threads: int | None):
-        set_threads(num_threads)  # before loading: XNNPACK keeps the pool it loads with
-        return load_program(path)
+        return load_program(path, num_threads)
 
     def output_names(self, model) -> list[str]:
         """The encoder program's outputs, by their number."""

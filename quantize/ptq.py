@@ -288,12 +288,13 @@ def share_requantized_scales(sam: nn.Module, loop: ForwardLoop) -> dict[str, str
     recent producer first; returns {consumer quantizer: producer quantizer}.
     """
     quantizers = {m: name for name, m in sam.named_modules() if isinstance(m, ActQuantizer) and m.enabled}
-    outputs: list[ActQuantizer] = []  # uniform quantizers in the order they ran
+    ran: dict[ActQuantizer, None] = {}  # uniform quantizers in the order they last ran (an ordered set)
     pairs: dict[ActQuantizer, ActQuantizer] = {}
 
     def remember(quantizer, inputs, output):
         if quantizer.kind == "uniform":
-            outputs.append(quantizer)
+            ran.pop(quantizer, None)
+            ran[quantizer] = None
 
     def on_grid(x: torch.Tensor, producer: ActQuantizer) -> bool:
         scale, (qmin, qmax) = producer.scale, int_range(producer.bits)
@@ -308,7 +309,7 @@ def share_requantized_scales(sam: nn.Module, loop: ForwardLoop) -> dict[str, str
         x = inputs[0]
         if quantizer.kind != "uniform" or ".input_quants." not in quantizers[quantizer] or not x.any():
             return
-        producer = next((q for q in reversed(outputs) if q is not quantizer and on_grid(x, q)), None)
+        producer = next((q for q in reversed(ran) if q is not quantizer and on_grid(x, q)), None)
         if producer is not None:
             pairs[quantizer] = producer
 
