@@ -1,18 +1,22 @@
-"""Where an exported encoder's time goes, per op type, in ONNX Runtime and OpenVINO.
+"""Where an exported encoder's time goes, per op type, in ONNX Runtime, OpenVINO and ExecuTorch.
 
 Each runtime's own profiler times every kernel it runs: ONNX Runtime's (``enable_profiling``, one
-``*_kernel_time`` event per node) and OpenVINO's (``PERF_COUNT``, one entry per executed node with
-the kernel it chose, e.g. ``brgemm_avx512_I8``). Times are summed per op type over the profiled
-runs (the first run, a warm-up, left out) and given per image. Ops are split into integer products
-(the matrix products and convolutions that ran on int8 kernels) and everything else; the time of
-everything else is a bound: no faster integer kernel brings an image under it.
+``*_kernel_time`` event per node), OpenVINO's (``PERF_COUNT``, one entry per executed node with
+the kernel it chose, e.g. ``brgemm_avx512_I8``) and ExecuTorch's event tracer (ETDump: one event per
+XNNPACK operator, named with its datatype, e.g. ``Fully Connected (NC, QS8) GEMM``). Times are summed
+per op type over the profiled runs (the first run, a warm-up, left out) and given per image. Ops are
+split into integer products (the matrix products and convolutions that ran on int8 kernels) and
+everything else; the time of everything else is a bound: no faster integer kernel brings an image
+under it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -28,6 +32,11 @@ ORT_INTEGER_PRODUCTS = {
 }  # fmt: skip
 # OpenVINO's node types of products (prefixes: int8 fully connected layers run as "FullyConnectedQuantizedLegacy").
 OPENVINO_PRODUCTS = ("FullyConnected", "Convolution", "MatMul", "GroupConvolution", "Deconvolution")
+# XNNPACK's operators of products; the datatype in brackets says int8 ("QS8", "QU8", "QD8-F32-QC8W") or not ("F32").
+XNNPACK_PRODUCTS = ("Fully Connected", "Convolution", "Deconvolution", "Batch Matrix Multiply")
+XNNPACK_INTEGER = re.compile(r"\(\w+, Q")
+# The part of an ExecuTorch run outside XNNPACK's operators: the delegate calls, copies and any portable kernel.
+EXECUTORCH_REST = "ExecuTorch outside XNNPACK operators"
 
 
 def ort_op_times(path: str | os.PathLike, images: list[np.ndarray], threads: int, rounds: int = 3) -> Counter:
@@ -66,11 +75,43 @@ def openvino_op_times(path: str | os.PathLike, images: list[np.ndarray], threads
     return Counter({op: ms / (rounds * len(images)) for op, ms in times.items()})
 
 
+def executorch_op_times(path: str | os.PathLike, images: list[np.ndarray], threads: int, rounds: int = 3) -> Counter:
+    """ms per image per XNNPACK operator type of an ExecuTorch program ("Fully Connected (NC, QS8) GEMM", its
+    instance number dropped) and `EXECUTORCH_REST`, the rest of each run, from ETDump, as `ort_op_times`."""
+    import torch
+    from executorch.devtools import Inspector
+
+    from quantize.executorch_runtime import load_traced_program
+
+    program = load_traced_program(path, threads)
+    method = program.load_method("forward")
+    for x in [images[0]] + images * rounds:
+        method.execute([torch.from_numpy(x)])
+    with tempfile.TemporaryDirectory() as tmp:
+        etdump = str(Path(tmp) / "run.etdp")
+        program.write_etdump_result_to_file(etdump, str(Path(tmp) / "debug.bin"))
+        with warnings.catch_warnings():  # no debug buffer: times only, no tensor values (the Inspector warns)
+            warnings.simplefilter("ignore", UserWarning)
+            events = [event for block in Inspector(etdump_path=etdump).event_blocks for event in block.events]
+    times: Counter = Counter()
+    run_ms = 0.0
+    for event in events:  # one time per run; the first run, the warm-up, left out
+        if event.is_delegated_op:
+            times[re.sub(r" #\d+$", "", event.name)] += sum(event.perf_data.raw[1:])
+        elif event.name == "Method::execute":
+            run_ms = sum(event.perf_data.raw[1:])
+    times[EXECUTORCH_REST] = max(run_ms - sum(times.values()), 0.0)
+    return Counter({op: ms / (rounds * len(images)) for op, ms in times.items()})
+
+
 def is_integer_product(op: str) -> bool:
-    """An ORT op type in ORT_INTEGER_PRODUCTS, or an OpenVINO product whose kernel ran in int8 ("..._I8", "..._i8")."""
+    """An ORT op type in ORT_INTEGER_PRODUCTS, an OpenVINO product whose kernel ran in int8 ("..._I8", "..._i8"),
+    or an XNNPACK product of an int8 datatype ("Fully Connected (NC, QS8) GEMM")."""
     node_type, _, kernel = op.partition(" ")
-    return node_type in ORT_INTEGER_PRODUCTS or (
-        node_type.startswith(OPENVINO_PRODUCTS) and kernel.lower().endswith("_i8")
+    return (
+        node_type in ORT_INTEGER_PRODUCTS
+        or (node_type.startswith(OPENVINO_PRODUCTS) and kernel.lower().endswith("_i8"))
+        or (op.startswith(XNNPACK_PRODUCTS) and XNNPACK_INTEGER.search(op) is not None)
     )
 
 

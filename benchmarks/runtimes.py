@@ -14,8 +14,8 @@ with bfloat16 runs the float parts in bfloat16. Returns the record (CPU model an
 images, SQNR per encoder, median ms per encoder and thread count) and its Markdown table; the command writes
 ``runtimes.json`` into DIR and prints the table. ``--also`` adds the INT8 encoders of other exports of the
 same model (``--no-twin``, another calibration) to the same rounds. With ``--profile``, each runtime's
-profiler then times every op of each encoder (ONNX Runtime and OpenVINO as shipped; ExecuTorch programs are
-timed whole, not per op) at the first thread count, after the timing, so that profiling costs the timed runs
+profiler then times every op of each encoder as shipped (ExecuTorch: each XNNPACK operator, from ETDump) at the
+first thread count, after the timing, so that profiling costs the timed runs
 nothing (`benchmarks.op_profile`)."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from benchmarks.op_profile import openvino_op_times, ort_op_times, profile_table, summarize
+from benchmarks.op_profile import executorch_op_times, openvino_op_times, ort_op_times, profile_table, summarize
 from benchmarks.records import cpu_isa, cpu_name
 from benchmarks.runs import PAIR_FILES
 from quantize.fidelity import sqnr_db
@@ -93,12 +93,8 @@ def _runners(
 
 def _profiles(encoders: list[tuple[str, str, Path]], images: list[np.ndarray], threads: int) -> dict[str, dict]:
     """`benchmarks.op_profile`'s summary for each encoder file as shipped."""
-    op_times = {"ort": ort_op_times, "openvino": openvino_op_times}
-    return {
-        name: summarize(op_times[runtime](path, images, threads))
-        for name, runtime, path in encoders
-        if runtime in op_times
-    }
+    op_times = {"ort": ort_op_times, "openvino": openvino_op_times, "executorch": executorch_op_times}
+    return {name: summarize(op_times[runtime](path, images, threads)) for name, runtime, path in encoders}
 
 
 def compare_runtimes(

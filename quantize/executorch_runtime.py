@@ -255,9 +255,9 @@ def write_program(module: nn.Module, args: tuple, path: Path, part: str, precisi
     return path
 
 
-def _program(path: str | os.PathLike):
+def _program(path: str | os.PathLike, trace: bool = False):
     _, _, runtime = _executorch()
-    return runtime.get().load_program(os.fspath(path))
+    return runtime.get().load_program(os.fspath(path), enable_etdump=trace)
 
 
 def load_program(path: str | os.PathLike, num_threads: int | None = None):
@@ -265,6 +265,14 @@ def load_program(path: str | os.PathLike, num_threads: int | None = None):
     `num_threads` (`set_threads` first: XNNPACK keeps the pool it loads with; None: the pool as it is)."""
     set_threads(num_threads)
     return _program(path).load_method("forward")
+
+
+def load_traced_program(path: str | os.PathLike, num_threads: int | None = None):
+    """The .pte at `path` as `load_program` loads it, with ExecuTorch's event tracer on: the program, whose
+    ``load_method("forward")`` runs record each XNNPACK operator's time, written out by
+    ``write_etdump_result_to_file`` (`benchmarks.op_profile.executorch_op_times` reads them)."""
+    set_threads(num_threads)
+    return _program(path, trace=True)
 
 
 def program_precision(path: str | os.PathLike) -> str:

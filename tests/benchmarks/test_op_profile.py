@@ -65,9 +65,28 @@ def test_openvino_profile_names_the_kernel_and_its_precision(model_and_images):
     assert any(is_integer_product(op) for op in times), times
 
 
+def test_executorch_profile_times_each_xnnpack_operator_and_the_rest(model_and_images, tmp_path):
+    pytest.importorskip("executorch", reason='the ExecuTorch runtime is an extra: pip install -e ".[executorch]"')
+    import torch
+
+    from benchmarks.op_profile import EXECUTORCH_REST, executorch_op_times
+    from quantize.executorch_runtime import write_program
+
+    _, images = model_and_images
+    linear_gelu = torch.nn.Sequential(torch.nn.Linear(CHANNELS, CHANNELS), torch.nn.GELU()).eval()
+    path = write_program(linear_gelu, (torch.from_numpy(images[0]),), tmp_path / "model.pte", "encoder", "float32")
+    times = executorch_op_times(path, images, threads=1, rounds=2)
+    assert "Fully Connected (NC, F32) GEMM" in times and "GELU (NC)" in times and EXECUTORCH_REST in times, times
+    assert not any(is_integer_product(op) for op in times)  # a float32 program
+    assert times["Fully Connected (NC, F32) GEMM"] > 0.1
+
+
 def test_only_int8_kernels_of_products_count_as_integer_products():
     assert is_integer_product("QGemm") and is_integer_product("Convolution brgconv_avx512_I8")
     assert is_integer_product("FullyConnectedQuantizedLegacy brgemm_avx512_i8")
     assert not is_integer_product("FullyConnected brgemm_avx512_f32") and not is_integer_product("Subgraph jit_I8")
+    assert is_integer_product("Fully Connected (NC, QS8) GEMM") and is_integer_product("Convolution (NHWC, QC8) IGEMM")
+    assert is_integer_product("Fully Connected (NC, QD8, F32, QC8W) GEMM")
+    assert not is_integer_product("Batch Matrix Multiply (NC, F32) GEMM") and not is_integer_product("Convert (NC)")
     table = profile_table({"ort int8": summarize(Counter({"QGemm": 3.0, "Gelu": 1.0}))})
     assert table.splitlines()[-1] == "| ort int8 | 4.0 | 3.0 | 1.0 | QGemm 75%, Gelu 25% |"
